@@ -1,0 +1,215 @@
+"""Internal actor messages of the order flow: commands in, engine events out.
+
+All integers: prices in ticks, sizes in lots, money in minor units, time in
+nanoseconds. Ids are chosen outside the cores (the shells allocate them), so a
+core is deterministic. Class names are project-unique because Thespian
+dispatches ``receiveMsg_<ClassName>`` by bare name.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+SIDES = ("buy", "sell")
+ORDER_TYPES = ("limit", "market")
+TIFS = ("gtc", "ioc", "fok")
+
+_side = attrs.validators.in_(SIDES)
+_nonneg = attrs.validators.ge(0)
+_pos = attrs.validators.gt(0)
+
+
+def _price_matches_type(inst: NewOrder, _: attrs.Attribute[int | None], value: int | None) -> None:
+    if inst.order_type == "limit":
+        if value is None or value <= 0:
+            raise ValueError("a limit order needs a positive price")
+    elif value is not None:
+        raise ValueError("a market order has no price")
+
+
+# -- commands -------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class NewOrder:
+    """A risk-checked order for one book."""
+
+    order_id: int = attrs.field(validator=_pos)
+    user: str
+    client_order_id: str
+    symbol: str
+    side: str = attrs.field(validator=_side)
+    order_type: str = attrs.field(validator=attrs.validators.in_(ORDER_TYPES))
+    price: int | None = attrs.field(validator=_price_matches_type)
+    qty: int = attrs.field(validator=_pos)
+    tif: str = attrs.field(default="gtc", validator=attrs.validators.in_(TIFS))
+    post_only: bool = False
+    ts: int = attrs.field(validator=_nonneg)
+
+
+@attrs.frozen(kw_only=True)
+class CancelOrder:
+    """Cancel one resting order; only its owner may."""
+
+    order_id: int = attrs.field(validator=_pos)
+    user: str
+    symbol: str
+    ts: int = attrs.field(validator=_nonneg)
+
+
+@attrs.frozen(kw_only=True)
+class CancelUserOrders:
+    """Cancel every resting order of ``user`` in this book."""
+
+    user: str
+    symbol: str
+    ts: int = attrs.field(validator=_nonneg)
+
+
+# -- engine events (book → accounts) -----------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class OrderAccepted:
+    """The book took the order (it may trade at once and/or rest)."""
+
+    order_id: int
+    user: str
+    client_order_id: str
+    symbol: str
+    side: str
+    order_type: str
+    price: int | None
+    qty: int
+    tif: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class OrderRejected:
+    """The order never entered the book; ``code`` is a wire error code."""
+
+    order_id: int
+    user: str
+    client_order_id: str
+    symbol: str
+    code: str
+    reason: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class Fill:
+    """One match between a resting (maker) and an incoming (taker) order.
+
+    Both accounts receive the same event and apply their own side of it.
+    ``maker_remaining``/``taker_remaining`` are the orders' open quantities
+    after this fill.
+    """
+
+    trade_id: int
+    symbol: str
+    price: int
+    qty: int
+    taker_side: str
+    maker_order_id: int
+    maker_user: str
+    maker_client_order_id: str
+    maker_remaining: int
+    taker_order_id: int
+    taker_user: str
+    taker_client_order_id: str
+    taker_remaining: int
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class OrderCanceled:
+    """A resting order left the book; ``remaining`` is what had not traded.
+
+    ``reason``: ``user`` (asked to), ``self_trade`` (self-trade prevention),
+    ``cancel_all``.
+    """
+
+    order_id: int
+    user: str
+    client_order_id: str
+    symbol: str
+    remaining: int
+    reason: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class OrderExpired:
+    """An incoming order's rest did not rest.
+
+    ``reason``: ``ioc``, ``fok``, ``market`` (no more liquidity inside the band),
+    ``post_only`` (it would have crossed).
+    """
+
+    order_id: int
+    user: str
+    client_order_id: str
+    symbol: str
+    remaining: int
+    reason: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class CancelRejected:
+    """A cancel named an order this user has no open order for."""
+
+    order_id: int
+    user: str
+    symbol: str
+    code: str
+    reason: str
+    ts: int
+
+
+# -- market data (book → subscribers) -------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BookDelta:
+    """Changed price levels after one command: ``(price, total_qty)``, qty 0 removes."""
+
+    symbol: str
+    bids: tuple[tuple[int, int], ...]
+    asks: tuple[tuple[int, int], ...]
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class PublicTrade:
+    symbol: str
+    trade_id: int
+    price: int
+    qty: int
+    taker_side: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class TickerUpdate:
+    symbol: str
+    last: int | None
+    best_bid: int | None
+    best_ask: int | None
+    volume_24h: int
+    ts: int
+
+
+BookEvent = (
+    OrderAccepted
+    | OrderRejected
+    | Fill
+    | OrderCanceled
+    | OrderExpired
+    | CancelRejected
+    | BookDelta
+    | PublicTrade
+    | TickerUpdate
+)
