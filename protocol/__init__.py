@@ -6,6 +6,7 @@ Imports neither trio nor thespian (``tests/test_layering.py`` enforces it).
 from __future__ import annotations
 
 from ._commands import (
+    EVENT_PRIORITY,
     BookDelta,
     BookEvent,
     CancelOrder,
@@ -19,6 +20,7 @@ from ._commands import (
     OrderRejected,
     PublicTrade,
     TickerUpdate,
+    UserEvent,
 )
 from ._decimal import from_units, parse_decimal, ratio_to_str, to_units
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -53,6 +55,8 @@ __all__ = [
     "PublicTrade",
     "RemoteProtocolError",
     "TickerUpdate",
+    "UserEvent",
+    "EVENT_PRIORITY",
     "cash_str",
     "cash_to_units",
     "from_units",

@@ -213,3 +213,49 @@ BookEvent = (
     | PublicTrade
     | TickerUpdate
 )
+
+
+# -- private events (account → router → sessions) --------------------------------------
+
+#: Event kind → priority class (PROTOCOL.md): 0 never conflated or dropped.
+EVENT_PRIORITY: dict[str, int] = {
+    "order_rejected": 0,
+    "risk_alert": 0,
+    "margin_call": 0,
+    "order_accepted": 1,
+    "order_partially_filled": 1,
+    "order_filled": 1,
+    "order_canceled": 1,
+    "order_expired": 1,
+    "trade_executed": 1,
+    "account_update": 2,
+    "position_update": 2,
+    "system_notice": 3,
+}
+
+
+def _known_kind(inst: UserEvent, _: attrs.Attribute[str], value: str) -> None:
+    if value not in EVENT_PRIORITY:
+        raise ValueError(f"unknown private event kind {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class UserEvent:
+    """A private event for one user, before the router numbers it.
+
+    ``event_id`` is unique per user and deterministic (the producer's counter),
+    so a producer that re-emits after a restart is deduplicated by the router.
+    ``key`` groups P2/P3 events for conflation (e.g. ``position_update`` per
+    symbol); ``data`` is the wire-ready map (decimal strings, ints, strs).
+    """
+
+    user: str
+    event_id: int = attrs.field(validator=_pos)
+    kind: str = attrs.field(validator=_known_kind)
+    key: str = ""
+    data: dict[str, object] = attrs.field(factory=dict, eq=True, hash=False)
+    ts: int = attrs.field(validator=_nonneg)
+
+    @property
+    def priority(self) -> int:
+        return EVENT_PRIORITY[self.kind]
