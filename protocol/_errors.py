@@ -39,6 +39,8 @@ class ProtocolError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+        #: The client's request ``id`` to echo in the error response, when known.
+        self.request_id: str | int | float | bool | None = None
 
 
 class RemoteProtocolError(ProtocolError):

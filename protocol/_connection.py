@@ -1,0 +1,185 @@
+"""The sans-I/O server side of one client connection, in the h11/wsproto manner.
+
+Frames in → request events out; frames to send in → bytes/text out. No sockets:
+the gateway feeds it what the WebSocket delivered and writes what it returns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from ._codec import DEFAULT_MAX_FRAME, Encoding, decode_request, encode_frame
+from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._frames import ErrorResponse, ServerFrame
+from ._instruments import Instrument
+from ._requests import (
+    Ack,
+    Login,
+    Ping,
+    Place,
+    Query,
+    Request,
+    RequestId,
+    Subscribe,
+    Unsubscribe,
+)
+
+
+class ConnectionState(enum.Enum):
+    ANONYMOUS = "anonymous"
+    LOGGED_IN = "logged_in"
+    CLOSED = "closed"
+
+
+class ConnectionEvent(enum.Enum):
+    LOGIN_OK = "login_ok"
+    LOGIN_FAILED = "login_failed"
+    CLOSE = "close"
+
+
+#: The connection state machine, one table: (state, event) → next state.
+TRANSITIONS: Final[dict[tuple[ConnectionState, ConnectionEvent], ConnectionState]] = {
+    (ConnectionState.ANONYMOUS, ConnectionEvent.LOGIN_OK): ConnectionState.LOGGED_IN,
+    (ConnectionState.ANONYMOUS, ConnectionEvent.LOGIN_FAILED): ConnectionState.ANONYMOUS,
+    (ConnectionState.ANONYMOUS, ConnectionEvent.CLOSE): ConnectionState.CLOSED,
+    (ConnectionState.LOGGED_IN, ConnectionEvent.CLOSE): ConnectionState.CLOSED,
+    (ConnectionState.CLOSED, ConnectionEvent.CLOSE): ConnectionState.CLOSED,
+}
+
+#: Ops that work before login (``query`` only for ``instruments``).
+_PUBLIC_OPS: Final = (Login, Ping, Subscribe, Unsubscribe)
+
+POLICY_VIOLATION: Final = 1008
+
+
+@attrs.frozen(kw_only=True)
+class BadInput:
+    """A frame the connection refused; ``response`` is the error to send back."""
+
+    response: ErrorResponse
+
+
+class ServerConnection:
+    """Protocol state of one client connection.
+
+    Args:
+        encoding: fixed by the negotiated subprotocol, or None to take the
+            encoding of the client's first frame.
+        instruments: the registry, so ``place`` is checked for a known symbol
+            and for prices/qtys on the grid before it reaches the engine.
+        max_frame: the largest frame accepted, in bytes/characters.
+        max_consecutive_bad: after this many bad frames in a row the
+            connection asks to be closed with code 1008.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoding: Encoding | None = None,
+        instruments: Mapping[str, Instrument] | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_consecutive_bad: int = 32,
+    ) -> None:
+        self.encoding = encoding
+        self.state = ConnectionState.ANONYMOUS
+        self.user: str | None = None
+        self._instruments = instruments
+        self._max_frame = max_frame
+        self._max_bad = max_consecutive_bad
+        self._bad_in_a_row = 0
+        self.frames_in = 0
+        self.bad_frames = 0
+
+    # -- state machine -------------------------------------------------------------
+
+    def _transition(self, event: ConnectionEvent) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL, f"{event.value} is illegal in state {self.state.value}"
+            ) from None
+
+    def login_succeeded(self, user: str) -> None:
+        """The engine accepted the login: private ops are now allowed."""
+        self._transition(ConnectionEvent.LOGIN_OK)
+        self.user = user
+
+    def login_failed(self) -> None:
+        self._transition(ConnectionEvent.LOGIN_FAILED)
+
+    def close(self) -> None:
+        self._transition(ConnectionEvent.CLOSE)
+
+    @property
+    def should_close(self) -> bool:
+        """True once the client kept sending bad frames: close with 1008."""
+        return self._bad_in_a_row >= self._max_bad
+
+    # -- data in -------------------------------------------------------------------
+
+    def receive_frame(self, data: bytes | str) -> Request | BadInput:
+        """Turn one WebSocket message into a request event or a refusal.
+
+        Raises:
+            LocalProtocolError: the connection is closed.
+        """
+        if self.state is ConnectionState.CLOSED:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "the connection is closed")
+        self.frames_in += 1
+        if self.encoding is None:
+            self.encoding = Encoding.of_frame(data)
+        try:
+            request = decode_request(data, max_size=self._max_frame)
+            self._check_state(request)
+            if isinstance(request, Place) and self._instruments is not None:
+                instrument = self._instruments.get(request.symbol)
+                if instrument is None:
+                    raise _StateError(
+                        ErrorCode.UNKNOWN_SYMBOL,
+                        f"unknown symbol {request.symbol[:32]!r}",
+                        request.id,
+                    )
+                try:
+                    request.check_grid(instrument)
+                except RemoteProtocolError as exc:
+                    exc.request_id = request.id
+                    raise
+        except RemoteProtocolError as exc:
+            if exc.code in (ErrorCode.BAD_FRAME, ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_OP):
+                self._bad_in_a_row += 1
+                self.bad_frames += 1
+            return BadInput(response=ErrorResponse.from_error(exc))
+        self._bad_in_a_row = 0
+        return request
+
+    def _check_state(self, request: Request) -> None:
+        if isinstance(request, Login):
+            if self.state is ConnectionState.LOGGED_IN:
+                raise _StateError(ErrorCode.BAD_REQUEST, "already logged in", request.id)
+            return
+        if self.state is ConnectionState.LOGGED_IN or isinstance(request, _PUBLIC_OPS):
+            return
+        if isinstance(request, Query) and request.what == "instruments":
+            return
+        if isinstance(request, Ack):
+            raise _StateError(ErrorCode.NOT_LOGGED_IN, "log in first", None)
+        raise _StateError(ErrorCode.NOT_LOGGED_IN, "log in first", request.id)
+
+    # -- data out ------------------------------------------------------------------
+
+    def send(self, frame: ServerFrame) -> bytes | str:
+        """Encode a frame for this client, in its encoding (JSON until one is known)."""
+        return encode_frame(frame, self.encoding or Encoding.JSON)
+
+
+class _StateError(RemoteProtocolError):
+    """A refusal that already knows the request id to echo."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: RequestId) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
