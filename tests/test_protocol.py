@@ -58,9 +58,13 @@ def test_off_grid_or_malformed_is_rejected_never_rounded(
     instruments: dict[str, p.Instrument], price: Any, qty: Any, code: ErrorCode
 ) -> None:
     btc = instruments["BTC-PERP"]
-    with pytest.raises(RemoteProtocolError) as info:
+
+    def convert() -> None:
         btc.price_to_ticks(price)
         btc.qty_to_lots(qty)
+
+    with pytest.raises(RemoteProtocolError) as info:
+        convert()
     assert info.value.code is code
 
 
