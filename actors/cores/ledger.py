@@ -1,0 +1,895 @@
+"""The account ledger core: one user's cash, frozen funds, net positions, fees and orders.
+
+A pure, deterministic, picklable object (no I/O, no clock, no randomness): the
+Account actor's shell feeds it commands and book events with the current time
+and turns the returned :class:`~protocol.UserEvent` lists into messages.
+
+Units: cash, fees, margin and PnL are integer minor units of
+:data:`protocol.CASH_STEP`; prices are ticks, sizes lots, rates ppm. A cost
+basis is kept in tick·lots (sum of ``price * qty``), so it is exact; it turns
+into cash through ``Instrument.value_per_tick_lot``.
+
+Decisions (the contract of this module):
+
+* **Net positions.** One signed net quantity per symbol: a buy first reduces a
+  short and only the rest opens a long (and vice versa). The wire's
+  ``long_qty``/``short_qty`` pair reports it with one side always zero.
+  :meth:`Ledger.position` returns ``(net_qty, cost)`` with ``cost >= 0`` the
+  tick·lot cost of the open quantity. Closing ``c`` of ``|q|`` lots removes
+  ``cost * c // |q|`` of the cost (all of it when the position closes), so
+  realized PnL over a round trip is exactly exit value minus entry value.
+* **Position margin** is the initial margin on the *entry* notional
+  (``ceil(cost * value_per_tick_lot * margin_ppm / 1e6)`` per symbol); price
+  moves enter through unrealized PnL instead.
+* **Available** = ``cash - frozen - position margin + min(0, unrealized)``,
+  with unrealized summed over all symbols (cross margin: a gain on one symbol
+  offsets a loss on another, but unrealized gains are never spendable).
+* **Marks.** Unrealized PnL uses the last price recorded by :meth:`Ledger.mark`
+  or by this user's own fills, else the instrument's ``ref_price``.
+* **Risk ratio** = position margin / equity (``cash + unrealized``), ``"0"``
+  without a position; equity is clamped at one minor unit so a bankrupt account
+  shows a huge ratio rather than a negative or zero one.
+* **Pre-trade check** (:meth:`Ledger.place`): known symbol, client order id
+  never used, position limit, then funds. Funds required = initial margin +
+  ``max(taker fee, 0)`` on the order's notional (a market order is valued at
+  the worst price of the band around the reference). The amount is frozen
+  against the order and released exactly: a fill releases
+  ``frozen_remaining * fill_qty // remaining_before`` (everything left on the
+  last fill), a reject/cancel/expiry releases everything left. A reducing order
+  freezes like an opening one (conservative; no reduce-only relief).
+* **Duplicates.** A ``client_order_id`` is unique per user for ever. Reusing
+  one makes :meth:`Ledger.place` raise :class:`DuplicateOrder` carrying the
+  original :class:`OrderRecord` (state unchanged); the gateway answers with the
+  original response plus ``duplicate: true``. A place that fails the
+  pre-trade check does *not* consume its client order id (an error changes no
+  state), so it may be retried.
+* **Fees** are ``ceil(notional * rate / 1e6)`` at the maker or taker rate, for
+  negative (rebate) rates too, so the rebate is rounded toward zero. The same
+  integer is taken from the account and added to :attr:`Ledger.fees_paid`;
+  the exchange's fee pool is the sum of ``fees_paid`` over all ledgers.
+* **Transactional.** Every method validates everything and computes the new
+  state into locals before committing it; an exception leaves the ledger as it
+  was (Thespian re-runs a handler that raised).
+* **Events.** Event ids come from a per-ledger counter, so a replay yields the
+  same ids. Order events carry ``order_id``, ``client_order_id``, ``symbol``,
+  ``side``, ``type``, ``price``, ``qty``, ``filled_qty``, ``remaining_qty``
+  (untraded quantity) and ``status``. Rejects, cancels and expiries are
+  followed by an ``account_update`` because they change ``available``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Final
+
+import attrs
+
+from protocol import (
+    PPM,
+    CancelRejected,
+    ErrorCode,
+    Fill,
+    Instrument,
+    LocalProtocolError,
+    NewOrder,
+    OrderAccepted,
+    OrderCanceled,
+    OrderExpired,
+    OrderRejected,
+    RemoteProtocolError,
+    UserEvent,
+    cash_str,
+    ratio_to_str,
+)
+
+__all__ = [
+    "ORDER_TRANSITIONS",
+    "DuplicateOrder",
+    "IllegalTransition",
+    "Ledger",
+    "LedgerBookEvent",
+    "OrderInput",
+    "OrderRecord",
+    "OrderState",
+    "next_order_state",
+    "order_to_wire",
+]
+
+
+# -- the order lifecycle ----------------------------------------------------------------
+
+
+class OrderState(enum.StrEnum):
+    """The states of an order; the value is the wire ``status`` string."""
+
+    PENDING = "pending"
+    OPEN = "open"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+
+class OrderInput(enum.StrEnum):
+    """What happens to an order (the book's answers, as lifecycle inputs)."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    PARTIAL_FILL = "partial_fill"
+    FINAL_FILL = "final_fill"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+
+
+_S = OrderState
+_I = OrderInput
+
+#: The order lifecycle, the only place it is defined: ``(state, input) -> next state``.
+#: ``(pending, expire)`` is allowed because a book may expire an incoming order
+#: (post-only that would cross, unfillable FOK) without acknowledging it first.
+ORDER_TRANSITIONS: Final[Mapping[tuple[OrderState, OrderInput], OrderState]] = MappingProxyType(
+    {
+        (_S.PENDING, _I.ACCEPT): _S.OPEN,
+        (_S.PENDING, _I.REJECT): _S.REJECTED,
+        (_S.PENDING, _I.EXPIRE): _S.EXPIRED,
+        (_S.OPEN, _I.PARTIAL_FILL): _S.PARTIALLY_FILLED,
+        (_S.OPEN, _I.FINAL_FILL): _S.FILLED,
+        (_S.OPEN, _I.CANCEL): _S.CANCELED,
+        (_S.OPEN, _I.EXPIRE): _S.EXPIRED,
+        (_S.PARTIALLY_FILLED, _I.PARTIAL_FILL): _S.PARTIALLY_FILLED,
+        (_S.PARTIALLY_FILLED, _I.FINAL_FILL): _S.FILLED,
+        (_S.PARTIALLY_FILLED, _I.CANCEL): _S.CANCELED,
+        (_S.PARTIALLY_FILLED, _I.EXPIRE): _S.EXPIRED,
+    }
+)
+
+#: States in which an order holds frozen funds and counts against the position limit.
+LIVE_STATES: Final = frozenset({_S.PENDING, _S.OPEN, _S.PARTIALLY_FILLED})
+
+
+class IllegalTransition(LocalProtocolError):  # noqa: N818 - the name the design uses
+    """A book event does not fit the order's lifecycle (an engine bug, code ``internal``).
+
+    Args:
+        order_id: the order concerned.
+        state: its current state.
+        event: the input that has no transition from ``state``.
+    """
+
+    def __init__(self, order_id: int, state: OrderState, event: OrderInput) -> None:
+        super().__init__(
+            ErrorCode.INTERNAL, f"order {order_id}: illegal transition {state} --{event}-->"
+        )
+        self.order_id = order_id
+        self.state = state
+        self.event = event
+
+    def __reduce__(self) -> tuple[type[IllegalTransition], tuple[int, OrderState, OrderInput]]:
+        return (type(self), (self.order_id, self.state, self.event))
+
+
+def next_order_state(order_id: int, state: OrderState, event: OrderInput) -> OrderState:
+    """Look ``(state, event)`` up in :data:`ORDER_TRANSITIONS`.
+
+    Raises:
+        IllegalTransition: the table has no such transition.
+    """
+    try:
+        return ORDER_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(order_id, state, event) from None
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class OrderRecord:
+    """One order as the ledger knows it (immutable; the ledger replaces it on change).
+
+    ``frozen`` is what the pre-trade check froze, ``frozen_remaining`` what is
+    still frozen; ``fees`` the fees charged on its fills so far. ``code`` and
+    ``reason`` explain a reject, cancel or expiry.
+    """
+
+    order_id: int
+    client_order_id: str
+    symbol: str
+    side: str
+    order_type: str
+    price: int | None
+    qty: int
+    tif: str
+    post_only: bool
+    ts: int
+    status: OrderState = OrderState.PENDING
+    filled_qty: int = 0
+    frozen: int = 0
+    frozen_remaining: int = 0
+    fees: int = 0
+    code: str = ""
+    reason: str = ""
+
+    @property
+    def remaining_qty(self) -> int:
+        """The untraded quantity (the open quantity while the order is live)."""
+        return self.qty - self.filled_qty
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the order still holds frozen funds (pending, open or partially filled)."""
+        return self.status in LIVE_STATES
+
+
+def order_to_wire(record: OrderRecord, instrument: Instrument) -> dict[str, object]:
+    """The wire map of an order (order events, ``query orders``)."""
+    return {
+        "order_id": record.order_id,
+        "client_order_id": record.client_order_id,
+        "symbol": record.symbol,
+        "side": record.side,
+        "type": record.order_type,
+        "price": None if record.price is None else instrument.price_str(record.price),
+        "qty": instrument.qty_str(record.qty),
+        "filled_qty": instrument.qty_str(record.filled_qty),
+        "remaining_qty": instrument.qty_str(record.remaining_qty),
+        "status": record.status.value,
+        "tif": record.tif,
+    }
+
+
+@attrs.frozen(kw_only=True)
+class _Position:
+    qty: int = 0  # signed net lots
+    cost: int = 0  # tick·lots of the open quantity, >= 0
+    realized: int = 0  # minor units, this symbol
+
+
+_FLAT: Final = _Position()
+
+
+@attrs.frozen(kw_only=True)
+class _Balances:
+    cash: int = 0
+    frozen: int = 0
+    fees_paid: int = 0
+    realized_pnl: int = 0
+
+
+class DuplicateOrder(Exception):  # noqa: N818 - a normal outcome, not an error
+    """:meth:`Ledger.place` was given a ``client_order_id`` this user already used.
+
+    Nothing changed. The gateway answers with the original order's response
+    and ``duplicate: true``.
+
+    Args:
+        original: the order first placed under that client order id.
+    """
+
+    def __init__(self, original: OrderRecord) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+#: The book events a ledger handles.
+LedgerBookEvent = (
+    OrderAccepted | OrderRejected | Fill | OrderCanceled | OrderExpired | CancelRejected
+)
+
+
+# -- arithmetic -----------------------------------------------------------------------------
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _fee(instrument: Instrument, notional: int, rate_ppm: int) -> int:
+    # One rounding for every fee: ceil, so a rebate (negative rate) rounds toward zero.
+    return _ceil_div(notional * rate_ppm, PPM)
+
+
+def _margin(instrument: Instrument, notional: int) -> int:
+    return _ceil_div(notional * instrument.margin_ppm, PPM)
+
+
+def _trade(
+    position: _Position, buy: bool, price: int, qty: int, value: int
+) -> tuple[_Position, int]:
+    """Apply a trade to a net position; return it and the realized PnL (minor units)."""
+    net, cost = position.qty, position.cost
+    realized_ticks = 0
+    opened = qty
+    if net != 0 and (net > 0) != buy:  # the trade reduces the position first
+        size = abs(net)
+        closed = min(qty, size)
+        removed = cost if closed == size else cost * closed // size
+        exit_value = price * closed
+        realized_ticks = exit_value - removed if net > 0 else removed - exit_value
+        cost -= removed
+        net += closed if buy else -closed
+        opened = qty - closed
+    if opened:
+        cost += price * opened
+        net += opened if buy else -opened
+    realized = realized_ticks * value
+    return _Position(qty=net, cost=cost, realized=position.realized + realized), realized
+
+
+def _unrealized(instrument: Instrument, position: _Position, mark: int) -> int:
+    signed_cost = position.cost if position.qty >= 0 else -position.cost
+    return (mark * position.qty - signed_cost) * instrument.value_per_tick_lot
+
+
+def _position_margin(instrument: Instrument, position: _Position) -> int:
+    return _margin(instrument, position.cost * instrument.value_per_tick_lot)
+
+
+def _avg_price_str(instrument: Instrument, cost: int, qty: int) -> str:
+    if qty == 0:
+        return "0"
+    exponent = instrument.tick.normalize().as_tuple().exponent
+    places = (max(0, -exponent) if isinstance(exponent, int) else 0) + 4
+    value = Decimal(cost) * instrument.tick / Decimal(qty)
+    return f"{value.quantize(Decimal(1).scaleb(-places)):f}"
+
+
+def _check_amount(amount: int) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "amount must be positive")
+
+
+def _check_ts(ts: int) -> None:
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        raise LocalProtocolError(ErrorCode.INTERNAL, f"bad timestamp {ts!r}")
+
+
+def _internal(message: str) -> LocalProtocolError:
+    return LocalProtocolError(ErrorCode.INTERNAL, message)
+
+
+class _Emitter:
+    """Numbers the events of one command from the ledger's counter (committed at the end)."""
+
+    def __init__(self, user: str, next_id: int, ts: int) -> None:
+        self.user = user
+        self.next_id = next_id
+        self.ts = ts
+        self.events: list[UserEvent] = []
+
+    def add(self, kind: str, data: dict[str, object], key: str = "") -> None:
+        self.events.append(
+            UserEvent(
+                user=self.user, event_id=self.next_id, kind=kind, key=key, data=data, ts=self.ts
+            )
+        )
+        self.next_id += 1
+
+
+# -- the ledger -----------------------------------------------------------------------------
+
+
+class Ledger:
+    """One user's futures-style margin account in one currency.
+
+    Args:
+        user: the account's user name.
+        instruments: the tradable instruments by symbol.
+        next_event_id: the first event id to use (a restored ledger continues its count).
+
+    Raises:
+        ValueError: ``next_event_id`` is not positive.
+    """
+
+    def __init__(
+        self, user: str, instruments: Mapping[str, Instrument], *, next_event_id: int = 1
+    ) -> None:
+        if next_event_id < 1:
+            raise ValueError("next_event_id must be positive")
+        self.user = user
+        self._instruments: dict[str, Instrument] = dict(instruments)
+        self._bal = _Balances()
+        self._positions: dict[str, _Position] = {}
+        self._marks: dict[str, int] = {}
+        self._orders: dict[int, OrderRecord] = {}
+        self._by_client_id: dict[str, int] = {}
+        self._live: dict[int, None] = {}  # live order ids, in placing order
+        self._next_event_id = next_event_id
+
+    # -- integer accessors -------------------------------------------------------------
+
+    @property
+    def cash(self) -> int:
+        """Cash balance (minor units): deposits - withdrawals + realized PnL - fees."""
+        return self._bal.cash
+
+    @property
+    def frozen(self) -> int:
+        """Funds frozen against live orders (minor units)."""
+        return self._bal.frozen
+
+    @property
+    def fees_paid(self) -> int:
+        """Net fees charged to this account (rebates negative), minor units."""
+        return self._bal.fees_paid
+
+    @property
+    def realized_pnl(self) -> int:
+        """Realized PnL over all symbols (minor units, before fees)."""
+        return self._bal.realized_pnl
+
+    @property
+    def position_margin(self) -> int:
+        """Initial margin of all open positions on their entry notional (minor units)."""
+        return self._total_margin(self._positions)
+
+    @property
+    def available(self) -> int:
+        """``cash - frozen - position margin + min(0, unrealized at the marks)``."""
+        return self._available(self._bal, self._positions, self._marks)
+
+    @property
+    def next_event_id(self) -> int:
+        """The id the next event will get."""
+        return self._next_event_id
+
+    def position(self, symbol: str) -> tuple[int, int]:
+        """``(net_qty, cost)``: signed lots and the tick·lot cost of the open quantity."""
+        pos = self._positions.get(symbol, _FLAT)
+        return pos.qty, pos.cost
+
+    def unrealized(self, symbol: str, mark_price: int) -> int:
+        """Unrealized PnL (minor units) of the position in ``symbol`` at ``mark_price`` ticks."""
+        pos = self._positions.get(symbol, _FLAT)
+        return _unrealized(self._instrument(symbol), pos, mark_price)
+
+    def equity(self, marks: Mapping[str, int] | None = None) -> int:
+        """Cash plus unrealized PnL, at ``marks`` where given, else at the recorded marks."""
+        chosen = dict(self._marks)
+        if marks:
+            chosen.update(marks)
+        return self._bal.cash + self._total_unrealized(self._positions, chosen)
+
+    def mark(self, symbol: str, price_ticks: int) -> None:
+        """Record the last price of ``symbol`` for unrealized PnL and the risk ratio.
+
+        Raises:
+            RemoteProtocolError: ``unknown_symbol``, or ``invalid_price`` if not positive.
+        """
+        self._instrument(symbol)
+        if price_ticks <= 0:
+            raise RemoteProtocolError(ErrorCode.INVALID_PRICE, "a mark price must be positive")
+        self._marks[symbol] = price_ticks
+
+    # -- queries -------------------------------------------------------------------------
+
+    def account_view(self) -> dict[str, object]:
+        """The wire ``account`` map (decimal strings)."""
+        return self._account_data(self._bal, self._positions, self._marks)
+
+    def positions_view(self) -> list[dict[str, object]]:
+        """The wire ``positions`` maps, one per symbol ever traded, by symbol."""
+        return [
+            self._position_data(symbol, self._positions[symbol], self._marks)
+            for symbol in sorted(self._positions)
+        ]
+
+    def open_orders(self) -> list[dict[str, object]]:
+        """Wire maps of the live orders (pending, open, partially filled), by order id."""
+        return [
+            order_to_wire(self._orders[oid], self._instruments[self._orders[oid].symbol])
+            for oid in sorted(self._live)
+        ]
+
+    def open_order_ids(self, symbol: str | None = None) -> list[int]:
+        """Ids of the live orders, optionally of one symbol, ascending."""
+        return sorted(
+            oid for oid in self._live if symbol is None or self._orders[oid].symbol == symbol
+        )
+
+    def order(self, order_id: int) -> OrderRecord | None:
+        """The order with this id, in any state, or ``None``."""
+        return self._orders.get(order_id)
+
+    def order_by_client_id(self, client_order_id: str) -> OrderRecord | None:
+        """The order placed under this client order id (ids are never reused), or ``None``."""
+        oid = self._by_client_id.get(client_order_id)
+        return None if oid is None else self._orders[oid]
+
+    def account_update(self, ts: int) -> list[UserEvent]:
+        """An ``account_update`` event of the current state (e.g. after marks moved)."""
+        _check_ts(ts)
+        em = _Emitter(self.user, self._next_event_id, ts)
+        em.add("account_update", self.account_view(), key="account")
+        self._next_event_id = em.next_id
+        return em.events
+
+    # -- cash ----------------------------------------------------------------------------
+
+    def deposit(self, amount: int, ts: int) -> list[UserEvent]:
+        """Credit ``amount`` minor units.
+
+        Returns:
+            One ``account_update`` event.
+
+        Raises:
+            RemoteProtocolError: ``bad_request`` if ``amount`` is not a positive integer.
+        """
+        _check_amount(amount)
+        return self._move_cash(amount, ts)
+
+    def withdraw(self, amount: int, ts: int) -> list[UserEvent]:
+        """Debit ``amount`` minor units if that much is available.
+
+        Returns:
+            One ``account_update`` event.
+
+        Raises:
+            RemoteProtocolError: ``bad_request`` if ``amount`` is not a positive
+                integer; ``insufficient_funds`` if it exceeds :attr:`available`.
+        """
+        _check_amount(amount)
+        available = self.available
+        if amount > available:
+            raise RemoteProtocolError(
+                ErrorCode.INSUFFICIENT_FUNDS,
+                f"withdrawal of {cash_str(amount)} exceeds available {cash_str(available)}",
+            )
+        return self._move_cash(-amount, ts)
+
+    def _move_cash(self, delta: int, ts: int) -> list[UserEvent]:
+        _check_ts(ts)
+        bal = attrs.evolve(self._bal, cash=self._bal.cash + delta)
+        em = _Emitter(self.user, self._next_event_id, ts)
+        em.add("account_update", self._account_data(bal, self._positions, self._marks), "account")
+        self._bal = bal
+        self._next_event_id = em.next_id
+        return em.events
+
+    # -- pre-trade check -----------------------------------------------------------------
+
+    def place(self, order: NewOrder, ref_price: int) -> list[UserEvent]:
+        """Risk-check ``order``, freeze its funds and record it as pending.
+
+        Args:
+            order: the order, with integer price/qty and an ``order_id`` chosen by the caller.
+            ref_price: the band's reference price (ticks), used to value a market order.
+
+        Returns:
+            ``[]``: events follow when the book answers.
+
+        Raises:
+            RemoteProtocolError: ``unknown_symbol``, ``position_limit`` or
+                ``insufficient_funds``; the ledger is unchanged.
+            DuplicateOrder: the client order id was used before; the ledger is unchanged.
+            LocalProtocolError: ``internal``: the order is for another user, its
+                order id is already taken, or a market order has no positive ``ref_price``.
+        """
+        if order.user != self.user:
+            raise _internal(f"order for {order.user!r} sent to the ledger of {self.user!r}")
+        inst = self._instruments.get(order.symbol)
+        if inst is None:
+            raise RemoteProtocolError(ErrorCode.UNKNOWN_SYMBOL, f"unknown symbol {order.symbol}")
+        original = self.order_by_client_id(order.client_order_id)
+        if original is not None:
+            raise DuplicateOrder(original)
+        if order.order_id in self._orders:
+            raise _internal(f"order id {order.order_id} is already taken")
+        _check_ts(order.ts)
+
+        buy = order.side == "buy"
+        net = self._positions.get(order.symbol, _FLAT).qty
+        open_same_side = sum(
+            rec.remaining_qty
+            for rec in (self._orders[oid] for oid in self._live)
+            if rec.symbol == order.symbol and rec.side == order.side
+        )
+        exposure = max(net if buy else -net, 0) + open_same_side + order.qty
+        if exposure > inst.position_limit:
+            raise RemoteProtocolError(
+                ErrorCode.POSITION_LIMIT,
+                f"{'long' if buy else 'short'} exposure {inst.qty_str(exposure)} would exceed "
+                f"the limit {inst.qty_str(inst.position_limit)}",
+            )
+
+        if order.price is None:
+            if ref_price <= 0:
+                raise _internal("a market order needs a positive reference price")
+            low, high = inst.band(ref_price)
+            price = high if buy else low
+        else:
+            price = order.price
+        notional = inst.notional(price, order.qty)
+        required = _margin(inst, notional) + max(_fee(inst, notional, inst.taker_fee_ppm), 0)
+        available = self.available
+        if required > available:
+            raise RemoteProtocolError(
+                ErrorCode.INSUFFICIENT_FUNDS,
+                f"order needs {cash_str(required)} (margin and fee), "
+                f"available {cash_str(available)}",
+            )
+
+        record = OrderRecord(
+            order_id=order.order_id,
+            client_order_id=order.client_order_id,
+            symbol=order.symbol,
+            side=order.side,
+            order_type=order.order_type,
+            price=order.price,
+            qty=order.qty,
+            tif=order.tif,
+            post_only=order.post_only,
+            ts=order.ts,
+            frozen=required,
+            frozen_remaining=required,
+        )
+        self._orders[record.order_id] = record
+        self._by_client_id[record.client_order_id] = record.order_id
+        self._live[record.order_id] = None
+        self._bal = attrs.evolve(self._bal, frozen=self._bal.frozen + required)
+        return []
+
+    # -- book events ---------------------------------------------------------------------
+
+    def on_book_event(self, ev: LedgerBookEvent) -> list[UserEvent]:
+        """Apply the book's answer about this user's order(s).
+
+        Returns:
+            The user's private events, in order.
+
+        Raises:
+            IllegalTransition: the event does not fit the order's lifecycle.
+            LocalProtocolError: ``internal``: the event names an unknown order, another
+                user, or disagrees with the ledger's record (quantities, side, symbol).
+        """
+        _check_ts(ev.ts)
+        if isinstance(ev, Fill):
+            return self._on_fill(ev)
+        if isinstance(ev, CancelRejected):
+            return []  # the caller answers the cancel request; nothing changes here
+        if ev.user != self.user:
+            raise _internal(f"event for {ev.user!r} sent to the ledger of {self.user!r}")
+        rec = self._record(ev.order_id, ev.symbol)
+        if isinstance(ev, OrderAccepted):
+            return self._on_accepted(rec, ev)
+        if isinstance(ev, OrderRejected):
+            return self._close(
+                rec, _I.REJECT, "order_rejected", ev.ts, code=ev.code, reason=ev.reason
+            )
+        event = _I.CANCEL if isinstance(ev, OrderCanceled) else _I.EXPIRE
+        next_order_state(rec.order_id, rec.status, event)  # a lifecycle error comes first
+        if ev.remaining != rec.remaining_qty:
+            raise _internal(
+                f"order {rec.order_id}: book says {ev.remaining} lots remain, "
+                f"the ledger {rec.remaining_qty}"
+            )
+        kind = "order_canceled" if event is _I.CANCEL else "order_expired"
+        return self._close(rec, event, kind, ev.ts, reason=ev.reason)
+
+    def _on_accepted(self, rec: OrderRecord, ev: OrderAccepted) -> list[UserEvent]:
+        new = attrs.evolve(rec, status=next_order_state(rec.order_id, rec.status, _I.ACCEPT))
+        em = _Emitter(self.user, self._next_event_id, ev.ts)
+        em.add("order_accepted", order_to_wire(new, self._instruments[new.symbol]))
+        self._orders[new.order_id] = new
+        self._next_event_id = em.next_id
+        return em.events
+
+    def _close(
+        self,
+        rec: OrderRecord,
+        event: OrderInput,
+        kind: str,
+        ts: int,
+        *,
+        code: str = "",
+        reason: str = "",
+    ) -> list[UserEvent]:
+        """Reject, cancel or expire: release everything still frozen for the order."""
+        state = next_order_state(rec.order_id, rec.status, event)
+        new = attrs.evolve(rec, status=state, frozen_remaining=0, code=code, reason=reason)
+        bal = attrs.evolve(self._bal, frozen=self._bal.frozen - rec.frozen_remaining)
+        data = order_to_wire(new, self._instruments[new.symbol])
+        if code:
+            data["code"] = code
+        data["reason"] = reason
+        em = _Emitter(self.user, self._next_event_id, ts)
+        em.add(kind, data)
+        em.add("account_update", self._account_data(bal, self._positions, self._marks), "account")
+        self._orders[new.order_id] = new
+        self._live.pop(new.order_id, None)
+        self._bal = bal
+        self._next_event_id = em.next_id
+        return em.events
+
+    def _on_fill(self, ev: Fill) -> list[UserEvent]:
+        inst = self._instruments.get(ev.symbol)
+        if inst is None:
+            raise _internal(f"fill in unknown symbol {ev.symbol}")
+        if ev.taker_side not in ("buy", "sell"):
+            raise _internal(f"fill {ev.trade_id}: bad taker side {ev.taker_side!r}")
+        if ev.qty <= 0 or ev.price <= 0:
+            raise _internal(f"fill {ev.trade_id}: price and qty must be positive")
+        maker_side = "sell" if ev.taker_side == "buy" else "buy"
+        sides: list[tuple[str, str, int, str, int]] = []
+        if ev.maker_user == self.user:
+            sides.append(
+                (
+                    "maker",
+                    maker_side,
+                    ev.maker_order_id,
+                    ev.maker_client_order_id,
+                    ev.maker_remaining,
+                )
+            )
+        if ev.taker_user == self.user:
+            sides.append(
+                (
+                    "taker",
+                    ev.taker_side,
+                    ev.taker_order_id,
+                    ev.taker_client_order_id,
+                    ev.taker_remaining,
+                )
+            )
+        if not sides:
+            raise _internal(f"fill {ev.trade_id} does not concern {self.user!r}")
+        if len(sides) == 2 and ev.maker_order_id == ev.taker_order_id:
+            raise _internal(f"fill {ev.trade_id}: an order cannot trade with itself")
+
+        # Validate every side before touching anything.
+        records: list[tuple[str, OrderRecord, OrderState]] = []
+        for liquidity, side, order_id, client_order_id, remaining_after in sides:
+            rec = self._record(order_id, ev.symbol)
+            remaining_before = rec.remaining_qty
+            final = remaining_after == 0
+            state = next_order_state(
+                order_id, rec.status, _I.FINAL_FILL if final else _I.PARTIAL_FILL
+            )
+            if rec.side != side or rec.client_order_id != client_order_id:
+                raise _internal(f"fill {ev.trade_id}: order {order_id} side or client id differs")
+            if remaining_after < 0 or remaining_before - ev.qty != remaining_after:
+                raise _internal(
+                    f"fill {ev.trade_id}: order {order_id} had {remaining_before} lots, "
+                    f"traded {ev.qty}, book says {remaining_after} remain"
+                )
+            records.append((liquidity, rec, state))
+
+        # Compute the new state into locals.
+        bal = self._bal
+        pos = self._positions.get(ev.symbol, _FLAT)
+        notional = inst.notional(ev.price, ev.qty)
+        em = _Emitter(self.user, self._next_event_id, ev.ts)
+        new_records: list[OrderRecord] = []
+        for liquidity, rec, state in records:
+            rate = inst.maker_fee_ppm if liquidity == "maker" else inst.taker_fee_ppm
+            fee = _fee(inst, notional, rate)
+            if state is _S.FILLED:
+                release = rec.frozen_remaining
+            else:
+                release = rec.frozen_remaining * ev.qty // rec.remaining_qty
+            pos, realized = _trade(
+                pos, rec.side == "buy", ev.price, ev.qty, inst.value_per_tick_lot
+            )
+            bal = _Balances(
+                cash=bal.cash + realized - fee,
+                frozen=bal.frozen - release,
+                fees_paid=bal.fees_paid + fee,
+                realized_pnl=bal.realized_pnl + realized,
+            )
+            new = attrs.evolve(
+                rec,
+                status=state,
+                filled_qty=rec.filled_qty + ev.qty,
+                frozen_remaining=rec.frozen_remaining - release,
+                fees=rec.fees + fee,
+            )
+            new_records.append(new)
+            em.add(
+                "trade_executed",
+                {
+                    "trade_id": ev.trade_id,
+                    "order_id": rec.order_id,
+                    "client_order_id": rec.client_order_id,
+                    "symbol": ev.symbol,
+                    "side": rec.side,
+                    "price": inst.price_str(ev.price),
+                    "qty": inst.qty_str(ev.qty),
+                    "fee": cash_str(fee),
+                    "liquidity": liquidity,
+                    "realized_pnl": cash_str(realized),
+                },
+            )
+            em.add(
+                "order_filled" if state is _S.FILLED else "order_partially_filled",
+                order_to_wire(new, inst),
+            )
+        positions = {**self._positions, ev.symbol: pos}
+        marks = {**self._marks, ev.symbol: ev.price}
+        em.add("position_update", self._position_data(ev.symbol, pos, marks), key=ev.symbol)
+        em.add("account_update", self._account_data(bal, positions, marks), key="account")
+
+        # Commit.
+        for new in new_records:
+            self._orders[new.order_id] = new
+            if not new.is_live:
+                self._live.pop(new.order_id, None)
+        self._positions = positions
+        self._marks = marks
+        self._bal = bal
+        self._next_event_id = em.next_id
+        return em.events
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _instrument(self, symbol: str) -> Instrument:
+        inst = self._instruments.get(symbol)
+        if inst is None:
+            raise RemoteProtocolError(ErrorCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol}")
+        return inst
+
+    def _record(self, order_id: int, symbol: str) -> OrderRecord:
+        rec = self._orders.get(order_id)
+        if rec is None:
+            raise _internal(f"{self.user!r} has no order {order_id}")
+        if rec.symbol != symbol:
+            raise _internal(f"order {order_id} is in {rec.symbol}, not {symbol}")
+        return rec
+
+    def _mark_of(self, symbol: str, marks: Mapping[str, int]) -> int:
+        return marks.get(symbol, self._instruments[symbol].ref_price)
+
+    def _total_unrealized(
+        self, positions: Mapping[str, _Position], marks: Mapping[str, int]
+    ) -> int:
+        return sum(
+            _unrealized(self._instruments[sym], pos, self._mark_of(sym, marks))
+            for sym, pos in positions.items()
+            if pos.qty
+        )
+
+    def _total_margin(self, positions: Mapping[str, _Position]) -> int:
+        return sum(_position_margin(self._instruments[s], p) for s, p in positions.items())
+
+    def _available(
+        self, bal: _Balances, positions: Mapping[str, _Position], marks: Mapping[str, int]
+    ) -> int:
+        unrealized = self._total_unrealized(positions, marks)
+        return bal.cash - bal.frozen - self._total_margin(positions) + min(0, unrealized)
+
+    def _account_data(
+        self, bal: _Balances, positions: Mapping[str, _Position], marks: Mapping[str, int]
+    ) -> dict[str, object]:
+        margin = self._total_margin(positions)
+        unrealized = self._total_unrealized(positions, marks)
+        available = bal.cash - bal.frozen - margin + min(0, unrealized)
+        equity = bal.cash + unrealized
+        return {
+            "balance": cash_str(bal.cash),
+            "available": cash_str(available),
+            "frozen": cash_str(bal.frozen),
+            "margin": cash_str(margin),
+            "position_pnl": cash_str(unrealized),
+            "realized_pnl": cash_str(bal.realized_pnl),
+            "fees_paid": cash_str(bal.fees_paid),
+            "risk_ratio": "0" if margin == 0 else ratio_to_str(margin, max(equity, 1)),
+        }
+
+    def _position_data(
+        self, symbol: str, pos: _Position, marks: Mapping[str, int]
+    ) -> dict[str, object]:
+        inst = self._instruments[symbol]
+        long_qty, short_qty = max(pos.qty, 0), max(-pos.qty, 0)
+        return {
+            "symbol": symbol,
+            "long_qty": inst.qty_str(long_qty),
+            "short_qty": inst.qty_str(short_qty),
+            "long_avg_price": _avg_price_str(inst, pos.cost if long_qty else 0, long_qty),
+            "short_avg_price": _avg_price_str(inst, pos.cost if short_qty else 0, short_qty),
+            "unrealized_pnl": cash_str(_unrealized(inst, pos, self._mark_of(symbol, marks))),
+            "realized_pnl": cash_str(pos.realized),
+            "margin": cash_str(_position_margin(inst, pos)),
+        }

@@ -1,0 +1,249 @@
+"""The engine's entities as pure, routed behaviours ("desks").
+
+A desk wraps one core and knows the message flow around it: what it receives,
+which core handler that calls, and where each effect goes. It returns
+``(Dest, message)`` pairs and never sends anything itself, so the same desk runs
+inside a Thespian actor (the host shell batches the pairs per destination and
+journals before sending) and inside the in-process demo loop, unchanged.
+
+Flow of one order (ARCHITECTURE.md)::
+
+    AccountPlace → AccountDesk (risk check, freeze) → BookDesk (match)
+      → AccountDesk of each user involved (apply) → RouterDesk (seq per user)
+      → Delivery to the user's gateway(s); Reply to the requesting connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from actors.cores.book import OrderBook
+from actors.cores.ledger import DuplicateOrder, Ledger, OrderRecord
+from actors.messages import (
+    ROUTER,
+    AccountCancel,
+    AccountCancelAll,
+    AccountDeposit,
+    AccountPlace,
+    AccountQuery,
+    Dest,
+    Reply,
+    ReplyTo,
+)
+from protocol import (
+    BookDelta,
+    CancelOrder,
+    CancelRejected,
+    CancelUserOrders,
+    ErrorCode,
+    Fill,
+    Instrument,
+    NewOrder,
+    OrderAccepted,
+    OrderCanceled,
+    OrderExpired,
+    OrderRejected,
+    PublicTrade,
+    RemoteProtocolError,
+    TickerUpdate,
+    UserEvent,
+)
+
+Out = tuple[Dest, Any]
+
+_BOOK_ANSWERS = (OrderAccepted, OrderRejected, Fill, OrderCanceled, OrderExpired, CancelRejected)
+
+#: How many of a user's own trades ``query trades`` returns.
+TRADES_KEPT = 1000
+
+
+def _error(reply_to: ReplyTo | None, code: str, message: str) -> list[Out]:
+    if reply_to is None:
+        return []
+    return [(Dest("gateway", reply_to.gateway),
+             Reply(reply_to=reply_to, ok=False, code=code, message=message))]
+
+
+def _ok(reply_to: ReplyTo | None, result: dict[str, Any]) -> list[Out]:
+    if reply_to is None:
+        return []
+    return [(Dest("gateway", reply_to.gateway), Reply(reply_to=reply_to, ok=True, result=result))]
+
+
+class BookDesk:
+    """One symbol's book: matches orders, answers the accounts, publishes market data."""
+
+    def __init__(self, instrument: Instrument) -> None:
+        self.book = OrderBook(instrument)
+        self.symbol = instrument.symbol
+
+    def handle(self, msg: Any) -> list[Out]:
+        if isinstance(msg, NewOrder):
+            events = self.book.submit(msg)
+        elif isinstance(msg, CancelOrder):
+            events = self.book.cancel(msg)
+        elif isinstance(msg, CancelUserOrders):
+            events = self.book.cancel_user(msg)
+        else:
+            raise TypeError(f"a book does not handle {type(msg).__name__}")
+        out: list[Out] = []
+        market = Dest("market", self.symbol)
+        for ev in events:
+            if isinstance(ev, Fill):
+                out.append((Dest("account", ev.maker_user), ev))
+                if ev.taker_user != ev.maker_user:
+                    out.append((Dest("account", ev.taker_user), ev))
+            elif isinstance(ev, BookDelta | PublicTrade | TickerUpdate):
+                out.append((market, ev))
+            else:
+                out.append((Dest("account", ev.user), ev))
+        return out
+
+    def end_turn(self) -> list[Out]:
+        return []
+
+
+class AccountDesk:
+    """One user's account: risk checks, order bookkeeping, private events, replies."""
+
+    def __init__(self, user: str, instruments: Mapping[str, Instrument]) -> None:
+        self.user = user
+        self.ledger = Ledger(user, instruments)
+        self._instruments = dict(instruments)
+        self._pending_place: dict[int, ReplyTo | None] = {}
+        self._pending_cancel: dict[int, list[ReplyTo]] = {}
+        self._resolved: list[int] = []
+        self._trades: deque[dict[str, object]] = deque(maxlen=TRADES_KEPT)
+
+    # -- requests -------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> list[Out]:
+        if isinstance(msg, AccountPlace):
+            return self._place(msg)
+        if isinstance(msg, AccountCancel):
+            return self._cancel(msg)
+        if isinstance(msg, AccountCancelAll):
+            return self._cancel_all(msg)
+        if isinstance(msg, AccountDeposit):
+            return self._deposit(msg)
+        if isinstance(msg, AccountQuery):
+            return self._query(msg)
+        if isinstance(msg, _BOOK_ANSWERS):
+            return self._book_event(msg)
+        raise TypeError(f"an account does not handle {type(msg).__name__}")
+
+    def _place(self, msg: AccountPlace) -> list[Out]:
+        order = msg.order
+        try:
+            events = self.ledger.place(order, msg.ref_price)
+        except DuplicateOrder as dup:
+            return _ok(msg.reply_to, {**_place_result(dup.original), "duplicate": True})
+        except RemoteProtocolError as exc:
+            return _error(msg.reply_to, exc.code.value, exc.message)
+        self._pending_place[order.order_id] = msg.reply_to
+        out: list[Out] = [(ROUTER, ev) for ev in events]
+        out.append((Dest("book", order.symbol), order))
+        return out
+
+    def _find(self, msg: AccountCancel) -> OrderRecord | None:
+        if msg.order_id is not None:
+            return self.ledger.order(msg.order_id)
+        assert msg.client_order_id is not None
+        return self.ledger.order_by_client_id(msg.client_order_id)
+
+    def _cancel(self, msg: AccountCancel) -> list[Out]:
+        record = self._find(msg)
+        # Someone else's id and an unknown id get the same answer: no order to see.
+        if record is None or not record.is_live:
+            ref = msg.order_id if msg.order_id is not None else msg.client_order_id
+            return _error(msg.reply_to, ErrorCode.UNKNOWN_ORDER.value, f"no open order {ref}")
+        if msg.reply_to is not None:
+            self._pending_cancel.setdefault(record.order_id, []).append(msg.reply_to)
+        cmd = CancelOrder(order_id=record.order_id, user=self.user, symbol=record.symbol,
+                          ts=msg.ts)
+        return [(Dest("book", record.symbol), cmd)]
+
+    def _cancel_all(self, msg: AccountCancelAll) -> list[Out]:
+        if msg.symbol is not None and msg.symbol not in self._instruments:
+            return _error(msg.reply_to, ErrorCode.UNKNOWN_SYMBOL.value,
+                          f"unknown symbol {msg.symbol}")
+        ids = self.ledger.open_order_ids(msg.symbol)
+        symbols = sorted({self.ledger.order(i).symbol for i in ids})  # type: ignore[union-attr]
+        out: list[Out] = [
+            (Dest("book", s), CancelUserOrders(user=self.user, symbol=s, ts=msg.ts))
+            for s in symbols
+        ]
+        return out + _ok(msg.reply_to, {"canceled": len(ids)})
+
+    def _deposit(self, msg: AccountDeposit) -> list[Out]:
+        try:
+            if msg.amount >= 0:
+                events = self.ledger.deposit(msg.amount, msg.ts)
+            else:
+                events = self.ledger.withdraw(-msg.amount, msg.ts)
+        except RemoteProtocolError as exc:
+            return _error(msg.reply_to, exc.code.value, exc.message)
+        return [(ROUTER, ev) for ev in events] + _ok(msg.reply_to, self.ledger.account_view())
+
+    def _query(self, msg: AccountQuery) -> list[Out]:
+        result: dict[str, Any]
+        if msg.what == "account":
+            result = self.ledger.account_view()
+        elif msg.what == "positions":
+            result = {"positions": self.ledger.positions_view()}
+        elif msg.what == "orders":
+            result = {"orders": self.ledger.open_orders()}
+        elif msg.what == "trades":
+            result = {"trades": list(self._trades)}
+        else:
+            return _error(msg.reply_to, ErrorCode.BAD_REQUEST.value, f"cannot query {msg.what}")
+        return _ok(msg.reply_to, result)
+
+    # -- the book's answers ------------------------------------------------------------
+
+    def _book_event(self, ev: Any) -> list[Out]:
+        if isinstance(ev, CancelRejected):
+            refs = self._pending_cancel.pop(ev.order_id, [])
+            return [o for r in refs for o in _error(r, ev.code, ev.reason)]
+        events: list[UserEvent] = self.ledger.on_book_event(ev)
+        for e in events:
+            if e.kind == "trade_executed":
+                self._trades.append(e.data)
+        out: list[Out] = [(ROUTER, e) for e in events]
+        order_ids = (
+            (ev.maker_order_id, ev.taker_order_id) if isinstance(ev, Fill) else (ev.order_id,)
+        )
+        for oid in order_ids:
+            if oid in self._pending_place or oid in self._pending_cancel:
+                self._resolved.append(oid)
+        return out
+
+    def end_turn(self) -> list[Out]:
+        """Answer the requests this turn resolved, with the orders' state after the whole turn."""
+        out: list[Out] = []
+        for oid in dict.fromkeys(self._resolved):
+            record = self.ledger.order(oid)
+            if record is None:
+                continue
+            if oid in self._pending_place:
+                reply_to = self._pending_place.pop(oid)
+                if record.status == "rejected":
+                    out += _error(reply_to, record.code or ErrorCode.INTERNAL.value,
+                                  record.reason or "rejected")
+                else:
+                    out += _ok(reply_to, _place_result(record))
+            if oid in self._pending_cancel and not record.is_live:
+                for reply_to in self._pending_cancel.pop(oid):
+                    out += _ok(reply_to, {"order_id": oid, "status": record.status.value})
+        self._resolved.clear()
+        return out
+
+
+def _place_result(record: OrderRecord) -> dict[str, Any]:
+    return {
+        "order_id": record.order_id,
+        "client_order_id": record.client_order_id,
+        "status": record.status.value,
+    }

@@ -1,0 +1,1110 @@
+"""The account ledger core (actors/cores/ledger.py): plain pytest, no I/O, no actors."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.cores.ledger import (
+    LIVE_STATES,
+    ORDER_TRANSITIONS,
+    DuplicateOrder,
+    IllegalTransition,
+    Ledger,
+    LedgerBookEvent,
+    OrderInput,
+    OrderState,
+    next_order_state,
+)
+from protocol import (
+    CancelRejected,
+    ErrorCode,
+    Fill,
+    Instrument,
+    LocalProtocolError,
+    NewOrder,
+    OrderAccepted,
+    OrderCanceled,
+    OrderExpired,
+    OrderRejected,
+    RemoteProtocolError,
+    UserEvent,
+    parse_instruments,
+)
+
+ROOT = Path(__file__).parent.parent
+INSTRUMENTS = parse_instruments((ROOT / "protocol" / "instruments.toml").read_text())
+BTC = "BTC-PERP"  # tick 0.1, lot 0.001, value_per_tick_lot 1, margin 5%, fees 2/5 bp
+ES = "ESZ6"  # tick 0.25, lot 1, multiplier 50: value_per_tick_lot 125_000
+USDT = 10_000  # minor units per unit of quote currency
+BTC_60K = 600_000  # 60000.0 in ticks
+ONE_BTC = 1_000  # lots
+
+
+# -- builders ---------------------------------------------------------------------------
+
+
+def order(
+    oid: int,
+    side: str,
+    qty: int,
+    price: int | None = BTC_60K,
+    *,
+    user: str = "alice",
+    symbol: str = BTC,
+    cid: str | None = None,
+    tif: str = "gtc",
+) -> NewOrder:
+    return NewOrder(
+        order_id=oid,
+        user=user,
+        client_order_id=cid or f"c{oid}",
+        symbol=symbol,
+        side=side,
+        order_type="market" if price is None else "limit",
+        price=price,
+        qty=qty,
+        tif=tif,
+        ts=oid,
+    )
+
+
+def accepted(o: NewOrder, ts: int = 10) -> OrderAccepted:
+    return OrderAccepted(
+        order_id=o.order_id,
+        user=o.user,
+        client_order_id=o.client_order_id,
+        symbol=o.symbol,
+        side=o.side,
+        order_type=o.order_type,
+        price=o.price,
+        qty=o.qty,
+        tif=o.tif,
+        ts=ts,
+    )
+
+
+def rejected(o: NewOrder, ts: int = 10) -> OrderRejected:
+    return OrderRejected(
+        order_id=o.order_id,
+        user=o.user,
+        client_order_id=o.client_order_id,
+        symbol=o.symbol,
+        code="market_halted",
+        reason="halted",
+        ts=ts,
+    )
+
+
+def canceled(o: NewOrder, remaining: int, ts: int = 20) -> OrderCanceled:
+    return OrderCanceled(
+        order_id=o.order_id,
+        user=o.user,
+        client_order_id=o.client_order_id,
+        symbol=o.symbol,
+        remaining=remaining,
+        reason="user",
+        ts=ts,
+    )
+
+
+def expired(o: NewOrder, remaining: int, ts: int = 20) -> OrderExpired:
+    return OrderExpired(
+        order_id=o.order_id,
+        user=o.user,
+        client_order_id=o.client_order_id,
+        symbol=o.symbol,
+        remaining=remaining,
+        reason="ioc",
+        ts=ts,
+    )
+
+
+def fill(
+    maker: NewOrder,
+    taker: NewOrder,
+    price: int,
+    qty: int,
+    maker_remaining: int,
+    taker_remaining: int,
+    trade_id: int = 1,
+    ts: int = 15,
+) -> Fill:
+    return Fill(
+        trade_id=trade_id,
+        symbol=maker.symbol,
+        price=price,
+        qty=qty,
+        taker_side=taker.side,
+        maker_order_id=maker.order_id,
+        maker_user=maker.user,
+        maker_client_order_id=maker.client_order_id,
+        maker_remaining=maker_remaining,
+        taker_order_id=taker.order_id,
+        taker_user=taker.user,
+        taker_client_order_id=taker.client_order_id,
+        taker_remaining=taker_remaining,
+        ts=ts,
+    )
+
+
+def funded(user: str = "alice", amount: int = 100_000 * USDT, **kw: Any) -> Ledger:
+    ledger = Ledger(user, kw.pop("instruments", INSTRUMENTS), **kw)
+    ledger.deposit(amount, ts=0)
+    return ledger
+
+
+def snapshot(ledger: Ledger) -> dict[str, Any]:
+    return copy.deepcopy(vars(ledger))
+
+
+def kinds(events: list[UserEvent]) -> list[str]:
+    return [e.kind for e in events]
+
+
+def trade(
+    maker_ledger: Ledger,
+    taker_ledger: Ledger,
+    maker: NewOrder,
+    taker: NewOrder,
+    price: int,
+    trade_id: int = 1,
+) -> None:
+    """Place and accept both orders and fill them completely against each other."""
+    assert maker.qty == taker.qty
+    for ledger, o in ((maker_ledger, maker), (taker_ledger, taker)):
+        ledger.place(o, ref_price=price)
+        ledger.on_book_event(accepted(o))
+    ev = fill(maker, taker, price, maker.qty, 0, 0, trade_id=trade_id)
+    maker_ledger.on_book_event(ev)
+    taker_ledger.on_book_event(ev)
+
+
+def required(inst: Instrument, price: int, qty: int, *, fee_ppm: int | None = None) -> int:
+    notional = inst.notional(price, qty)
+    fee = inst.taker_fee_ppm if fee_ppm is None else fee_ppm
+    return -(-notional * inst.margin_ppm // 1_000_000) + max(-(-notional * fee // 1_000_000), 0)
+
+
+# -- cash ---------------------------------------------------------------------------------
+
+
+def test_deposit_emits_an_account_update() -> None:
+    ledger = Ledger("alice", INSTRUMENTS, next_event_id=7)
+    events = ledger.deposit(10_000 * USDT, ts=5)
+    assert ledger.cash == 10_000 * USDT
+    [ev] = events
+    assert (ev.user, ev.event_id, ev.kind, ev.key, ev.ts) == (
+        "alice",
+        7,
+        "account_update",
+        "account",
+        5,
+    )
+    assert ev.data["balance"] == "10000.0000"
+    assert ev.data["available"] == "10000.0000"
+    assert ev.data["risk_ratio"] == "0"
+    assert ledger.next_event_id == 8
+
+
+def test_withdraw_within_available() -> None:
+    ledger = funded(amount=100 * USDT)
+    [ev] = ledger.withdraw(40 * USDT, ts=1)
+    assert ev.kind == "account_update"
+    assert ledger.cash == 60 * USDT
+    ledger.withdraw(60 * USDT, ts=2)
+    assert ledger.cash == 0
+
+
+def test_over_withdraw_raises_and_changes_nothing() -> None:
+    ledger = funded(amount=100 * USDT)
+    before = snapshot(ledger)
+    with pytest.raises(RemoteProtocolError) as err:
+        ledger.withdraw(100 * USDT + 1, ts=1)
+    assert err.value.code is ErrorCode.INSUFFICIENT_FUNDS
+    assert vars(ledger) == before
+
+
+@pytest.mark.parametrize("amount", [0, -1, True])
+def test_non_positive_amounts_are_bad_requests(amount: int) -> None:
+    ledger = funded(amount=100 * USDT)
+    before = snapshot(ledger)
+    for method in (ledger.deposit, ledger.withdraw):
+        with pytest.raises(RemoteProtocolError) as err:
+            method(amount, 1)
+        assert err.value.code is ErrorCode.BAD_REQUEST
+    assert vars(ledger) == before
+
+
+def test_frozen_funds_cannot_be_withdrawn() -> None:
+    ledger = funded(amount=100_000 * USDT)
+    o = order(1, "buy", ONE_BTC)
+    ledger.place(o, ref_price=BTC_60K)
+    free = ledger.cash - ledger.frozen
+    assert ledger.available == free
+    with pytest.raises(RemoteProtocolError):
+        ledger.withdraw(free + 1, ts=1)
+    ledger.withdraw(free, ts=1)
+    assert ledger.available == 0
+
+
+# -- pre-trade checks ---------------------------------------------------------------------------
+
+
+def test_place_freezes_margin_plus_taker_fee() -> None:
+    ledger = funded()
+    o = order(1, "buy", ONE_BTC)
+    assert ledger.place(o, ref_price=BTC_60K) == []
+    # 60000 USDT notional: 5% margin = 3000, 0.05% taker fee = 30.
+    assert ledger.frozen == 3_030 * USDT
+    assert ledger.available == (100_000 - 3_030) * USDT
+    rec = ledger.order(1)
+    assert rec is not None
+    assert rec.status is OrderState.PENDING
+    assert (rec.frozen, rec.frozen_remaining) == (3_030 * USDT, 3_030 * USDT)
+    assert ledger.order_by_client_id("c1") == rec
+    assert ledger.open_order_ids() == [1]
+    assert ledger.open_orders()[0]["status"] == "pending"
+
+
+@pytest.mark.parametrize(("side", "worst"), [("buy", 660_000), ("sell", 540_000)])
+def test_market_order_is_valued_at_the_worst_price_of_the_band(side: str, worst: int) -> None:
+    ledger = funded()
+    ledger.place(order(1, side, ONE_BTC, None), ref_price=BTC_60K)
+    assert INSTRUMENTS[BTC].band(BTC_60K) == (540_000, 660_000)
+    assert ledger.frozen == required(INSTRUMENTS[BTC], worst, ONE_BTC)
+
+
+def test_insufficient_funds_counts_the_fee_and_changes_nothing() -> None:
+    ledger = funded(amount=3_000 * USDT)  # the margin alone, not the 30 of fee
+    before = snapshot(ledger)
+    with pytest.raises(RemoteProtocolError) as err:
+        ledger.place(order(1, "buy", ONE_BTC), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.INSUFFICIENT_FUNDS
+    assert vars(ledger) == before
+    assert ledger.order_by_client_id("c1") is None  # the id was not consumed
+    ledger.deposit(30 * USDT, ts=1)
+    ledger.place(order(1, "buy", ONE_BTC), ref_price=BTC_60K)  # same cid: now fine
+    assert ledger.available == 0
+
+
+def test_a_taker_rebate_does_not_lower_the_requirement() -> None:
+    rebate = {BTC: attrs.evolve(INSTRUMENTS[BTC], taker_fee_ppm=-100)}
+    ledger = funded(amount=3_000 * USDT, instruments=rebate)
+    ledger.place(order(1, "buy", ONE_BTC), ref_price=BTC_60K)
+    assert ledger.frozen == 3_000 * USDT
+
+
+def test_unknown_symbol_changes_nothing() -> None:
+    ledger = funded()
+    before = snapshot(ledger)
+    with pytest.raises(RemoteProtocolError) as err:
+        ledger.place(order(1, "buy", 1, symbol="DOGE-PERP"), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.UNKNOWN_SYMBOL
+    assert vars(ledger) == before
+
+
+def test_position_limit_counts_position_and_open_orders_per_side() -> None:
+    limit = INSTRUMENTS[BTC].position_limit  # 100 BTC
+    alice, bob = funded(amount=10**6 * USDT), funded("bob", amount=10**6 * USDT)
+    trade(
+        bob,
+        alice,
+        order(1, "sell", 60 * ONE_BTC, user="bob"),
+        order(2, "buy", 60 * ONE_BTC),
+        BTC_60K,
+    )
+    assert alice.position(BTC) == (60 * ONE_BTC, 60 * ONE_BTC * BTC_60K)
+    alice.place(order(3, "buy", 30 * ONE_BTC), ref_price=BTC_60K)
+    before = snapshot(alice)
+    with pytest.raises(RemoteProtocolError) as err:
+        alice.place(order(4, "buy", 10 * ONE_BTC + 1), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.POSITION_LIMIT
+    assert vars(alice) == before
+    alice.place(order(4, "buy", 10 * ONE_BTC), ref_price=BTC_60K)  # exactly the limit
+    # The short side is separate: a long position does not count against it.
+    alice.place(order(5, "sell", limit), ref_price=BTC_60K)
+    with pytest.raises(RemoteProtocolError) as err:
+        alice.place(order(6, "sell", 1), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.POSITION_LIMIT
+
+
+def test_an_order_for_another_user_is_an_internal_error() -> None:
+    ledger = funded()
+    with pytest.raises(LocalProtocolError) as err:
+        ledger.place(order(1, "buy", 1, user="bob"), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.INTERNAL
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+
+
+def test_a_reused_client_order_id_returns_the_original_for_ever() -> None:
+    ledger = funded()
+    first = order(1, "buy", 5, cid="my-order")
+    ledger.place(first, ref_price=BTC_60K)
+    before = snapshot(ledger)
+    with pytest.raises(DuplicateOrder) as dup:
+        ledger.place(order(2, "sell", 9, cid="my-order"), ref_price=BTC_60K)
+    assert dup.value.original.order_id == 1
+    assert vars(ledger) == before
+    # Still a duplicate once the first order is done.
+    ledger.on_book_event(accepted(first))
+    ledger.on_book_event(canceled(first, 5))
+    with pytest.raises(DuplicateOrder) as dup:
+        ledger.place(order(3, "buy", 5, cid="my-order"), ref_price=BTC_60K)
+    assert dup.value.original.status is OrderState.CANCELED
+    assert ledger.order_by_client_id("my-order") == dup.value.original
+    assert ledger.order(3) is None
+    assert pickle.loads(pickle.dumps(dup.value)).original == dup.value.original
+
+
+def test_a_rejected_order_keeps_its_client_order_id() -> None:
+    ledger = funded()
+    o = order(1, "buy", 5)
+    ledger.place(o, ref_price=BTC_60K)
+    ledger.on_book_event(rejected(o))
+    with pytest.raises(DuplicateOrder):
+        ledger.place(order(2, "buy", 5, cid=o.client_order_id), ref_price=BTC_60K)
+
+
+# -- the order lifecycle and exact release of frozen funds ----------------------------------------
+
+
+def test_accept_emits_order_accepted_with_the_order_fields() -> None:
+    ledger = funded()
+    o = order(1, "buy", 1_500, 600_005)
+    ledger.place(o, ref_price=BTC_60K)
+    [ev] = ledger.on_book_event(accepted(o, ts=33))
+    assert ev.kind == "order_accepted"
+    assert ev.ts == 33
+    assert ev.data == {
+        "order_id": 1,
+        "client_order_id": "c1",
+        "symbol": BTC,
+        "side": "buy",
+        "type": "limit",
+        "price": "60000.5",
+        "qty": "1.500",
+        "filled_qty": "0.000",
+        "remaining_qty": "1.500",
+        "status": "open",
+        "tif": "gtc",
+    }
+
+
+def test_reject_releases_exactly_what_was_frozen() -> None:
+    ledger = funded()
+    o = order(1, "buy", 7, 600_001)
+    ledger.place(o, ref_price=BTC_60K)
+    assert ledger.frozen > 0
+    events = ledger.on_book_event(rejected(o))
+    assert kinds(events) == ["order_rejected", "account_update"]
+    assert events[0].data["code"] == "market_halted"
+    assert events[0].data["status"] == "rejected"
+    assert ledger.frozen == 0
+    assert ledger.open_order_ids() == []
+
+
+def test_cancel_after_partial_fills_releases_exactly_the_remainder() -> None:
+    """The classic bug: releasing ``frozen * remaining / qty`` on cancel leaks rounding."""
+    alice, bob = funded(), funded("bob")
+    buy = order(1, "buy", 7, 600_001)
+    alice.place(buy, ref_price=BTC_60K)
+    alice.on_book_event(accepted(buy))
+    frozen = alice.frozen
+    assert frozen == 212_102  # margin 210_001 + fee 2_101: not divisible by 7
+    sells = [order(10 + i, "sell", q, 600_001, user="bob") for i, q in enumerate((3, 2))]
+    remaining = 7
+    releases = []
+    for i, sell in enumerate(sells):
+        bob.place(sell, ref_price=BTC_60K)
+        bob.on_book_event(accepted(sell))
+        remaining -= sell.qty
+        before = alice.frozen
+        ev = fill(buy, sell, 600_001, sell.qty, remaining, 0, trade_id=i + 1)
+        events = alice.on_book_event(ev)
+        bob.on_book_event(ev)
+        assert kinds(events) == [
+            "trade_executed",
+            "order_partially_filled",
+            "position_update",
+            "account_update",
+        ]
+        releases.append(before - alice.frozen)
+    assert releases == [frozen * 3 // 7, (frozen - frozen * 3 // 7) * 2 // 4]
+    events = alice.on_book_event(canceled(buy, remaining=2))
+    assert kinds(events) == ["order_canceled", "account_update"]
+    assert events[0].data["remaining_qty"] == "0.002"
+    releases.append(frozen - sum(releases))
+    assert sum(releases) == frozen
+    assert alice.frozen == 0
+    rec = alice.order(1)
+    assert rec is not None
+    assert (rec.status, rec.filled_qty, rec.frozen_remaining) == (OrderState.CANCELED, 5, 0)
+    assert frozen * 2 // 7 != releases[-1]  # what the naive formula would have released
+
+
+def test_expiry_of_a_partially_filled_market_order_releases_the_rest() -> None:
+    alice, bob = funded(), funded("bob")
+    sell = order(1, "sell", 400, BTC_60K, user="bob")
+    bob.place(sell, ref_price=BTC_60K)
+    bob.on_book_event(accepted(sell))
+    buy = order(2, "buy", ONE_BTC, None, tif="ioc")
+    alice.place(buy, ref_price=BTC_60K)
+    alice.on_book_event(accepted(buy))
+    ev = fill(sell, buy, BTC_60K, 400, 0, 600)
+    assert kinds(bob.on_book_event(ev))[1] == "order_filled"
+    alice.on_book_event(ev)
+    assert bob.frozen == 0
+    assert alice.frozen > 0
+    events = alice.on_book_event(expired(buy, 600))
+    assert kinds(events) == ["order_expired", "account_update"]
+    assert events[0].data["price"] is None
+    assert events[0].data["reason"] == "ioc"
+    assert alice.frozen == 0
+    assert alice.position(BTC) == (400, 400 * BTC_60K)
+
+
+def test_a_pending_order_may_expire_without_being_accepted() -> None:
+    ledger = funded()
+    o = order(1, "buy", 5)
+    ledger.place(o, ref_price=BTC_60K)
+    ledger.on_book_event(expired(o, 5))
+    assert ledger.frozen == 0
+    rec = ledger.order(1)
+    assert rec is not None
+    assert rec.status is OrderState.EXPIRED
+
+
+def test_the_transition_table() -> None:
+    assert next_order_state(1, OrderState.PENDING, OrderInput.ACCEPT) is OrderState.OPEN
+    terminal = set(OrderState) - LIVE_STATES
+    for (state, _), _target in ORDER_TRANSITIONS.items():
+        assert state not in terminal
+    for state in terminal:
+        for event in OrderInput:
+            with pytest.raises(IllegalTransition):
+                next_order_state(1, state, event)
+    with pytest.raises(IllegalTransition) as err:
+        next_order_state(9, OrderState.PENDING, OrderInput.PARTIAL_FILL)
+    assert err.value.code is ErrorCode.INTERNAL
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (again.order_id, again.state, again.event) == (
+        9,
+        OrderState.PENDING,
+        OrderInput.PARTIAL_FILL,
+    )
+
+
+def test_illegal_transitions_raise_and_change_nothing() -> None:
+    alice, bob = funded(), funded("bob")
+    buy = order(1, "buy", 5)
+    sell = order(2, "sell", 5, user="bob")
+    alice.place(buy, ref_price=BTC_60K)
+    bob.place(sell, ref_price=BTC_60K)
+    bob.on_book_event(accepted(sell))
+    before = snapshot(alice)
+    with pytest.raises(IllegalTransition):  # a fill before the book accepted the order
+        alice.on_book_event(fill(sell, buy, BTC_60K, 5, 0, 0))
+    assert vars(alice) == before
+    alice.on_book_event(accepted(buy))
+    with pytest.raises(IllegalTransition):
+        alice.on_book_event(accepted(buy))
+    alice.on_book_event(canceled(buy, 5))
+    before = snapshot(alice)
+    for ev in (canceled(buy, 5), expired(buy, 0), rejected(buy), accepted(buy)):
+        with pytest.raises(IllegalTransition):
+            alice.on_book_event(ev)
+    with pytest.raises(IllegalTransition):
+        alice.on_book_event(fill(sell, buy, BTC_60K, 5, 0, 0))
+    assert vars(alice) == before
+
+
+def test_inconsistent_book_events_raise_and_change_nothing() -> None:
+    alice, bob = funded(), funded("bob")
+    buy = order(1, "buy", 5)
+    sell = order(2, "sell", 5, user="bob")
+    for ledger, o in ((alice, buy), (bob, sell)):
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    before = snapshot(alice)
+    bad: list[LedgerBookEvent] = [
+        fill(sell, buy, BTC_60K, 5, 0, 1),  # remaining disagrees
+        fill(sell, buy, BTC_60K, 6, 0, 0),  # more than the order's quantity
+        fill(sell, attrs.evolve(buy, order_id=99), BTC_60K, 5, 0, 0),  # unknown order
+        fill(sell, attrs.evolve(buy, user="carol"), BTC_60K, 5, 0, 0),  # not alice's
+        canceled(buy, remaining=4),
+        canceled(attrs.evolve(buy, user="bob"), remaining=5),
+    ]
+    for ev in bad:
+        with pytest.raises(LocalProtocolError) as err:
+            alice.on_book_event(ev)
+        assert err.value.code is ErrorCode.INTERNAL
+        assert vars(alice) == before
+
+
+def test_cancel_rejected_changes_nothing() -> None:
+    ledger = funded()
+    before = snapshot(ledger)
+    ev = CancelRejected(order_id=5, user="alice", symbol=BTC, code="unknown_order", reason="", ts=3)
+    assert ledger.on_book_event(ev) == []
+    assert vars(ledger) == before
+
+
+# -- PnL and fees ----------------------------------------------------------------------------------
+
+
+def test_long_round_trip_realizes_pnl_and_charges_fees() -> None:
+    alice, bob = funded(amount=10_000 * USDT), funded("bob", amount=10_000 * USDT)
+    trade(bob, alice, order(1, "sell", ONE_BTC, user="bob"), order(2, "buy", ONE_BTC), BTC_60K)
+    # Alice took liquidity: 0.05% of 60000; Bob made it: 0.02%.
+    assert (alice.fees_paid, bob.fees_paid) == (30 * USDT, 12 * USDT)
+    assert alice.position(BTC) == (ONE_BTC, ONE_BTC * BTC_60K)
+    assert bob.position(BTC) == (-ONE_BTC, ONE_BTC * BTC_60K)
+    assert alice.unrealized(BTC, 610_000) == 1_000 * USDT
+    assert bob.unrealized(BTC, 610_000) == -1_000 * USDT
+    assert alice.position_margin == 3_000 * USDT
+    alice.mark(BTC, 610_000)
+    view = alice.account_view()
+    assert view["position_pnl"] == "1000.0000"
+    assert view["margin"] == "3000.0000"
+    assert view["balance"] == "9970.0000"
+    assert view["available"] == "6970.0000"  # unrealized gains are not spendable
+    assert view["risk_ratio"] == "0.27347311"  # 3000 / 10970
+    [pos] = alice.positions_view()
+    assert pos == {
+        "symbol": BTC,
+        "long_qty": "1.000",
+        "short_qty": "0.000",
+        "long_avg_price": "60000.00000",
+        "short_avg_price": "0",
+        "unrealized_pnl": "1000.0000",
+        "realized_pnl": "0.0000",
+        "margin": "3000.0000",
+    }
+    bob.mark(BTC, 610_000)
+    assert bob.available == (10_000 - 12 - 3_000 - 1_000) * USDT  # losses count
+    # Alice now sells as maker at 61000 to Bob, who closes his short.
+    trade(alice, bob, order(3, "sell", ONE_BTC), order(4, "buy", ONE_BTC, user="bob"), 610_000, 2)
+    assert alice.position(BTC) == (0, 0)
+    assert alice.realized_pnl == 1_000 * USDT
+    assert bob.realized_pnl == -1_000 * USDT
+    assert alice.fees_paid == 300_000 + 122_000  # 30 + 12.2
+    assert alice.cash == (10_000 - 30 + 1_000) * USDT - 122_000
+    assert bob.cash == (10_000 - 12 - 1_000) * USDT - 305_000
+    assert alice.account_view()["risk_ratio"] == "0"
+    assert alice.frozen == bob.frozen == 0
+
+
+def test_short_position_gains_when_the_price_falls() -> None:
+    alice, bob = funded(), funded("bob")
+    trade(
+        bob, alice, order(1, "buy", 2 * ONE_BTC, user="bob"), order(2, "sell", 2 * ONE_BTC), BTC_60K
+    )
+    assert alice.position(BTC) == (-2 * ONE_BTC, 2 * ONE_BTC * BTC_60K)
+    assert alice.unrealized(BTC, 590_000) == 2_000 * USDT
+    [pos] = alice.positions_view()
+    assert (pos["long_qty"], pos["short_qty"], pos["short_avg_price"]) == (
+        "0.000",
+        "2.000",
+        "60000.00000",
+    )
+    # Buy back half at 59000: realize half of the gain.
+    trade(
+        bob,
+        alice,
+        order(3, "sell", ONE_BTC, 590_000, user="bob"),
+        order(4, "buy", ONE_BTC, 590_000),
+        590_000,
+        2,
+    )
+    assert alice.realized_pnl == 1_000 * USDT
+    assert alice.position(BTC) == (-ONE_BTC, ONE_BTC * BTC_60K)
+
+
+def test_flip_from_long_to_short_through_zero() -> None:
+    alice, bob = funded(), funded("bob")
+    trade(
+        bob, alice, order(1, "sell", 2 * ONE_BTC, user="bob"), order(2, "buy", 2 * ONE_BTC), BTC_60K
+    )
+    trade(
+        bob,
+        alice,
+        order(3, "buy", 5 * ONE_BTC, 590_000, user="bob"),
+        order(4, "sell", 5 * ONE_BTC, 590_000),
+        590_000,
+        2,
+    )
+    # 2 closed at a 1000 loss each; 3 opened short at 59000.
+    assert alice.realized_pnl == -2_000 * USDT
+    assert alice.position(BTC) == (-3 * ONE_BTC, 3 * ONE_BTC * 590_000)
+    assert bob.position(BTC) == (3 * ONE_BTC, 3 * ONE_BTC * 590_000)
+    assert alice.unrealized(BTC, 580_000) == 3_000 * USDT
+    [pos] = alice.positions_view()
+    assert pos["long_qty"] == "0.000"
+    assert pos["short_qty"] == "3.000"
+    assert pos["short_avg_price"] == "59000.00000"
+    assert pos["realized_pnl"] == "-2000.0000"
+    # and back through zero to long with a partial close in between
+    trade(
+        bob,
+        alice,
+        order(5, "sell", 4 * ONE_BTC, 580_000, user="bob"),
+        order(6, "buy", 4 * ONE_BTC, 580_000),
+        580_000,
+        3,
+    )
+    assert alice.realized_pnl == (-2_000 + 3_000) * USDT
+    assert alice.position(BTC) == (ONE_BTC, ONE_BTC * 580_000)
+
+
+def test_a_partial_close_removes_cost_pro_rata_and_the_last_close_removes_the_rest() -> None:
+    alice, bob = funded(), funded("bob")
+    # Two entries at different prices: cost 3 * 600_001 + 4 * 600_002, not divisible by 7.
+    trade(
+        bob,
+        alice,
+        order(1, "sell", 3, 600_001, user="bob"),
+        order(2, "buy", 3, 600_001),
+        600_001,
+        1,
+    )
+    trade(
+        bob,
+        alice,
+        order(3, "sell", 4, 600_002, user="bob"),
+        order(4, "buy", 4, 600_002),
+        600_002,
+        2,
+    )
+    cost = 3 * 600_001 + 4 * 600_002
+    assert alice.position(BTC) == (7, cost)
+    trade(
+        bob,
+        alice,
+        order(5, "buy", 2, BTC_60K, user="bob"),
+        order(6, "sell", 2, BTC_60K),
+        BTC_60K,
+        3,
+    )
+    removed = cost * 2 // 7
+    assert alice.position(BTC) == (5, cost - removed)
+    assert alice.realized_pnl == 2 * BTC_60K - removed
+    trade(
+        bob,
+        alice,
+        order(7, "buy", 5, BTC_60K, user="bob"),
+        order(8, "sell", 5, BTC_60K),
+        BTC_60K,
+        4,
+    )
+    assert alice.position(BTC) == (0, 0)
+    assert alice.realized_pnl == 7 * BTC_60K - cost  # exact over the round trip
+    assert alice.realized_pnl == -bob.realized_pnl
+
+
+def test_es_future_uses_the_multiplier() -> None:
+    alice, bob = funded(amount=10**6 * USDT), funded("bob", amount=10**6 * USDT)
+    es_6000 = 24_000  # 6000.00 in 0.25 ticks
+    trade(
+        bob,
+        alice,
+        order(1, "sell", 2, es_6000, user="bob", symbol=ES),
+        order(2, "buy", 2, es_6000, symbol=ES),
+        es_6000,
+    )
+    # 2 contracts * 50 * 6000 = 600000 notional; one point = 100 USDT.
+    assert alice.unrealized(ES, es_6000 + 4) == 100 * USDT
+    assert alice.fees_paid == 180 * USDT  # 0.03%
+    assert bob.fees_paid == 60 * USDT  # 0.01%
+    assert alice.position_margin == 48_000 * USDT  # 8%
+
+
+def test_fees_round_up_and_a_maker_rebate_rounds_toward_zero() -> None:
+    rebate = {BTC: attrs.evolve(INSTRUMENTS[BTC], maker_fee_ppm=-100)}
+    alice = funded(instruments=rebate)
+    bob = funded("bob", instruments=rebate)
+    # notional 1_800_003: taker 0.05% = 900.0015 -> 901; maker -0.01% = -180.0003 -> -180.
+    maker, taker = order(1, "sell", 3, 600_001, user="bob"), order(2, "buy", 3, 600_001)
+    bob.place(maker, ref_price=BTC_60K)
+    bob.on_book_event(accepted(maker))
+    alice.place(taker, ref_price=BTC_60K)
+    alice.on_book_event(accepted(taker))
+    ev = fill(maker, taker, 600_001, 3, 0, 0)
+    bob_events = bob.on_book_event(ev)
+    alice_events = alice.on_book_event(ev)
+    assert (alice.fees_paid, bob.fees_paid) == (901, -180)
+    assert alice.cash == 100_000 * USDT - 901
+    assert bob.cash == 100_000 * USDT + 180
+    assert bob_events[0].data["fee"] == "-0.0180"
+    assert bob_events[0].data["liquidity"] == "maker"
+    assert alice_events[0].data["fee"] == "0.0901"
+    assert alice_events[0].data["liquidity"] == "taker"
+    assert alice_events[0].data["trade_id"] == 1
+    assert alice.fees_paid + bob.fees_paid == 721  # the exchange's fee pool
+
+
+def test_a_self_trade_applies_both_sides_to_one_account() -> None:
+    ledger = funded()
+    maker, taker = order(1, "sell", 5), order(2, "buy", 5)
+    for o in (maker, taker):
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    events = ledger.on_book_event(fill(maker, taker, BTC_60K, 5, 0, 0))
+    assert kinds(events) == [
+        "trade_executed",
+        "order_filled",
+        "trade_executed",
+        "order_filled",
+        "position_update",
+        "account_update",
+    ]
+    assert ledger.position(BTC) == (0, 0)
+    assert ledger.frozen == 0
+    assert ledger.fees_paid == 600 + 1_500  # maker 2 bp + taker 5 bp of 3_000_000
+    assert ledger.cash == 100_000 * USDT - 2_100
+
+
+# -- events, views, determinism -------------------------------------------------------------------
+
+
+def test_event_ids_are_contiguous_and_replay_identically() -> None:
+    def run() -> tuple[list[UserEvent], Ledger]:
+        alice, bob = funded(), funded("bob")
+        out: list[UserEvent] = []
+        buy, sell = order(1, "buy", 9, 600_003), order(2, "sell", 4, 600_003, user="bob")
+        alice.place(buy, ref_price=BTC_60K)
+        out += alice.on_book_event(accepted(buy))
+        bob.place(sell, ref_price=BTC_60K)
+        bob.on_book_event(accepted(sell))
+        out += alice.on_book_event(fill(buy, sell, 600_003, 4, 5, 0))
+        out += alice.on_book_event(canceled(buy, 5))
+        out += alice.withdraw(USDT, ts=30)
+        return out, alice
+
+    first, alice = run()
+    assert [e.event_id for e in first] == list(range(2, 2 + len(first)))
+    second, _ = run()
+    assert first == second
+    assert [e.data for e in first] == [e.data for e in second]
+    restored = pickle.loads(pickle.dumps(alice))
+    assert vars(restored) == vars(alice)
+    assert restored.deposit(USDT, 40) == alice.deposit(USDT, 40)
+
+
+def test_open_orders_and_ids_by_symbol() -> None:
+    ledger = funded(amount=10**6 * USDT)
+    ledger.place(order(1, "buy", 5), ref_price=BTC_60K)
+    ledger.place(order(2, "sell", 1, 24_000, symbol=ES), ref_price=24_000)
+    ledger.place(order(3, "sell", 5), ref_price=BTC_60K)
+    assert ledger.open_order_ids() == [1, 2, 3]
+    assert ledger.open_order_ids(BTC) == [1, 3]
+    assert ledger.open_order_ids(ES) == [2]
+    assert [o["order_id"] for o in ledger.open_orders()] == [1, 2, 3]
+    assert ledger.open_orders()[1]["price"] == "6000.00"
+
+
+def test_mark_validates_and_account_update_reports_the_marks() -> None:
+    alice, bob = funded(amount=10_000 * USDT), funded("bob", amount=10_000 * USDT)
+    trade(bob, alice, order(1, "sell", ONE_BTC, user="bob"), order(2, "buy", ONE_BTC), BTC_60K)
+    with pytest.raises(RemoteProtocolError):
+        alice.mark("NOPE", 1)
+    with pytest.raises(RemoteProtocolError):
+        alice.mark(BTC, 0)
+    alice.mark(BTC, 540_000)  # a 6000 loss
+    [ev] = alice.account_update(ts=50)
+    assert ev.data["position_pnl"] == "-6000.0000"
+    assert ev.data["available"] == str(10_000 - 30 - 3_000 - 6_000) + ".0000"
+    assert ev.data["risk_ratio"] == "0.75566751"  # 3000 / 3970
+    assert alice.equity() == (10_000 - 30 - 6_000) * USDT
+    assert alice.equity({BTC: BTC_60K}) == (10_000 - 30) * USDT
+    alice.mark(BTC, 400_000)  # equity below zero: the ratio stays positive and large
+    assert Decimal(str(alice.account_view()["risk_ratio"])) > 1
+
+
+# -- properties: a simulated book between several accounts -----------------------------------------
+
+USERS = ("ann", "ben", "cy")
+SYMBOLS = (BTC, ES)
+QTY = {BTC: 3_000, ES: 12}
+
+
+class Sim:
+    """Drives several ledgers the way the book would, and checks the ledger-wide invariants."""
+
+    def __init__(self) -> None:
+        self.ledgers = {u: Ledger(u, INSTRUMENTS) for u in USERS}
+        self.orders: dict[int, NewOrder] = {}
+        self.resting: dict[int, int] = {}  # order id -> remaining, in the simulated book
+        self.deposited = 0
+        self.withdrawn = 0
+        self.next_order_id = 1
+        self.next_trade_id = 1
+        self.ts = 0
+        self.log: list[tuple[str, str, tuple[Any, ...]]] = []
+        self.events: dict[str, list[UserEvent]] = {u: [] for u in USERS}
+
+    def tick(self) -> int:
+        self.ts += 1
+        return self.ts
+
+    def call(self, user: str, method: str, *args: Any) -> list[UserEvent]:
+        """Call a ledger method; on a pre-trade/cash error, check nothing changed and re-raise."""
+        ledger = self.ledgers[user]
+        before = snapshot(ledger)
+        try:
+            out: list[UserEvent] = getattr(ledger, method)(*args) or []
+        except RemoteProtocolError:
+            assert vars(ledger) == before
+            raise
+        self.log.append((user, method, args))
+        self.events[user].extend(out)
+        return out
+
+    def deposit(self, user: str, amount: int) -> None:
+        self.call(user, "deposit", amount, self.tick())
+        self.deposited += amount
+
+    def withdraw(self, user: str, amount: int) -> None:
+        try:
+            self.call(user, "withdraw", amount, self.tick())
+        except RemoteProtocolError as err:
+            assert err.code is ErrorCode.INSUFFICIENT_FUNDS
+            assert amount > self.ledgers[user].available
+        else:
+            self.withdrawn += amount
+
+    def place(
+        self, user: str, symbol: str, side: str, qty: int, price: int | None, ref: int
+    ) -> NewOrder | None:
+        oid = self.next_order_id
+        self.next_order_id += 1
+        o = NewOrder(
+            order_id=oid,
+            user=user,
+            client_order_id=f"{user}-{oid}",
+            symbol=symbol,
+            side=side,
+            order_type="limit" if price else "market",
+            price=price,
+            qty=qty,
+            tif="gtc" if price else "ioc",
+            ts=self.tick(),
+        )
+        try:
+            self.call(user, "place", o, ref)
+        except RemoteProtocolError as err:
+            assert err.code in (ErrorCode.INSUFFICIENT_FUNDS, ErrorCode.POSITION_LIMIT)
+            return None
+        self.orders[oid] = o
+        return o
+
+    def book(self, ev: LedgerBookEvent, *users: str) -> None:
+        for user in dict.fromkeys(users):
+            self.call(user, "on_book_event", ev)
+
+    def accept(self, o: NewOrder) -> None:
+        self.book(accepted(o, self.tick()), o.user)
+        self.resting[o.order_id] = o.qty
+
+    def reject(self, o: NewOrder) -> None:
+        self.book(rejected(o, self.tick()), o.user)
+
+    def cancel(self, oid: int, *, expire: bool = False) -> None:
+        o = self.orders[oid]
+        make = expired if expire else canceled
+        self.book(make(o, self.resting.pop(oid), self.tick()), o.user)
+
+    def fill(self, maker_id: int, taker_id: int, qty: int, price: int) -> None:
+        maker, taker = self.orders[maker_id], self.orders[taker_id]
+        self.resting[maker_id] -= qty
+        self.resting[taker_id] -= qty
+        ev = fill(
+            maker,
+            taker,
+            price,
+            qty,
+            self.resting[maker_id],
+            self.resting[taker_id],
+            self.next_trade_id,
+            self.tick(),
+        )
+        self.next_trade_id += 1
+        for oid in (maker_id, taker_id):
+            if self.resting[oid] == 0:
+                del self.resting[oid]
+        self.book(ev, maker.user, taker.user)
+
+    def check(self, marks: dict[str, int]) -> None:
+        for ledger in self.ledgers.values():
+            assert ledger.frozen >= 0
+            live = [ledger.order(oid) for oid in ledger.open_order_ids()]
+            assert ledger.frozen == sum(r.frozen_remaining for r in live if r is not None)
+            for oid in ledger.open_order_ids():
+                assert self.resting.get(oid) == ledger.order(oid).remaining_qty  # type: ignore[union-attr]
+        for symbol in SYMBOLS:
+            assert sum(led.position(symbol)[0] for led in self.ledgers.values()) == 0
+        for m in (marks, {s: 1 for s in SYMBOLS}, {s: INSTRUMENTS[s].ref_price for s in SYMBOLS}):
+            total = sum(
+                led.cash + sum(led.unrealized(s, m[s]) for s in SYMBOLS) + led.fees_paid
+                for led in self.ledgers.values()
+            )
+            assert total == self.deposited - self.withdrawn
+
+    def replay(self) -> None:
+        """Re-run the logged commands on fresh ledgers: identical events and state."""
+        fresh = {u: Ledger(u, INSTRUMENTS) for u in USERS}
+        events: dict[str, list[UserEvent]] = {u: [] for u in USERS}
+        for user, method, args in self.log:
+            events[user].extend(getattr(fresh[user], method)(*args) or [])
+        assert events == self.events
+        for user in USERS:
+            assert vars(fresh[user]) == vars(self.ledgers[user])
+            assert vars(pickle.loads(pickle.dumps(fresh[user]))) == vars(fresh[user])
+            ids = [e.event_id for e in self.events[user]]
+            assert ids == list(range(1, len(ids) + 1))
+
+
+def prices(symbol: str) -> st.SearchStrategy[int]:
+    low, high = INSTRUMENTS[symbol].band(INSTRUMENTS[symbol].ref_price)
+    return st.integers(low, high)
+
+
+def run_steps(sim: Sim, data: st.DataObject, steps: int) -> None:
+    draw = data.draw
+    for _ in range(steps):
+        op = draw(st.sampled_from(["place", "trade", "trade", "trade", "cancel", "cash", "mark"]))
+        user = draw(st.sampled_from(USERS))
+        symbol = draw(st.sampled_from(SYMBOLS))
+        side = draw(st.sampled_from(("buy", "sell")))
+        if op == "place":
+            o = sim.place(
+                user,
+                symbol,
+                side,
+                draw(st.integers(1, QTY[symbol])),
+                draw(prices(symbol)),
+                INSTRUMENTS[symbol].ref_price,
+            )
+            if o is not None:
+                (sim.reject if draw(st.integers(0, 9)) == 0 else sim.accept)(o)
+        elif op == "trade" and sim.resting:
+            maker = sim.orders[draw(st.sampled_from(sorted(sim.resting)))]
+            # Any user may take, the maker's owner included (a failed self-trade prevention).
+            opposite = "sell" if maker.side == "buy" else "buy"
+            assert maker.price is not None
+            market = draw(st.booleans())
+            qty = draw(st.integers(1, QTY[maker.symbol]))
+            taker = sim.place(
+                user, maker.symbol, opposite, qty, None if market else maker.price, maker.price
+            )
+            if taker is None:
+                continue
+            sim.accept(taker)
+            sim.fill(
+                maker.order_id, taker.order_id, min(qty, sim.resting[maker.order_id]), maker.price
+            )
+            if taker.order_id in sim.resting and (market or draw(st.booleans())):
+                sim.cancel(taker.order_id, expire=True)
+        elif op == "cancel" and sim.resting:
+            sim.cancel(draw(st.sampled_from(sorted(sim.resting))), expire=draw(st.booleans()))
+        elif op == "cash":
+            if draw(st.booleans()):
+                sim.deposit(user, draw(st.integers(1, 10**9)))
+            else:
+                sim.withdraw(user, draw(st.integers(1, 10**10)))
+        elif op == "mark":
+            price = draw(prices(symbol))
+            for name in USERS:
+                sim.call(name, "mark", symbol, price)
+        sim.check({s: draw(st.integers(1, 10**7)) for s in SYMBOLS})
+
+
+def flatten(sim: Sim, data: st.DataObject) -> None:
+    """Close every position by trading longs against shorts; fund generously first."""
+    for user in USERS:
+        sim.deposit(user, 10**14)
+    for symbol in SYMBOLS:
+        while True:
+            nets = {u: sim.ledgers[u].position(symbol)[0] for u in USERS}
+            longs = [u for u in USERS if nets[u] > 0]
+            shorts = [u for u in USERS if nets[u] < 0]
+            if not longs:
+                assert not shorts
+                break
+            qty = min(nets[longs[0]], -nets[shorts[0]])
+            price = data.draw(prices(symbol))
+            sell = sim.place(longs[0], symbol, "sell", qty, price, price)
+            buy = sim.place(shorts[0], symbol, "buy", qty, price, price)
+            assert sell is not None
+            assert buy is not None
+            sim.accept(sell)
+            sim.accept(buy)
+            sim.fill(sell.order_id, buy.order_id, qty, price)
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_conservation_over_random_trading(data: st.DataObject) -> None:
+    sim = Sim()
+    for user in USERS:
+        sim.deposit(user, data.draw(st.integers(10**7, 10**10), label="deposit"))
+    run_steps(sim, data, data.draw(st.integers(1, 40), label="steps"))
+    # Every order done: nothing stays frozen.
+    for oid in sorted(sim.resting):
+        sim.cancel(oid)
+    for ledger in sim.ledgers.values():
+        assert ledger.frozen == 0
+        assert ledger.open_order_ids() == []
+    sim.check({s: 1 for s in SYMBOLS})
+    # Every position flat: cash plus fees is exactly what came in.
+    flatten(sim, data)
+    for ledger in sim.ledgers.values():
+        assert all(ledger.position(s) == (0, 0) for s in SYMBOLS)
+        assert ledger.frozen == 0
+    total_cash = sum(led.cash for led in sim.ledgers.values())
+    total_fees = sum(led.fees_paid for led in sim.ledgers.values())
+    assert total_cash + total_fees == sim.deposited - sim.withdrawn
+    assert sum(led.realized_pnl for led in sim.ledgers.values()) == 0
+    sim.replay()
+
+
+@settings(max_examples=200)
+@given(
+    qty=st.integers(1, 10**4),
+    cuts=st.lists(st.integers(1, 10**4), max_size=20),
+)
+def test_fill_releases_sum_exactly_to_the_frozen_amount(qty: int, cuts: list[int]) -> None:
+    """The release rule alone: any partition of the fills, then a cancel, releases everything."""
+    alice = Ledger("alice", INSTRUMENTS)
+    alice.deposit(10**15, 0)
+    o = order(1, "buy", qty, BTC_60K)
+    alice.place(o, ref_price=BTC_60K)
+    alice.on_book_event(accepted(o))
+    bob = Ledger("bob", INSTRUMENTS)
+    bob.deposit(10**15, 0)
+    remaining = qty
+    for i, cut in enumerate(cuts):
+        q = min(cut, remaining)
+        if q == 0:
+            break
+        s = order(100 + i, "sell", q, BTC_60K, user="bob")
+        bob.place(s, ref_price=BTC_60K)
+        bob.on_book_event(accepted(s))
+        remaining -= q
+        alice.on_book_event(fill(o, s, BTC_60K, q, remaining, 0, trade_id=i + 1))
+        rec = alice.order(1)
+        assert rec is not None
+        assert 0 <= rec.frozen_remaining <= rec.frozen
+    if remaining:
+        alice.on_book_event(canceled(o, remaining))
+    assert alice.frozen == 0
