@@ -21,16 +21,23 @@ from typing import Any
 
 from actors.cores.book import OrderBook
 from actors.cores.ledger import DuplicateOrder, Ledger, OrderRecord
+from actors.cores.router import Router, RouterEffect, RouterTimer
 from actors.messages import (
     ROUTER,
+    TIMER,
     AccountCancel,
     AccountCancelAll,
     AccountDeposit,
     AccountPlace,
     AccountQuery,
+    Delivery,
     Dest,
     Reply,
     ReplyTo,
+    RouterAttach,
+    RouterDetach,
+    RouterReplay,
+    RouterTick,
 )
 from protocol import (
     BookDelta,
@@ -247,3 +254,72 @@ def _place_result(record: OrderRecord) -> dict[str, Any]:
         "client_order_id": record.client_order_id,
         "status": record.status.value,
     }
+
+
+class RouterDesk:
+    """The notification router: numbers each user's events and sends them to the
+    gateways that hold the user's sessions, one :class:`Delivery` per user and
+    gateway per turn."""
+
+    def __init__(
+        self, *, replay_capacity: int = 10_000, conflation_window_ns: int = 100_000_000
+    ) -> None:
+        self.router = Router(
+            replay_capacity=replay_capacity, conflation_window_ns=conflation_window_ns
+        )
+        self._gateways: dict[str, dict[str, None]] = {}
+        self._batch: list[UserEvent] = []
+        self._now = 0
+        self._replies: list[Out] = []
+
+    def handle(self, msg: Any) -> list[Out]:
+        if isinstance(msg, UserEvent):
+            self._batch.append(msg)
+            self._now = max(self._now, msg.ts)
+            return []
+        if isinstance(msg, RouterTick):
+            self._now = max(self._now, msg.now_ns)
+            return self._route(self.router.tick(self._now))
+        if isinstance(msg, RouterAttach):
+            self._gateways.setdefault(msg.user, {})[msg.gateway] = None
+            return []
+        if isinstance(msg, RouterDetach):
+            gws = self._gateways.get(msg.user, {})
+            gws.pop(msg.gateway, None)
+            if not gws:
+                self._gateways.pop(msg.user, None)
+            return []
+        if isinstance(msg, RouterReplay):
+            # Publish what this turn gathered first, so the answer covers it and
+            # the live deliveries that follow start right after it.
+            out = self._publish()
+            try:
+                events = self.router.replay(msg.user, msg.after_seq)
+            except RemoteProtocolError as exc:
+                return out + _error(msg.reply_to, exc.code.value, exc.message)
+            result = {
+                "from_seq": msg.after_seq + 1,
+                "to_seq": self.router.last_seq(msg.user),
+                "events": [e.to_wire() for e in events],
+            }
+            return out + _ok(msg.reply_to, result)
+        raise TypeError(f"the router does not handle {type(msg).__name__}")
+
+    def _publish(self) -> list[Out]:
+        if not self._batch:
+            return []
+        batch, self._batch = self._batch, []
+        return self._route(self.router.publish(batch, self._now))
+
+    def _route(self, effects: list[RouterEffect]) -> list[Out]:
+        out: list[Out] = []
+        for eff in effects:
+            if isinstance(eff, RouterTimer):
+                out.append((TIMER, eff))
+                continue
+            for gw in self._gateways.get(eff.user, ()):
+                out.append((Dest("gateway", gw), Delivery(user=eff.user, events=eff.events)))
+        return out
+
+    def end_turn(self) -> list[Out]:
+        return self._publish()

@@ -53,6 +53,8 @@ class Dest:
 
 
 ROUTER = Dest(kind="router")
+#: The desk's own timer: the host turns the message into a wakeup.
+TIMER = Dest(kind="timer")
 
 # -- requests into an account -------------------------------------------------------------
 
@@ -135,6 +137,11 @@ class Delivery:
 
 __all__ = [
     "ROUTER",
+    "TIMER",
+    "RouterAttach",
+    "RouterDetach",
+    "RouterReplay",
+    "RouterTick",
     "AccountBookEvent",
     "AccountCancel",
     "AccountCancelAll",
@@ -149,3 +156,39 @@ __all__ = [
     "ReplyTo",
     "UserEvent",
 ]
+
+
+# -- the router's inputs -------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RouterAttach:
+    """A gateway now holds a logged-in session of ``user``: deliver the user's events there."""
+
+    user: str
+    gateway: str
+
+
+@attrs.frozen(kw_only=True)
+class RouterDetach:
+    """The gateway holds no more sessions of ``user``."""
+
+    user: str
+    gateway: str
+
+
+@attrs.frozen(kw_only=True)
+class RouterReplay:
+    """``resume``: the user's events after ``after_seq``; answered with a Reply whose
+    result is ``{from_seq, to_seq, events}`` (events as wire maps)."""
+
+    reply_to: ReplyTo
+    user: str
+    after_seq: int
+
+
+@attrs.frozen(kw_only=True)
+class RouterTick:
+    """The router's conflation timer fired at ``now_ns``."""
+
+    now_ns: int

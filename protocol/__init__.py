@@ -74,6 +74,8 @@ from ._instruments import (
     rate_str,
 )
 from ._requests import (
+    CHANNEL_RE,
+    CLIENT_ORDER_ID_RE,
     REQUEST_TYPES,
     Ack,
     Cancel,
@@ -93,6 +95,8 @@ from ._requests import (
 
 __all__ = [
     "CASH_STEP",
+    "CHANNEL_RE",
+    "CLIENT_ORDER_ID_RE",
     "DEFAULT_MAX_FRAME",
     "EVENT_DATA_TYPES",
     "EVENT_PRIORITY",

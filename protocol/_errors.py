@@ -42,6 +42,11 @@ class ProtocolError(Exception):
         #: The client's request ``id`` to echo in the error response, when known.
         self.request_id: str | int | float | bool | None = None
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (multiprocTCPBase pickles messages);
+        # the default reduce would call __init__ with the formatted string.
+        return (type(self), (self.code, self.message), {"request_id": self.request_id})
+
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something invalid (its fault): answer with an error frame."""

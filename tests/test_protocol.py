@@ -240,3 +240,13 @@ def test_user_event_priorities_follow_the_protocol() -> None:
     assert p.UserEvent(user="u", event_id=1, kind="system_notice", ts=0).priority == 3
     with pytest.raises(ValueError, match="unknown"):
         p.UserEvent(user="u", event_id=1, kind="gossip", ts=0)
+
+
+def test_protocol_errors_pickle_with_their_code_and_request_id() -> None:
+    import pickle
+
+    exc = RemoteProtocolError(ErrorCode.INVALID_QTY, "qty off grid")
+    exc.request_id = 12
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is RemoteProtocolError
+    assert (back.code, back.message, back.request_id) == (ErrorCode.INVALID_QTY, "qty off grid", 12)

@@ -1,0 +1,366 @@
+"""The notification router core: per-user sequencing, priorities, conflation, replay.
+
+A pure, deterministic, picklable object (no I/O, no clock, no randomness): the
+Router actor's shell feeds it batches of :class:`~protocol.UserEvent` with the
+current time and turns the returned effects into messages and wakeups.
+
+Decisions (the contract of this module):
+
+* **Sequencing.** Each user has one lane with its own counter: seqs start at 1,
+  grow by exactly 1 and are never reused. A seq is assigned when an event is
+  *sequenced* (P0/P1: at once; P2/P3: when its conflation window flushes), so
+  every seq that exists has been delivered and is in the replay log.
+* **Dedup.** An event whose ``event_id`` was already accepted for that user is
+  dropped and counted (``deduplicated``). The per-user memory holds the last
+  ``dedup_capacity`` accepted ids (at least ``replay_capacity``); an id that
+  was conflated away still counts as seen.
+* **Conflation.** P2/P3 events wait in a per-user pending map keyed by
+  ``(kind, key)``; a newer one replaces the older (counted ``conflated``) and
+  moves to the back, so a flush sequences the survivors in the order their
+  latest values arrived. A user's pending events flush together once
+  ``conflation_window_ns`` has elapsed since the *first* of them arrived.
+  ``conflation_window_ns == 0`` disables conflation (P2/P3 sequence at once).
+* **P0/P1 with P2/P3 pending.** Every :meth:`Router.publish` first flushes the
+  lanes whose window has elapsed (exactly what :meth:`Router.tick` would do at
+  ``now_ns``), then sequences the batch. So a P0/P1 event is sequenced after
+  the user's *due* pending events but does not force out pending ones whose
+  window is still open: those keep conflating and get higher seqs later.
+  Either way seqs stay gapless and monotonic; only P2/P3 ordering relative to
+  P0/P1 shifts by at most one window.
+* **Timers.** The router asks for at most one wakeup at a time
+  (:class:`RouterTimer`), for the earliest pending flush. :meth:`Router.tick`
+  marks that wakeup as fired when ``now_ns`` reached it and asks for the next
+  one if something is still pending. A spurious tick is harmless.
+* **Batching.** One call returns at most one :class:`RouterDeliver` per user
+  (its events in seq order, in the order users were first touched), followed
+  by at most one :class:`RouterTimer`.
+* **Replay.** Each lane keeps its last ``replay_capacity`` sequenced events.
+  :meth:`Router.replay` returns exactly those after ``after_seq``;
+  ``replay_unavailable`` when the log no longer holds ``after_seq + 1``;
+  ``bad_request`` when ``after_seq`` is negative or beyond the user's last seq
+  (a client cannot hold an event that was never numbered).
+* **Transactional.** Inputs are validated before any state changes; nothing
+  after validation can raise, so a handler re-run by Thespian after a failure
+  never double-applies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+
+from protocol import ErrorCode, RemoteProtocolError, UserEvent
+
+__all__ = [
+    "Router",
+    "RouterDeliver",
+    "RouterEffect",
+    "RouterStats",
+    "RouterTimer",
+    "SequencedEvent",
+]
+
+#: Highest priority class that is sequenced at once (P0/P1); the rest conflate.
+_IMMEDIATE_MAX_PRIORITY = 1
+
+
+@attrs.frozen(kw_only=True)
+class SequencedEvent:
+    """A private event numbered for its user, as it sits in the replay log.
+
+    ``key`` is kept (it is not on the wire) so a session can conflate P2/P3
+    items by ``(kind, key)`` from the items alone.
+    """
+
+    user: str
+    seq: int
+    kind: str
+    priority: int
+    ts: int
+    data: dict[str, object] = attrs.field(eq=True, hash=False)
+    event_id: int
+    key: str = ""
+
+    @classmethod
+    def from_user_event(cls, event: UserEvent, seq: int) -> SequencedEvent:
+        """Number ``event`` with ``seq``."""
+        return cls(
+            user=event.user,
+            seq=seq,
+            kind=event.kind,
+            priority=event.priority,
+            ts=event.ts,
+            data=event.data,
+            event_id=event.event_id,
+            key=event.key,
+        )
+
+    def to_wire(self) -> dict[str, object]:
+        """The wire shape of a private event (PROTOCOL.md, *Server → client frames*).
+
+        Returns:
+            ``{"seq", "kind", "priority", "ts", "data"}``; ``data`` is a shallow copy.
+        """
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "priority": self.priority,
+            "ts": self.ts,
+            "data": dict(self.data),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class RouterDeliver:
+    """Deliver ``events`` (one user's, in seq order) to every session of ``user``."""
+
+    user: str
+    events: tuple[SequencedEvent, ...]
+
+
+@attrs.frozen(kw_only=True)
+class RouterTimer:
+    """Call :meth:`Router.tick` once the clock reaches ``at_ns``."""
+
+    at_ns: int
+
+
+RouterEffect = RouterDeliver | RouterTimer
+
+
+@attrs.frozen(kw_only=True)
+class RouterStats:
+    """Counters since construction (``pending`` and ``users`` are current sizes)."""
+
+    published: int
+    delivered: int
+    deduplicated: int
+    conflated: int
+    pending: int
+    users: int
+
+
+@attrs.define(kw_only=True)
+class _Lane:
+    """One user's sequencing state (mutable, picklable)."""
+
+    last_seq: int = 0
+    log: deque[SequencedEvent]
+    seen_ids: set[int] = attrs.field(factory=set)
+    seen_order: deque[int] = attrs.field(factory=deque)
+    pending: dict[tuple[str, str], UserEvent] = attrs.field(factory=dict)
+    #: When the oldest pending event must be flushed; ``None`` when nothing pends.
+    due_ns: int | None = None
+
+
+class Router:
+    """Numbers each user's private events, conflates P2/P3, dedups and keeps a replay log.
+
+    Args:
+        replay_capacity: how many sequenced events each user's replay log keeps.
+        conflation_window_ns: how long P2/P3 events may wait to be conflated
+            (0 disables conflation).
+        dedup_capacity: how many recent event ids per user are remembered for
+            dedup; defaults to, and may not be below, ``replay_capacity``.
+
+    Raises:
+        ValueError: a capacity below 1, a negative window, or a dedup memory
+            shorter than the replay log.
+    """
+
+    def __init__(
+        self,
+        *,
+        replay_capacity: int = 10_000,
+        conflation_window_ns: int = 100_000_000,
+        dedup_capacity: int | None = None,
+    ) -> None:
+        if replay_capacity < 1:
+            raise ValueError("replay_capacity must be at least 1")
+        if conflation_window_ns < 0:
+            raise ValueError("conflation_window_ns must not be negative")
+        if dedup_capacity is None:
+            dedup_capacity = replay_capacity
+        if dedup_capacity < replay_capacity:
+            raise ValueError("dedup_capacity must be at least replay_capacity")
+        self._replay_capacity = replay_capacity
+        self._window_ns = conflation_window_ns
+        self._dedup_capacity = dedup_capacity
+        self._lanes: dict[str, _Lane] = {}
+        #: Users with pending events → their flush time (insertion = flush order).
+        self._due: dict[str, int] = {}
+        #: The one wakeup asked for and not yet seen fired.
+        self._armed_ns: int | None = None
+        self._published = 0
+        self._delivered = 0
+        self._deduplicated = 0
+        self._conflated = 0
+
+    # -- handlers --------------------------------------------------------------
+
+    def publish(self, events: Sequence[UserEvent], now_ns: int) -> list[RouterEffect]:
+        """Accept one turn's batch of private events.
+
+        Due pending events are flushed first (as by :meth:`tick`), then each
+        event is deduplicated, and P0/P1 events are sequenced while P2/P3
+        events join their user's conflation map.
+
+        Args:
+            events: the batch, in the order the producers emitted it.
+            now_ns: the current time.
+
+        Returns:
+            At most one :class:`RouterDeliver` per user, then at most one
+            :class:`RouterTimer`.
+
+        Raises:
+            TypeError: an item is not a :class:`~protocol.UserEvent`.
+            ValueError: ``now_ns`` is negative.
+        """
+        _check_now(now_ns)
+        for event in events:
+            if not isinstance(event, UserEvent):
+                raise TypeError(f"expected a UserEvent, got {type(event).__name__}")
+        out: dict[str, list[SequencedEvent]] = {}
+        self._flush_due(now_ns, out)
+        for event in events:
+            lane = self._lane(event.user)
+            if event.event_id in lane.seen_ids:
+                self._deduplicated += 1
+                continue
+            self._remember(lane, event.event_id)
+            self._published += 1
+            if event.priority <= _IMMEDIATE_MAX_PRIORITY or self._window_ns == 0:
+                out.setdefault(event.user, []).append(self._sequence(lane, event))
+                continue
+            slot = (event.kind, event.key)
+            if lane.pending.pop(slot, None) is not None:
+                self._conflated += 1
+            lane.pending[slot] = event
+            if lane.due_ns is None:
+                lane.due_ns = now_ns + self._window_ns
+                self._due[event.user] = lane.due_ns
+        return self._effects(out)
+
+    def tick(self, now_ns: int) -> list[RouterEffect]:
+        """Flush every user whose conflation window has elapsed at ``now_ns``.
+
+        Args:
+            now_ns: the current time.
+
+        Returns:
+            At most one :class:`RouterDeliver` per flushed user, then at most
+            one :class:`RouterTimer` for the next pending flush.
+
+        Raises:
+            ValueError: ``now_ns`` is negative.
+        """
+        _check_now(now_ns)
+        if self._armed_ns is not None and now_ns >= self._armed_ns:
+            self._armed_ns = None
+        out: dict[str, list[SequencedEvent]] = {}
+        self._flush_due(now_ns, out)
+        return self._effects(out)
+
+    # -- queries ---------------------------------------------------------------
+
+    def replay(self, user: str, after_seq: int) -> tuple[SequencedEvent, ...]:
+        """The events of ``user`` numbered after ``after_seq``, in seq order.
+
+        Args:
+            user: whose events.
+            after_seq: the last seq the client holds (0 for none).
+
+        Returns:
+            Exactly the sequenced events with ``seq > after_seq`` (empty when
+            ``after_seq`` is the last seq). Pending P2/P3 events are not
+            included: they are delivered live when they flush.
+
+        Raises:
+            RemoteProtocolError: ``bad_request`` if ``after_seq`` is negative or
+                beyond the user's last seq; ``replay_unavailable`` if the log no
+                longer holds ``after_seq + 1``.
+        """
+        lane = self._lanes.get(user)
+        last = 0 if lane is None else lane.last_seq
+        if after_seq < 0 or after_seq > last:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"after_seq {after_seq} is outside 0..{last}, the last seq for this user",
+            )
+        if lane is None or after_seq == last:
+            return ()
+        first = lane.log[0].seq
+        if after_seq + 1 < first:
+            raise RemoteProtocolError(
+                ErrorCode.REPLAY_UNAVAILABLE,
+                f"the replay log starts at seq {first}; events after {after_seq} are gone",
+            )
+        return tuple(itertools.islice(lane.log, after_seq + 1 - first, None))
+
+    def last_seq(self, user: str) -> int:
+        """The newest seq given to ``user``'s events (0 if none yet)."""
+        lane = self._lanes.get(user)
+        return 0 if lane is None else lane.last_seq
+
+    def stats(self) -> RouterStats:
+        """A snapshot of the router's counters."""
+        return RouterStats(
+            published=self._published,
+            delivered=self._delivered,
+            deduplicated=self._deduplicated,
+            conflated=self._conflated,
+            pending=sum(len(lane.pending) for lane in self._lanes.values()),
+            users=len(self._lanes),
+        )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _lane(self, user: str) -> _Lane:
+        lane = self._lanes.get(user)
+        if lane is None:
+            lane = self._lanes[user] = _Lane(log=deque(maxlen=self._replay_capacity))
+        return lane
+
+    def _remember(self, lane: _Lane, event_id: int) -> None:
+        lane.seen_ids.add(event_id)
+        lane.seen_order.append(event_id)
+        if len(lane.seen_order) > self._dedup_capacity:
+            lane.seen_ids.discard(lane.seen_order.popleft())
+
+    def _sequence(self, lane: _Lane, event: UserEvent) -> SequencedEvent:
+        lane.last_seq += 1
+        sequenced = SequencedEvent.from_user_event(event, lane.last_seq)
+        lane.log.append(sequenced)
+        self._delivered += 1
+        return sequenced
+
+    def _flush_due(self, now_ns: int, out: dict[str, list[SequencedEvent]]) -> None:
+        due_users = [user for user, due in self._due.items() if due <= now_ns]
+        for user in due_users:
+            del self._due[user]
+            lane = self._lanes[user]
+            batch = out.setdefault(user, [])
+            for event in lane.pending.values():
+                batch.append(self._sequence(lane, event))
+            lane.pending.clear()
+            lane.due_ns = None
+
+    def _effects(self, out: dict[str, list[SequencedEvent]]) -> list[RouterEffect]:
+        effects: list[RouterEffect] = [
+            RouterDeliver(user=user, events=tuple(batch)) for user, batch in out.items() if batch
+        ]
+        if self._due:
+            next_due = min(self._due.values())
+            if self._armed_ns is None or next_due < self._armed_ns:
+                self._armed_ns = next_due
+                effects.append(RouterTimer(at_ns=next_due))
+        return effects
+
+
+def _check_now(now_ns: int) -> None:
+    if now_ns < 0:
+        raise ValueError("now_ns must not be negative")

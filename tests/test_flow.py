@@ -1,0 +1,168 @@
+"""The desks' message flow on the in-process loop: order → fill → events → replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.local import LocalEngine
+from actors.messages import (
+    AccountCancel,
+    AccountDeposit,
+    AccountPlace,
+    Delivery,
+    Dest,
+    Reply,
+    ReplyTo,
+    RouterReplay,
+)
+from protocol import CASH_STEP, Instrument, NewOrder, RemoteProtocolError
+
+MS = 1_000_000
+
+
+class Harness:
+    def __init__(self, instruments: dict[str, Instrument]) -> None:
+        self.replies: list[Reply] = []
+        self.delivered: dict[str, list[Any]] = {}
+        self.market: list[Any] = []
+        self.engine = LocalEngine(
+            instruments, on_gateway=self._gateway, on_market=lambda s, e: self.market.append(e),
+            conflation_window_ns=0,
+        )
+        self.now = 1_000 * MS
+        self.rid = 0
+
+    def _gateway(self, gw: str, msg: Any) -> None:
+        if isinstance(msg, Reply):
+            self.replies.append(msg)
+        else:
+            assert isinstance(msg, Delivery)
+            self.delivered.setdefault(msg.user, []).extend(msg.events)
+
+    def ref(self) -> ReplyTo:
+        self.rid += 1
+        return ReplyTo(gateway="gw", conn=1, request_id=self.rid)
+
+    def request(self, dest: Dest, msg: Any) -> Reply:
+        before = len(self.replies)
+        self.now += MS
+        self.engine.send(dest, msg)
+        self.engine.run(self.now)
+        mine = [r for r in self.replies[before:] if r.reply_to.request_id == self.rid]
+        assert len(mine) == 1, self.replies[before:]
+        return mine[0]
+
+    def deposit(self, user: str, amount: int) -> Reply:
+        self.engine.attach(user, "gw")
+        return self.request(Dest("account", user),
+                            AccountDeposit(reply_to=self.ref(), user=user, amount=amount,
+                                           ts=self.now))
+
+    def place(self, user: str, cid: str, side: str, price: int | None, qty: int,
+              **kw: Any) -> Reply:
+        order = NewOrder(
+            order_id=self.engine.next_order_id(), user=user, client_order_id=cid,
+            symbol="BTC-PERP", side=side, order_type="limit" if price else "market",
+            price=price, qty=qty, ts=self.now, **kw,
+        )
+        return self.request(Dest("account", user),
+                            AccountPlace(reply_to=self.ref(), order=order, ref_price=600000))
+
+    def kinds(self, user: str) -> list[str]:
+        return [e.kind for e in self.delivered.get(user, [])]
+
+
+@pytest.fixture
+def h(instruments: dict[str, Instrument]) -> Harness:
+    h = Harness(instruments)
+    one_million = int(1_000_000 / CASH_STEP)
+    assert h.deposit("alice", one_million).ok
+    assert h.deposit("bob", one_million).ok
+    return h
+
+
+def test_a_crossing_order_gives_both_users_their_events_in_order(h: Harness) -> None:
+    maker = h.place("alice", "a1", "sell", 600010, 5)
+    assert maker.ok
+    assert maker.result is not None
+    assert maker.result["status"] == "open"
+    taker = h.place("bob", "b1", "buy", 600020, 3)
+    assert taker.ok
+    assert taker.result == {"order_id": 2, "client_order_id": "b1", "status": "filled"}
+    assert h.kinds("alice") == [
+        "account_update", "order_accepted", "trade_executed", "order_partially_filled",
+        "position_update", "account_update",
+    ]
+    assert h.kinds("bob") == [
+        "account_update", "order_accepted", "trade_executed", "order_filled",
+        "position_update", "account_update",
+    ]
+    for user in ("alice", "bob"):
+        seqs = [e.seq for e in h.delivered[user]]
+        assert seqs == list(range(1, len(seqs) + 1))
+    trade = h.delivered["bob"][2].data
+    assert trade["price"] == "60001.0"
+    assert trade["liquidity"] == "taker"
+    assert h.engine.account("bob").ledger.position("BTC-PERP")[0] == 3
+    assert h.engine.account("alice").ledger.position("BTC-PERP")[0] == -3
+    kinds = {type(e).__name__ for e in h.market}
+    assert {"BookDelta", "PublicTrade", "TickerUpdate"} <= kinds
+
+
+def test_cancel_someone_elses_order_is_unknown_order(h: Harness) -> None:
+    placed = h.place("alice", "a1", "sell", 600010, 5)
+    assert placed.result is not None
+    oid = placed.result["order_id"]
+    theft = h.request(Dest("account", "bob"),
+                      AccountCancel(reply_to=h.ref(), user="bob", order_id=oid, ts=h.now))
+    assert (theft.ok, theft.code) == (False, "unknown_order")
+    assert h.engine.books["BTC-PERP"].book.order(oid) is not None
+    mine = h.request(Dest("account", "alice"),
+                     AccountCancel(reply_to=h.ref(), user="alice", client_order_id="a1",
+                                   ts=h.now))
+    assert mine.ok
+    assert mine.result == {"order_id": oid, "status": "canceled"}
+    assert h.engine.account("alice").ledger.frozen == 0
+
+
+def test_a_retried_place_returns_the_original_with_duplicate(h: Harness) -> None:
+    first = h.place("alice", "a1", "sell", 600010, 5)
+    again = h.place("alice", "a1", "sell", 600010, 5)
+    assert first.result is not None
+    assert again.result == {**first.result, "duplicate": True}
+    assert len(h.engine.books["BTC-PERP"].book.open_orders("alice")) == 1
+
+
+def test_risk_refusal_changes_nothing(h: Harness) -> None:
+    before = list(h.delivered["alice"])
+    refused = h.place("alice", "big", "buy", 600000, 10**9)
+    assert (refused.ok, refused.code) in {(False, "insufficient_funds"), (False, "position_limit")}
+    assert h.delivered["alice"] == before
+    assert h.engine.account("alice").ledger.frozen == 0
+
+
+def test_replay_returns_exactly_the_missed_events(h: Harness) -> None:
+    h.place("alice", "a1", "sell", 600010, 5)
+    h.place("bob", "b1", "buy", 600010, 2)
+    everything = [e.to_wire() for e in h.delivered["bob"]]
+    reply = h.request(Dest("router"), RouterReplay(reply_to=h.ref(), user="bob", after_seq=2))
+    assert reply.result is not None
+    assert reply.result["from_seq"] == 3
+    assert reply.result["events"] == everything[2:]
+    assert reply.result["to_seq"] == everything[-1]["seq"]
+    bad = h.request(Dest("router"), RouterReplay(reply_to=h.ref(), user="bob", after_seq=999))
+    assert (bad.ok, bad.code) == (False, "bad_request")
+
+
+def test_replay_unavailable_once_the_log_moved_on(instruments: dict[str, Instrument]) -> None:
+    h = Harness(instruments)
+    h.engine = LocalEngine(instruments, on_gateway=h._gateway, replay_capacity=3,
+                           conflation_window_ns=0)
+    for _ in range(5):
+        h.deposit("carol", 10)
+    reply = h.request(Dest("router"), RouterReplay(reply_to=h.ref(), user="carol", after_seq=0))
+    assert (reply.ok, reply.code) == (False, "replay_unavailable")
+    with pytest.raises(RemoteProtocolError):
+        h.engine.router.router.replay("carol", 0)
