@@ -1,0 +1,851 @@
+"""The durability journal: per-actor record streams and snapshots in SQLite.
+
+Every stateful actor (a book, an account, the router) owns one *stream* of the
+journal, named after it (``"book:BTC-PERP"``, ``"account:alice"``,
+``"router"``). In each processing turn the actor stages what it processed with
+:meth:`Journal.append` (and, now and then, a :meth:`Journal.snapshot` of its
+state), commits the turn in one transaction (group commit), and only then
+acknowledges or emits anything (write-ahead). After a restart,
+:meth:`Journal.recover` hands back the latest valid snapshot and the records
+after it, from which the actor rebuilds exactly its pre-crash state::
+
+    journal = Journal.open(data_dir)
+    recovery = journal.recover("book:BTC-PERP")      # before the first append
+    ...
+    with journal.turn():                              # one processing turn
+        journal.append("book:BTC-PERP", inputs)
+    # the turn is durable (per the fsync policy): now send the effects
+
+Offsets are per stream, consecutive integers from 1. Records and snapshots are
+pickled (protocol 5) and stored with a BLAKE2b checksum of stream, offset and
+payload, verified on every read. **The journal file is trusted like code**:
+unpickling runs code, so only the engine may write it.
+
+Storage is SQLite from the standard library in WAL mode (or ``":memory:"`` for
+unit tests). Several processes may open the same file (WAL + busy timeout); the
+streams written by different processes must be disjoint.
+
+What survives what (``fsync`` policy, chosen at open):
+
+``always``
+    ``synchronous=FULL``: every commit fsyncs the WAL before
+    :meth:`Journal.commit` returns. A returned commit survives a process crash
+    (``kill -9``) **and** a power loss or kernel panic.
+``batch`` (default)
+    ``synchronous=NORMAL``: a commit writes its WAL frames into the OS before it
+    returns, so it survives a process crash (``kill -9``) but not necessarily a
+    power loss; SQLite fsyncs the WAL at checkpoints. In addition every
+    ``sync_interval``-th commit (default 100) runs with ``synchronous=FULL``,
+    which fsyncs the WAL file and with it every earlier commit. A power loss
+    therefore loses at most the last ``sync_interval - 1`` commits (fewer when a
+    checkpoint intervened), and never corrupts the file. ``sync_interval=1`` is
+    ``always``; ``sync_interval=0`` leaves syncing to checkpoints alone.
+``off``
+    ``synchronous=OFF``: SQLite never fsyncs. A returned commit still survives
+    a process crash (its frames are in the OS page cache); a power loss may
+    lose any number of recent commits and may corrupt the file.
+
+Integrity and recovery: SQLite's own WAL frame checksums already roll a torn
+transaction back to the last complete commit. The per-row checksums catch what
+slips past that (a damaged page, a bug, a hand edit). :meth:`Journal.recover`
+applies this rule to the records after the chosen snapshot:
+
+* a damaged record (checksum mismatch or missing, bad offset) or a gap in
+  the offsets that **nothing valid follows** in the stream is the torn tail: it
+  is reported in :attr:`Recovery.discarded` and deleted, and new appends
+  continue gapless from the last good offset;
+* a damaged record or a gap **followed by a valid record** raises
+  :class:`JournalCorrupted` (stream and offset): a hole in the middle of the
+  history is never skipped silently;
+* a record whose checksum is valid but which does not unpickle (a message class
+  renamed or removed) raises :class:`JournalCorrupted` wherever it is: its bytes
+  are intact and were acknowledged, so it is never deleted.
+
+A journal object is meant for one actor process and one thread at a time (it
+holds no lock); the staged turn is per object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import attrs
+
+__all__ = [
+    "DEFAULT_SYNC_INTERVAL",
+    "FILE_NAME",
+    "FSYNC_POLICIES",
+    "Discarded",
+    "Journal",
+    "JournalCompacted",
+    "JournalCorrupted",
+    "JournalError",
+    "JournalStatistics",
+    "Recovery",
+    "Snapshot",
+]
+
+FILE_NAME: Final = "journal.sqlite3"
+FSYNC_POLICIES: Final = ("always", "batch", "off")
+DEFAULT_SYNC_INTERVAL: Final = 100
+PICKLE_PROTOCOL: Final = 5
+SCHEMA_VERSION: Final = 1
+
+_RECORD_PERSON: Final = b"emporion.record"
+_SNAPSHOT_PERSON: Final = b"emporion.snapsh"
+_PAGE: Final = 512  # rows fetched per query by read()
+
+_SCHEMA: Final = (
+    # WITHOUT ROWID: rows are clustered by (stream, seq), one b-tree per table.
+    """CREATE TABLE IF NOT EXISTS records (
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        checksum BLOB NOT NULL,
+        PRIMARY KEY (stream, seq)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS snapshots (
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        state BLOB NOT NULL,
+        checksum BLOB NOT NULL,
+        PRIMARY KEY (stream, seq)
+    ) WITHOUT ROWID""",
+    # base: every record at or below it was compacted away.
+    """CREATE TABLE IF NOT EXISTS streams (
+        name TEXT PRIMARY KEY,
+        base INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID""",
+)
+
+_INSERT_RECORD: Final = "INSERT INTO records (stream, seq, payload, checksum) VALUES (?, ?, ?, ?)"
+_INSERT_SNAPSHOT: Final = (
+    "INSERT OR REPLACE INTO snapshots (stream, seq, state, checksum) VALUES (?, ?, ?, ?)"
+)
+# CAST: a damaged value may have turned into TEXT that is not UTF-8, which the sqlite3
+# module fails to fetch; as bytes it simply fails its checksum.
+_SELECT_RECORDS: Final = (
+    "SELECT seq, CAST(payload AS BLOB), CAST(checksum AS BLOB) FROM records"
+    " WHERE stream = ? AND seq > ? ORDER BY seq"
+)
+_SELECT_SNAPSHOTS: Final = (
+    "SELECT seq, CAST(state AS BLOB), CAST(checksum AS BLOB) FROM snapshots"
+    " WHERE stream = ? ORDER BY seq DESC"
+)
+_REGISTER_STREAM: Final = "INSERT OR IGNORE INTO streams (name, base) VALUES (?, 0)"
+
+
+class JournalError(Exception):
+    """The journal cannot do what was asked (misuse, a failed commit, a closed journal)."""
+
+
+class JournalCorrupted(JournalError):  # noqa: N818  (the name says what happened)
+    """A stream's stored history is damaged where it cannot be repaired safely.
+
+    Attributes:
+        stream: The stream concerned.
+        offset: The first offset that is damaged or missing.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, stream: str, offset: int, reason: str) -> None:
+        super().__init__(f"journal stream {stream!r} is corrupted at offset {offset}: {reason}")
+        self.stream = stream
+        self.offset = offset
+        self.reason = reason
+
+
+class JournalCompacted(JournalError):  # noqa: N818
+    """Records that were asked for were deleted by :meth:`Journal.compact`.
+
+    Attributes:
+        stream: The stream concerned.
+        after: The offset the reader asked to read after.
+        base: Every record at or below this offset was compacted away.
+    """
+
+    def __init__(self, stream: str, after: int, base: int) -> None:
+        super().__init__(
+            f"journal stream {stream!r}: records up to offset {base} were compacted,"
+            f" cannot read after {after}"
+        )
+        self.stream = stream
+        self.after = after
+        self.base = base
+
+
+@attrs.frozen
+class Snapshot:
+    """An actor's state as of ``offset`` (every record up to it applied)."""
+
+    offset: int
+    state: object
+
+
+@attrs.frozen
+class Discarded:
+    """A stored item that recovery found damaged and deleted, with why."""
+
+    offset: int
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class Recovery:
+    """What a restarting actor rebuilds from: ``snapshot`` then ``records`` in order.
+
+    Attributes:
+        stream: The stream recovered.
+        snapshot: The latest valid snapshot, or None to start from the initial state.
+        records: ``(offset, record)`` after the snapshot, consecutive, all verified.
+        discarded: Damaged tail records that were deleted (offset and reason).
+        discarded_snapshots: Snapshots whose checksum failed; they were deleted.
+        last_offset: The last good offset; the next append continues after it.
+    """
+
+    stream: str
+    snapshot: Snapshot | None
+    records: list[tuple[int, object]]
+    discarded: list[Discarded]
+    discarded_snapshots: list[Discarded]
+    last_offset: int
+
+
+@attrs.frozen(kw_only=True)
+class JournalStatistics:
+    """Counters since this journal object was opened.
+
+    Attributes:
+        commits: Transactions committed by :meth:`Journal.commit` (empty ones not counted).
+        records: Records committed.
+        snapshots: Snapshots committed.
+        synced_commits: Commits that fsynced the WAL before returning (all of them under
+            ``always``, every ``sync_interval``-th under ``batch``, none under ``off``).
+        staged_records: Records staged for the current turn, not yet committed.
+    """
+
+    commits: int
+    records: int
+    snapshots: int
+    synced_commits: int
+    staged_records: int
+
+
+class _Invalid(Exception):  # noqa: N818  (internal signal, never escapes)
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _checksum(person: bytes, stream: str, offset: int, data: bytes) -> bytes:
+    # Stream names hold no NUL and the offset has a fixed width: the prefix is unambiguous.
+    key = stream.encode() + b"\0" + offset.to_bytes(8, "big")
+    return hashlib.blake2b(key + data, digest_size=16, person=person).digest()
+
+
+def _check_intact(
+    person: bytes, stream: str, offset: object, data: object, checksum: object
+) -> int:
+    """Return the row's offset if its bytes are intact, else raise ``_Invalid``."""
+    if not isinstance(offset, int) or offset < 0:
+        raise _Invalid(f"bad offset value {offset!r}")
+    if not isinstance(data, bytes):
+        raise _Invalid("payload missing or not a blob")
+    if not isinstance(checksum, bytes) or not checksum:
+        raise _Invalid("checksum missing")
+    if checksum != _checksum(person, stream, offset, data):
+        raise _Invalid("checksum mismatch")
+    return offset
+
+
+def _unpickle(stream: str, offset: int, data: bytes, what: str) -> object:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:  # pickle raises anything: AttributeError, ImportError, EOFError...
+        raise JournalCorrupted(
+            stream, offset, f"{what} checksum is valid but it does not unpickle"
+            f" ({type(exc).__name__}: {exc}); a message class renamed or removed?"
+        ) from exc
+
+
+def _check_stream(stream: str) -> None:
+    if not isinstance(stream, str) or not stream or "\0" in stream:
+        raise ValueError(f"a stream name is a non-empty string without NUL, not {stream!r}")
+
+
+class Journal:
+    """Append-only record streams with snapshots, group-committed per turn.
+
+    Args:
+        path: The SQLite file, or ``":memory:"`` (unit tests; nothing survives).
+        fsync: ``"always"``, ``"batch"`` or ``"off"`` (see the module docstring).
+        sync_interval: Under ``batch``, every this-many-th commit fsyncs the WAL
+            (0: only at checkpoints). Ignored by the other policies.
+        busy_timeout: Seconds to wait for another process's write lock.
+
+    Raises:
+        ValueError: An unknown policy or a negative interval.
+        JournalError: The file holds a journal of another schema version.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: str = "batch",
+        sync_interval: int = DEFAULT_SYNC_INTERVAL,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, not {fsync!r}")
+        if sync_interval < 0:
+            raise ValueError(f"sync_interval must be >= 0, not {sync_interval}")
+        self.path = str(path)
+        self.fsync = fsync
+        self.sync_interval = sync_interval
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        # check_same_thread=False: the object may be created on one thread and used on
+        # another (the embedded bridge thread); it is still used by one thread at a time.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._setup(self._conn)
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+        # Committed last offset per stream (loaded lazily), and the staged turn.
+        self._last: dict[str, int] = {}
+        self._registered: set[str] = set()
+        self._rows: list[tuple[str, int, bytes, bytes]] = []
+        self._snapshots: list[tuple[str, int, bytes, bytes]] = []
+        self._compactions: dict[str, int] = {}
+        self._staged_last: dict[str, int] = {}
+        self._in_turn = False
+        self._since_sync = 0
+        self._commits = 0
+        self._records = 0
+        self._snapshot_count = 0
+        self._synced = 0
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        fsync: str = "batch",
+        sync_interval: int = DEFAULT_SYNC_INTERVAL,
+        busy_timeout: float = 5.0,
+    ) -> Journal:
+        """Open (creating if needed) ``data_dir/journal.sqlite3``.
+
+        Args:
+            data_dir: The engine's data directory; created with its parents if missing.
+            fsync: The fsync policy: ``"always"``, ``"batch"`` or ``"off"``.
+            sync_interval: Under ``batch``, every this-many-th commit fsyncs.
+            busy_timeout: Seconds to wait for another process's write lock.
+
+        Returns:
+            The open journal.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            data_dir / FILE_NAME, fsync=fsync, sync_interval=sync_interval,
+            busy_timeout=busy_timeout,
+        )
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")  # a no-op (stays "memory") for :memory:
+        conn.execute(f"PRAGMA synchronous={self._base_synchronous()}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise JournalError(
+                    f"{self.path}: journal schema version {version}, expected {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _base_synchronous(self) -> str:
+        return {"always": "FULL", "batch": "NORMAL", "off": "OFF"}[self.fsync]
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise JournalError("the journal is closed")
+        return self._conn
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, stream: str, records: Sequence[object]) -> int:
+        """Stage records for the current turn; they are written by the next commit.
+
+        All records are pickled first: if one does not pickle, nothing is staged.
+
+        Args:
+            stream: The writer's stream.
+            records: The records, in order; offsets follow the stream's last one.
+
+        Returns:
+            The offset of the last record staged (the stream's last offset if
+            ``records`` is empty).
+
+        Raises:
+            ValueError: A bad stream name.
+            JournalError: The journal is closed.
+            pickle.PicklingError, TypeError, AttributeError: A record does not pickle.
+        """
+        last = self._next_base(stream)
+        rows: list[tuple[str, int, bytes, bytes]] = []
+        for record in records:
+            last += 1
+            payload = pickle.dumps(record, protocol=PICKLE_PROTOCOL)
+            rows.append((stream, last, payload, _checksum(_RECORD_PERSON, stream, last, payload)))
+        if rows:
+            self._rows.extend(rows)
+            self._staged_last[stream] = last
+        return last
+
+    def snapshot(self, stream: str, offset: int, state: object) -> None:
+        """Stage a snapshot of the stream's state as of ``offset``, for the current turn.
+
+        A snapshot at an offset that already has one replaces it.
+
+        Args:
+            stream: The writer's stream.
+            offset: Every record up to this one (staged or committed) is reflected in
+                ``state``; at most the stream's staged last offset.
+            state: The actor's state (pickled now, so later mutation does not leak in).
+
+        Raises:
+            ValueError: A bad stream name or an offset outside the stream.
+            JournalError: The journal is closed.
+        """
+        last = self._next_base(stream)
+        base = self._base(stream)
+        if not base <= offset <= last:
+            raise ValueError(
+                f"snapshot offset {offset} of {stream!r} outside [{base}, {last}]"
+            )
+        data = pickle.dumps(state, protocol=PICKLE_PROTOCOL)
+        checksum = _checksum(_SNAPSHOT_PERSON, stream, offset, data)
+        self._snapshots.append((stream, offset, data, checksum))
+        self._staged_last.setdefault(stream, last)
+
+    def compact(self, stream: str, keep_after: int) -> None:
+        """Stage the deletion of the records up to ``keep_after``, for the current turn.
+
+        Only records covered by a snapshot may go: there must be a snapshot
+        (committed or staged) at ``keep_after`` or later. Snapshots older than
+        ``keep_after`` are deleted too (the records after them are gone).
+        Afterwards :meth:`read` refuses to read after an offset below ``keep_after``.
+
+        Args:
+            stream: The writer's stream.
+            keep_after: Records at or below this offset are deleted.
+
+        Raises:
+            ValueError: No snapshot covers ``keep_after``.
+            JournalError: The journal is closed.
+        """
+        _check_stream(stream)
+        newest = max(
+            [o for s, o, _, _ in self._snapshots if s == stream]
+            + [self._max(stream, "snapshots")]
+        )
+        if keep_after < 0 or keep_after > newest:
+            raise ValueError(
+                f"cannot compact {stream!r} up to {keep_after}: the newest snapshot is at {newest}"
+            )
+        last = self._next_base(stream)
+        self._compactions[stream] = max(keep_after, self._compactions.get(stream, 0))
+        self._staged_last.setdefault(stream, last)
+
+    def commit(self) -> None:
+        """Write everything staged (records, snapshots, compactions) in one transaction.
+
+        Returns only once the turn is durable per the fsync policy; an empty turn
+        is a no-op.
+
+        Raises:
+            JournalError: The write failed (disk full, lock timeout, another writer on
+                the same stream). Everything staged is discarded, so a handler that
+                re-runs its turn does not append twice.
+        """
+        db = self._db
+        if not (self._rows or self._snapshots or self._compactions):
+            return
+        sync_now = (
+            self.fsync == "batch"
+            and self.sync_interval > 0
+            and self._since_sync + 1 >= self.sync_interval
+        )
+        try:
+            if sync_now:
+                # A FULL commit fsyncs the WAL file, making every earlier commit durable too.
+                db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                touched = self._staged_last.keys() - self._registered
+                if touched:
+                    db.executemany(_REGISTER_STREAM, [(s,) for s in touched])
+                if self._rows:
+                    db.executemany(_INSERT_RECORD, self._rows)
+                if self._snapshots:
+                    db.executemany(_INSERT_SNAPSHOT, self._snapshots)
+                for stream, keep_after in self._compactions.items():
+                    self._apply_compaction(db, stream, keep_after)
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if sync_now:
+                    db.execute(f"PRAGMA synchronous={self._base_synchronous()}")
+        except BaseException as exc:
+            # The outcome may be unknown (an I/O error around COMMIT): forget the cached
+            # offsets of the streams concerned so they are re-read from the file.
+            for stream in self._staged_last:
+                self._last.pop(stream, None)
+            staged = len(self._rows)
+            self._discard_staged()
+            if isinstance(exc, sqlite3.Error):
+                raise JournalError(
+                    f"journal commit failed, {staged} staged records discarded: {exc}"
+                ) from exc
+            raise
+        self._commits += 1
+        self._records += len(self._rows)
+        self._snapshot_count += len(self._snapshots)
+        if self.fsync == "always" or sync_now:
+            self._synced += 1
+            self._since_sync = 0
+        else:
+            self._since_sync += 1
+        self._registered.update(self._staged_last)
+        self._last.update(self._staged_last)
+        self._discard_staged()
+
+    def discard(self) -> None:
+        """Drop everything staged since the last commit."""
+        self._discard_staged()
+
+    @contextmanager
+    def turn(self) -> Iterator[Journal]:
+        """One processing turn: commit at the end, or discard if the body raised.
+
+        Turns do not nest, and a turn starts with nothing staged.
+
+        Yields:
+            This journal.
+
+        Raises:
+            JournalError: A turn is already open, something is already staged, or
+                the commit failed.
+        """
+        self._db  # noqa: B018  (raises if closed)
+        if self._in_turn:
+            raise JournalError("journal turns do not nest")
+        if self._rows or self._snapshots or self._compactions:
+            raise JournalError("a turn started with records staged outside any turn")
+        self._in_turn = True
+        try:
+            try:
+                yield self
+            except BaseException:
+                self._discard_staged()
+                raise
+            self.commit()
+        finally:
+            self._in_turn = False
+
+    def _discard_staged(self) -> None:
+        self._rows.clear()
+        self._snapshots.clear()
+        self._compactions.clear()
+        self._staged_last.clear()
+
+    def _apply_compaction(self, db: sqlite3.Connection, stream: str, keep_after: int) -> None:
+        db.execute("DELETE FROM records WHERE stream = ? AND seq <= ?", (stream, keep_after))
+        db.execute("DELETE FROM snapshots WHERE stream = ? AND seq < ?", (stream, keep_after))
+        db.execute(
+            "INSERT INTO streams (name, base) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET base = max(base, excluded.base)",
+            (stream, keep_after),
+        )
+
+    # -- offsets -----------------------------------------------------------------------------
+
+    def _next_base(self, stream: str) -> int:
+        """The offset the next staged record follows (staged last, else committed last)."""
+        staged = self._staged_last.get(stream)
+        if staged is not None:
+            return staged
+        return self.last_offset(stream)
+
+    def _max(self, stream: str, table: str) -> int:
+        query = f"SELECT max(seq) FROM {table} WHERE stream = ?"
+        value = self._db.execute(query, (stream,)).fetchone()[0]
+        return value if isinstance(value, int) else 0
+
+    def _base(self, stream: str) -> int:
+        row = self._db.execute("SELECT base FROM streams WHERE name = ?", (stream,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _load_last(self, stream: str) -> int:
+        return max(self._max(stream, "records"), self._max(stream, "snapshots"), self._base(stream))
+
+    def last_offset(self, stream: str) -> int:
+        """The stream's last committed offset (0 for a new stream).
+
+        Staged records are not counted: :meth:`append` returns their offsets.
+
+        Args:
+            stream: The stream.
+
+        Returns:
+            The offset of the last committed record (or snapshot, after compaction).
+        """
+        _check_stream(stream)
+        self._db  # noqa: B018  (raises if closed)
+        last = self._last.get(stream)
+        if last is None:
+            last = self._load_last(stream)
+            self._last[stream] = last
+        return last
+
+    def streams(self) -> list[str]:
+        """Every stream that ever committed something, sorted by name."""
+        return [row[0] for row in self._db.execute("SELECT name FROM streams ORDER BY name")]
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read(self, stream: str, after: int = 0) -> Iterator[tuple[int, object]]:
+        """Yield the stream's committed records after ``after``, verifying each one.
+
+        Staged records are not visible. Records are fetched in pages, so a long
+        stream is not loaded at once.
+
+        Args:
+            stream: The stream.
+            after: Yield the records with a greater offset.
+
+        Yields:
+            ``(offset, record)`` in offset order, consecutive.
+
+        Raises:
+            JournalCorrupted: A record is damaged, missing or does not unpickle.
+            JournalCompacted: Records after ``after`` were compacted away.
+        """
+        _check_stream(stream)
+        base = self._base(stream)
+        if after < base:
+            raise JournalCompacted(stream, after, base)
+        expected = after + 1
+        while True:
+            rows = self._db.execute(
+                _SELECT_RECORDS + " LIMIT ?",
+                (stream, expected - 1, _PAGE),
+            ).fetchall()
+            for seq, payload, checksum in rows:
+                if seq != expected:
+                    raise JournalCorrupted(stream, expected, f"record missing (next is {seq!r})")
+                try:
+                    _check_intact(_RECORD_PERSON, stream, seq, payload, checksum)
+                except _Invalid as bad:
+                    raise JournalCorrupted(stream, expected, bad.reason) from None
+                yield expected, _unpickle(stream, expected, payload, "record")
+                expected += 1
+            if len(rows) < _PAGE:
+                return
+
+    def latest_snapshot(self, stream: str) -> Snapshot | None:
+        """The stream's latest committed snapshot, verified, or None if it has none.
+
+        Raises:
+            JournalCorrupted: The latest snapshot is damaged (:meth:`recover` falls
+                back to an older one instead).
+        """
+        _check_stream(stream)
+        row = self._db.execute(
+            _SELECT_SNAPSHOTS + " LIMIT 1", (stream,)
+        ).fetchone()
+        if row is None:
+            return None
+        seq, data, checksum = row
+        try:
+            offset = _check_intact(_SNAPSHOT_PERSON, stream, seq, data, checksum)
+        except _Invalid as bad:
+            shown = seq if isinstance(seq, int) else -1
+            raise JournalCorrupted(stream, shown, f"snapshot {bad.reason}") from None
+        return Snapshot(offset, _unpickle(stream, offset, data, "snapshot"))
+
+    def recover(self, stream: str) -> Recovery:
+        """Rebuild material for a restarting actor, repairing a torn tail.
+
+        Picks the latest snapshot whose checksum holds (damaged newer ones are
+        deleted and reported), then verifies every record after it. A damaged tail
+        is deleted and reported (see the module docstring for the rule), so the
+        next append continues from ``Recovery.last_offset``. Call it before the
+        stream's first append in a process.
+
+        Args:
+            stream: The stream to recover.
+
+        Returns:
+            The snapshot, the records after it and what was discarded.
+
+        Raises:
+            JournalCorrupted: Damage in the middle of the stream, a valid record
+                that does not unpickle, or compacted records with no snapshot.
+            JournalError: Records of this stream are staged.
+        """
+        _check_stream(stream)
+        db = self._db
+        if stream in self._staged_last:
+            raise JournalError(f"cannot recover {stream!r} with records of it staged")
+        base = self._base(stream)
+
+        chosen: Snapshot | None = None
+        bad_snapshots: list[tuple[object, Discarded]] = []
+        for seq, data, checksum in db.execute(
+            _SELECT_SNAPSHOTS, (stream,)
+        ).fetchall():
+            try:
+                offset = _check_intact(_SNAPSHOT_PERSON, stream, seq, data, checksum)
+            except _Invalid as bad:
+                shown = seq if isinstance(seq, int) else -1
+                bad_snapshots.append((seq, Discarded(shown, f"snapshot {bad.reason}")))
+                continue
+            if offset >= base:
+                chosen = Snapshot(offset, _unpickle(stream, offset, data, "snapshot"))
+                break
+        start = chosen.offset if chosen is not None else base
+        if chosen is None and base > 0:
+            raise JournalCorrupted(
+                stream, base, "records were compacted and no valid snapshot covers them"
+            )
+
+        rows = db.execute(_SELECT_RECORDS, (stream, start)).fetchall()
+        expected = start + 1
+        good = 0
+        problem: tuple[int, str] | None = None
+        for seq, payload, checksum in rows:
+            if seq != expected:
+                problem = (expected, f"record missing (next is {seq!r})")
+                break
+            try:
+                _check_intact(_RECORD_PERSON, stream, seq, payload, checksum)
+            except _Invalid as bad:
+                problem = (expected, bad.reason)
+                break
+            good += 1
+            expected += 1
+
+        discarded: list[Discarded] = []
+        if problem is not None:
+            # Torn tail only if nothing intact follows the first problem.
+            for seq, payload, checksum in rows[good:]:
+                try:
+                    _check_intact(_RECORD_PERSON, stream, seq, payload, checksum)
+                except _Invalid as bad:
+                    shown = seq if isinstance(seq, int) else -1
+                    discarded.append(Discarded(shown, bad.reason))
+                    continue
+                raise JournalCorrupted(
+                    stream, problem[0], f"{problem[1]}, and intact records follow"
+                )
+
+        records = [
+            (start + 1 + i, _unpickle(stream, start + 1 + i, payload, "record"))
+            for i, (_, payload, _) in enumerate(rows[:good])
+        ]
+        last_good = start + good
+
+        if discarded or bad_snapshots:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if discarded:
+                    db.execute(
+                        "DELETE FROM records WHERE stream = ? AND seq > ?", (stream, last_good)
+                    )
+                for seq, _ in bad_snapshots:
+                    db.execute("DELETE FROM snapshots WHERE stream = ? AND seq IS ?", (stream, seq))
+                # A damaged snapshot beyond the last good record would otherwise leave a gap.
+                db.execute(
+                    "DELETE FROM snapshots WHERE stream = ? AND seq > ?", (stream, last_good)
+                )
+                db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+        self._last[stream] = self._load_last(stream)
+        return Recovery(
+            stream=stream,
+            snapshot=chosen,
+            records=records,
+            discarded=discarded,
+            discarded_snapshots=[d for _, d in bad_snapshots],
+            last_offset=self._last[stream],
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def statistics(self) -> JournalStatistics:
+        """Counters since this journal object was opened."""
+        return JournalStatistics(
+            commits=self._commits,
+            records=self._records,
+            snapshots=self._snapshot_count,
+            synced_commits=self._synced,
+            staged_records=len(self._rows),
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._conn is None
+
+    def close(self) -> None:
+        """Discard anything staged, checkpoint the WAL and close. Idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        self._discard_staged()
+        try:
+            # PASSIVE never waits on other processes; the last connection to close
+            # checkpoints fully anyway. The checkpoint fsyncs unless the policy is off.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Journal {self.path!r} fsync={self.fsync} {state}>"

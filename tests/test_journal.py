@@ -1,0 +1,555 @@
+"""The durability journal: round trips, turns, snapshots, corruption, crashes, fsync policies."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors.journal import (
+    FILE_NAME,
+    Discarded,
+    Journal,
+    JournalCompacted,
+    JournalCorrupted,
+    JournalError,
+    Snapshot,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = "book:BTC-PERP"
+
+
+@attrs.frozen(kw_only=True)
+class JournalTestOrder:
+    order_id: int
+    side: str
+    price: int
+    qty: int
+
+
+@attrs.frozen(kw_only=True)
+class JournalTestState:
+    orders: tuple[JournalTestOrder, ...]
+
+
+@attrs.frozen
+class JournalTestVanishing:
+    value: int
+
+
+def _orders(first: int, n: int) -> list[JournalTestOrder]:
+    return [
+        JournalTestOrder(order_id=i, side="buy" if i % 2 else "sell", price=60_000 + i, qty=i)
+        for i in range(first, first + n)
+    ]
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal.open(tmp_path)
+    yield j
+    j.close()
+
+
+def _raw(tmp_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(tmp_path / FILE_NAME, isolation_level=None)
+
+
+def _fill(tmp_path: Path, n: int, *, per_turn: int = 1) -> list[JournalTestOrder]:
+    records = _orders(1, n)
+    with Journal.open(tmp_path) as j:
+        for i in range(0, n, per_turn):
+            with j.turn():
+                j.append(BOOK, records[i : i + per_turn])
+    return records
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+def test_memory_round_trip_of_frozen_attrs_records() -> None:
+    with Journal(":memory:") as j:
+        assert j.append(BOOK, _orders(1, 3)) == 3
+        assert j.append(BOOK, _orders(4, 2)) == 5
+        assert list(j.read(BOOK)) == []  # staged is not visible
+        assert j.last_offset(BOOK) == 0
+        j.commit()
+        got = list(j.read(BOOK))
+        assert got == list(enumerate(_orders(1, 5), start=1))
+        assert all(isinstance(r, JournalTestOrder) for _, r in got)
+        assert list(j.read(BOOK, after=3)) == [(4, _orders(4, 1)[0]), (5, _orders(5, 1)[0])]
+        assert j.last_offset(BOOK) == 5
+        assert j.statistics().records == 5
+        assert j.statistics().commits == 1
+
+
+def test_offsets_are_per_stream_and_consecutive(journal: Journal) -> None:
+    with journal.turn():
+        assert journal.append("account:alice", ["a1", "a2"]) == 2
+        assert journal.append("router", ["r1"]) == 1
+        assert journal.append("account:alice", ["a3"]) == 3
+        assert journal.append("account:alice", []) == 3
+    with journal.turn():
+        assert journal.append("router", ["r2", "r3"]) == 3
+    assert [o for o, _ in journal.read("account:alice")] == [1, 2, 3]
+    assert list(journal.read("router")) == [(1, "r1"), (2, "r2"), (3, "r3")]
+    assert journal.streams() == ["account:alice", "router"]
+    assert journal.last_offset("nobody") == 0
+    assert list(journal.read("nobody")) == []
+
+
+def test_read_pages_through_a_long_stream(journal: Journal) -> None:
+    with journal.turn():
+        journal.append(BOOK, list(range(1, 1301)))
+    assert [r for _, r in journal.read(BOOK)] == list(range(1, 1301))
+    assert [o for o, _ in journal.read(BOOK, after=1000)] == list(range(1001, 1301))
+
+
+def test_turn_discards_everything_staged_when_the_body_raises(journal: Journal) -> None:
+    with journal.turn():
+        journal.append(BOOK, ["kept"])
+    with pytest.raises(RuntimeError, match="handler failed"), journal.turn():
+        assert journal.append(BOOK, ["lost-1", "lost-2"]) == 3
+        journal.snapshot(BOOK, 3, "lost-state")
+        raise RuntimeError("handler failed")
+    assert journal.statistics().staged_records == 0
+    # The re-run of the handler gets the same offsets: nothing was left behind.
+    with journal.turn():
+        assert journal.append(BOOK, ["retried"]) == 2
+    assert list(journal.read(BOOK)) == [(1, "kept"), (2, "retried")]
+    assert journal.latest_snapshot(BOOK) is None
+
+
+def test_turns_do_not_nest_nor_adopt_stray_records(journal: Journal) -> None:
+    with journal.turn(), pytest.raises(JournalError, match="nest"), journal.turn():
+        pass
+    journal.append(BOOK, ["stray"])
+    with pytest.raises(JournalError, match="staged"), journal.turn():
+        pass
+    journal.discard()
+    with journal.turn():
+        assert journal.append(BOOK, ["x"]) == 1
+
+
+def test_an_unpicklable_record_stages_nothing(journal: Journal) -> None:
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        journal.append(BOOK, ["fine", lambda: None])
+    assert journal.statistics().staged_records == 0
+    assert journal.append(BOOK, ["fine"]) == 1
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync"):
+        Journal.open(tmp_path, fsync="sometimes")
+    with pytest.raises(ValueError, match="sync_interval"):
+        Journal.open(tmp_path, sync_interval=-1)
+    with Journal.open(tmp_path) as j:
+        for bad in ("", "a\0b"):
+            with pytest.raises(ValueError, match="stream"):
+                j.append(bad, [1])
+        with pytest.raises(ValueError, match="outside"):
+            j.snapshot(BOOK, 1, "state")  # nothing at offset 1 yet
+    j.close()  # idempotent
+    assert j.closed
+    with pytest.raises(JournalError, match="closed"):
+        j.append(BOOK, [1])
+
+
+def test_reopen_after_close_gives_the_same_records(tmp_path: Path) -> None:
+    records = _fill(tmp_path, 20, per_turn=7)
+    assert (tmp_path / FILE_NAME).exists()
+    with Journal.open(tmp_path) as j:
+        assert list(j.read(BOOK)) == list(enumerate(records, start=1))
+        assert j.last_offset(BOOK) == 20
+        assert j.streams() == [BOOK]
+        with j.turn():
+            assert j.append(BOOK, ["next"]) == 21
+    with Journal.open(tmp_path) as j:
+        assert j.last_offset(BOOK) == 21
+
+
+def test_close_discards_what_is_staged(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j:
+        j.append(BOOK, ["never committed"])
+    with Journal.open(tmp_path) as j:
+        assert list(j.read(BOOK)) == []
+
+
+def test_two_writers_share_the_file_with_disjoint_streams(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as a, Journal.open(tmp_path) as b:
+        for i in range(5):
+            with a.turn():
+                a.append("account:alice", [i])
+            with b.turn():
+                b.append("account:bob", [i])
+        assert [r for _, r in b.read("account:alice")] == list(range(5))
+        assert a.streams() == ["account:alice", "account:bob"]
+
+
+def test_a_failed_commit_discards_the_turn(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, busy_timeout=0) as j:
+        with j.turn():
+            j.append(BOOK, ["one"])
+        blocker = _raw(tmp_path)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(JournalError, match="commit failed"), j.turn():
+                j.append(BOOK, ["two"])
+            blocker.execute("ROLLBACK")
+        finally:
+            blocker.close()
+        assert j.statistics().staged_records == 0
+        with j.turn():
+            assert j.append(BOOK, ["two again"]) == 2
+        assert list(j.read(BOOK)) == [(1, "one"), (2, "two again")]
+
+
+# -- snapshots and recovery ---------------------------------------------------------------
+
+
+def test_recovery_is_the_latest_snapshot_plus_the_records_after_it(tmp_path: Path) -> None:
+    records = _orders(1, 12)
+    with Journal.open(tmp_path) as j:
+        with j.turn():
+            j.append(BOOK, records[:4])
+            j.snapshot(BOOK, 4, JournalTestState(orders=tuple(records[:4])))
+        with j.turn():
+            last = j.append(BOOK, records[4:9])
+            j.snapshot(BOOK, last, JournalTestState(orders=tuple(records[:9])))
+        with j.turn():
+            j.append(BOOK, records[9:])
+    with Journal.open(tmp_path) as j:
+        assert j.latest_snapshot(BOOK) == Snapshot(9, JournalTestState(orders=tuple(records[:9])))
+        rec = j.recover(BOOK)
+        assert rec.snapshot == Snapshot(9, JournalTestState(orders=tuple(records[:9])))
+        assert rec.records == [(10, records[9]), (11, records[10]), (12, records[11])]
+        assert rec.discarded == [] and rec.discarded_snapshots == []
+        assert rec.last_offset == 12
+
+
+def test_recovery_without_snapshot_replays_everything(tmp_path: Path) -> None:
+    records = _fill(tmp_path, 5)
+    with Journal.open(tmp_path) as j:
+        rec = j.recover(BOOK)
+        assert rec.snapshot is None
+        assert rec.records == list(enumerate(records, start=1))
+        empty = j.recover("router")
+        assert (empty.snapshot, empty.records, empty.last_offset) == (None, [], 0)
+
+
+def test_a_damaged_latest_snapshot_falls_back_to_an_older_one(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j:
+        for n in (3, 6):
+            with j.turn():
+                last = j.append(BOOK, list(range(n - 2, n + 1)))
+                j.snapshot(BOOK, last, f"state@{last}")
+    raw = _raw(tmp_path)
+    raw.execute("UPDATE snapshots SET state = x'00' || state WHERE seq = 6")
+    raw.close()
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted) as info:
+            j.latest_snapshot(BOOK)
+        assert (info.value.stream, info.value.offset) == (BOOK, 6)
+        rec = j.recover(BOOK)
+        assert rec.snapshot == Snapshot(3, "state@3")
+        assert [o for o, _ in rec.records] == [4, 5, 6]
+        assert rec.discarded_snapshots == [Discarded(6, "snapshot checksum mismatch")]
+        assert j.latest_snapshot(BOOK) == Snapshot(3, "state@3")
+
+
+def test_compaction_deletes_covered_records(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j:
+        with j.turn():
+            j.append(BOOK, list(range(1, 11)))
+            j.snapshot(BOOK, 4, "s4")
+            j.snapshot(BOOK, 8, "s8")
+        with pytest.raises(ValueError, match="newest snapshot"):
+            j.compact(BOOK, 9)
+        with j.turn():
+            j.compact(BOOK, 8)
+        with pytest.raises(JournalCompacted):
+            list(j.read(BOOK))
+        assert list(j.read(BOOK, after=8)) == [(9, 9), (10, 10)]
+    with Journal.open(tmp_path) as j:
+        rec = j.recover(BOOK)
+        assert rec.snapshot == Snapshot(8, "s8")
+        assert rec.records == [(9, 9), (10, 10)]
+        raw = _raw(tmp_path)
+        assert raw.execute("SELECT seq FROM snapshots").fetchall() == [(8,)]
+        assert raw.execute("SELECT min(seq) FROM records").fetchone() == (9,)
+        raw.close()
+        # Compacting everything keeps the offsets going.
+        with j.turn():
+            j.snapshot(BOOK, 10, "s10")
+            j.compact(BOOK, 10)
+    with Journal.open(tmp_path) as j:
+        assert j.last_offset(BOOK) == 10
+        assert j.recover(BOOK).snapshot == Snapshot(10, "s10")
+        with j.turn():
+            assert j.append(BOOK, ["after"]) == 11
+
+
+def test_compacted_records_without_a_valid_snapshot_are_corruption(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j, j.turn():
+        j.append(BOOK, [1, 2, 3])
+        j.snapshot(BOOK, 2, "s2")
+        j.compact(BOOK, 2)
+    raw = _raw(tmp_path)
+    raw.execute("UPDATE snapshots SET checksum = x''")
+    raw.close()
+    with Journal.open(tmp_path) as j, pytest.raises(JournalCorrupted, match="compacted"):
+        j.recover(BOOK)
+
+
+# -- corruption ---------------------------------------------------------------------------
+
+TAIL_DAMAGE = {
+    "flipped payload bytes": "UPDATE records SET payload = flip(payload) WHERE stream = ? AND seq = ?",
+    "deleted checksum": "UPDATE records SET checksum = x'' WHERE stream = ? AND seq = ?",
+    "truncated payload": (
+        "UPDATE records SET payload = substr(payload, 1, length(payload) / 2)"
+        " WHERE stream = ? AND seq = ?"
+    ),
+}
+
+
+def _damage(tmp_path: Path, how: str, stream: str, offset: int) -> None:
+    raw = _raw(tmp_path)
+    # SQLite has no bitwise NOT on blobs: flip every bit in Python.
+    raw.create_function("flip", 1, lambda b: bytes(x ^ 0xFF for x in b), deterministic=True)
+    assert raw.execute(TAIL_DAMAGE[how], (stream, offset)).rowcount == 1
+    raw.close()
+
+
+@pytest.mark.parametrize("how", sorted(TAIL_DAMAGE))
+def test_a_damaged_tail_record_is_reported_discarded_and_appends_continue(
+    tmp_path: Path, how: str
+) -> None:
+    records = _fill(tmp_path, 6)
+    _damage(tmp_path, how, BOOK, 6)
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted) as info:
+            list(j.read(BOOK))  # read never hands out a damaged record
+        assert info.value.offset == 6
+        rec = j.recover(BOOK)
+        assert [r for _, r in rec.records] == records[:5]
+        assert len(rec.discarded) == 1 and rec.discarded[0].offset == 6
+        assert "checksum" in rec.discarded[0].reason
+        assert rec.last_offset == 5 == j.last_offset(BOOK)
+        with j.turn():
+            assert j.append(BOOK, ["replacement"]) == 6
+    with Journal.open(tmp_path) as j:
+        again = j.recover(BOOK)
+        assert again.discarded == []
+        assert [o for o, _ in again.records] == [1, 2, 3, 4, 5, 6]
+        assert again.records[-1] == (6, "replacement")
+
+
+def test_several_damaged_tail_records_are_all_discarded(tmp_path: Path) -> None:
+    _fill(tmp_path, 8)
+    _damage(tmp_path, "flipped payload bytes", BOOK, 6)
+    _damage(tmp_path, "deleted checksum", BOOK, 8)
+    raw = _raw(tmp_path)
+    raw.execute("DELETE FROM records WHERE seq = 7")  # and a gap inside the torn tail
+    raw.close()
+    with Journal.open(tmp_path) as j:
+        rec = j.recover(BOOK)
+        assert [o for o, _ in rec.records] == [1, 2, 3, 4, 5]
+        assert rec.discarded == [
+            Discarded(6, "checksum mismatch"),
+            Discarded(8, "checksum missing"),
+        ]
+        with j.turn():
+            assert j.append(BOOK, ["x"]) == 6
+
+
+def test_tail_damage_after_a_snapshot_keeps_the_snapshot(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j, j.turn():
+        j.append(BOOK, [1, 2, 3, 4])
+        j.snapshot(BOOK, 2, "s2")
+    _damage(tmp_path, "truncated payload", BOOK, 4)
+    with Journal.open(tmp_path) as j:
+        rec = j.recover(BOOK)
+        assert rec.snapshot == Snapshot(2, "s2")
+        assert rec.records == [(3, 3)]
+        assert [d.offset for d in rec.discarded] == [4]
+
+
+@pytest.mark.parametrize("how", sorted(TAIL_DAMAGE))
+def test_damage_in_the_middle_raises_and_changes_nothing(tmp_path: Path, how: str) -> None:
+    _fill(tmp_path, 6)
+    _damage(tmp_path, how, BOOK, 3)
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted) as info:
+            j.recover(BOOK)
+        assert (info.value.stream, info.value.offset) == (BOOK, 3)
+        assert BOOK in str(info.value) and "offset 3" in str(info.value)
+        with pytest.raises(JournalCorrupted):
+            list(j.read(BOOK))
+    raw = _raw(tmp_path)
+    assert raw.execute("SELECT count(*) FROM records").fetchone() == (6,)
+    raw.close()
+
+
+def test_a_gap_in_the_middle_is_corruption(tmp_path: Path) -> None:
+    _fill(tmp_path, 6)
+    raw = _raw(tmp_path)
+    raw.execute("DELETE FROM records WHERE seq = 4")
+    raw.close()
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted, match="missing") as info:
+            j.recover(BOOK)
+        assert info.value.offset == 4
+        with pytest.raises(JournalCorrupted, match="missing"):
+            list(j.read(BOOK, after=2))
+        assert list(j.read(BOOK, after=4)) == [(5, _orders(5, 1)[0]), (6, _orders(6, 1)[0])]
+
+
+def test_a_moved_record_fails_its_checksum(tmp_path: Path) -> None:
+    _fill(tmp_path, 3)
+    raw = _raw(tmp_path)
+    raw.execute("UPDATE records SET stream = 'account:mallory' WHERE seq = 3")
+    raw.close()
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted, match="checksum mismatch"):
+            list(j.read("account:mallory", after=2))
+        assert [o for o, _ in j.recover(BOOK).records] == [1, 2]
+
+
+def test_an_intact_record_that_does_not_unpickle_is_never_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Journal.open(tmp_path) as j, j.turn():
+        j.append(BOOK, ["ok", JournalTestVanishing(1)])
+    monkeypatch.delattr(sys.modules[__name__], "JournalTestVanishing")
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(JournalCorrupted, match="does not unpickle") as info:
+            j.recover(BOOK)
+        assert info.value.offset == 2
+        with pytest.raises(JournalCorrupted, match="does not unpickle"):
+            list(j.read(BOOK))
+    raw = _raw(tmp_path)
+    assert raw.execute("SELECT count(*) FROM records").fetchone() == (2,)
+    raw.close()
+
+
+# -- crashes and fsync policies -----------------------------------------------------------
+
+CHILD = """
+import sys
+from pathlib import Path
+from actors.journal import Journal
+
+journal = Journal.open(Path(sys.argv[1]), fsync=sys.argv[2], sync_interval=4)
+for turn in range(int(sys.argv[3])):
+    with journal.turn():
+        journal.append("crash", [{"turn": turn, "i": i} for i in range(10)])
+journal.append("crash", ["staged, never committed"])
+print("committed", journal.last_offset("crash"), flush=True)
+sys.stdin.read()  # stay alive until killed
+"""
+
+
+@pytest.mark.parametrize("policy", ["always", "batch", "off"])
+def test_sigkill_right_after_commit_loses_nothing(tmp_path: Path, policy: str) -> None:
+    turns = 7
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), policy, str(turns)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True,
+    ) as child:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+    assert line.split() == ["committed", str(turns * 10)]
+    with Journal.open(tmp_path, fsync=policy) as j:
+        rec = j.recover("crash")
+        assert rec.discarded == []
+        assert [r for _, r in rec.records] == [
+            {"turn": t, "i": i} for t in range(turns) for i in range(10)
+        ]
+        assert rec.last_offset == turns * 10
+
+
+@pytest.mark.parametrize(
+    ("policy", "synchronous", "synced"), [("always", 2, 7), ("batch", 1, 2), ("off", 0, 0)]
+)
+def test_each_fsync_policy(tmp_path: Path, policy: str, synchronous: int, synced: int) -> None:
+    statements: list[str] = []
+    with Journal.open(tmp_path, fsync=policy, sync_interval=3) as j:
+        assert j._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert j._db.execute("PRAGMA synchronous").fetchone() == (synchronous,)
+        j._db.set_trace_callback(statements.append)
+        for i in range(7):
+            with j.turn():
+                j.append(BOOK, [i])
+        with j.turn():
+            pass  # an empty turn commits nothing
+        j._db.set_trace_callback(None)
+        assert j._db.execute("PRAGMA synchronous").fetchone() == (synchronous,)
+        stats = j.statistics()
+        assert (stats.commits, stats.records, stats.synced_commits) == (7, 7, synced)
+    assert statements.count("BEGIN IMMEDIATE") == 7
+    if policy == "batch":
+        # Every 3rd commit runs at synchronous=FULL, which fsyncs the WAL.
+        fulls = [i for i, s in enumerate(statements) if s == "PRAGMA synchronous=FULL"]
+        assert len(fulls) == 2
+        assert all(statements[i + 1] == "BEGIN IMMEDIATE" for i in fulls)
+    else:
+        assert not any(s.startswith("PRAGMA synchronous") for s in statements)
+    with Journal.open(tmp_path) as j:
+        assert [r for _, r in j.read(BOOK)] == list(range(7))
+
+
+def test_batch_with_interval_one_syncs_every_commit(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, fsync="batch", sync_interval=1) as j:
+        for i in range(3):
+            with j.turn():
+                j.append(BOOK, [i])
+        assert j.statistics().synced_commits == 3
+    with Journal.open(tmp_path, fsync="batch", sync_interval=0) as j:
+        with j.turn():
+            j.append(BOOK, [3])
+        assert j.statistics().synced_commits == 0
+
+
+# -- a model check ------------------------------------------------------------------------
+
+turn_plans = st.lists(
+    st.tuples(
+        st.sampled_from(["account:alice", "account:bob", "router"]),
+        st.lists(st.integers(), max_size=4),
+        st.booleans(),  # the handler raises
+    ),
+    max_size=25,
+)
+
+
+@given(plan=turn_plans)
+def test_committed_turns_are_exactly_what_reads_back(plan: list[tuple[str, list[int], bool]]) -> None:
+    model: dict[str, list[int]] = {}
+    with Journal(":memory:") as j:
+        for stream, records, fails in plan:
+            try:
+                with j.turn():
+                    last = j.append(stream, records)
+                    assert last == len(model.get(stream, [])) + len(records)
+                    if fails:
+                        raise RuntimeError("poisoned")
+            except RuntimeError:
+                continue
+            model.setdefault(stream, []).extend(records)
+        for stream, records in model.items():
+            assert list(j.read(stream)) == list(enumerate(records, start=1))
+            assert j.last_offset(stream) == len(records)
