@@ -1108,3 +1108,19 @@ def test_fill_releases_sum_exactly_to_the_frozen_amount(qty: int, cuts: list[int
     if remaining:
         alice.on_book_event(canceled(o, remaining))
     assert alice.frozen == 0
+
+
+def test_system_notice_takes_the_next_event_id() -> None:
+    from pathlib import Path
+
+    from actors.cores.ledger import Ledger
+    from protocol import parse_instruments
+
+    inst = parse_instruments((Path(__file__).parent.parent / "protocol" / "instruments.toml").read_text())
+    led = Ledger("u", inst)
+    first = led.deposit(10, 1)[0]
+    notice = led.system_notice("resync", "account restarted", 2)[0]
+    assert notice.kind == "system_notice"
+    assert notice.event_id == first.event_id + 1
+    assert notice.data == {"kind": "resync", "message": "account restarted"}
+    assert notice.priority == 3

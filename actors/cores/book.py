@@ -531,6 +531,10 @@ class OrderBook:
         order = self._orders.get(order_id)
         return None if order is None else _view(order)
 
+    def users(self) -> list[str]:
+        """The users with resting orders here, sorted."""
+        return sorted(self._by_user)
+
     def open_orders(self, user: str) -> list[OpenOrder]:
         """The resting orders of ``user``, by ``order_id``."""
         mine = self._by_user.get(user)

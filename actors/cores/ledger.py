@@ -508,6 +508,18 @@ class Ledger:
         self._next_event_id = em.next_id
         return em.events
 
+    def system_notice(self, kind: str, message: str, ts: int) -> list[UserEvent]:
+        """A sequenced ``system_notice`` for this user (e.g. ``resync`` after a restart).
+
+        It takes an event id from the ledger's counter, so a journal replay
+        reproduces it and the router deduplicates a re-emitted copy.
+        """
+        _check_ts(ts)
+        em = _Emitter(self.user, self._next_event_id, ts)
+        em.add("system_notice", {"kind": kind, "message": message}, key=kind)
+        self._next_event_id = em.next_id
+        return em.events
+
     # -- cash ----------------------------------------------------------------------------
 
     def deposit(self, amount: int, ts: int) -> list[UserEvent]:

@@ -301,6 +301,10 @@ class Router:
             )
         return tuple(itertools.islice(lane.log, after_seq + 1 - first, None))
 
+    def users(self) -> list[str]:
+        """Every user the router has numbered events for (in first-seen order)."""
+        return list(self._lanes)
+
     def last_seq(self, user: str) -> int:
         """The newest seq given to ``user``'s events (0 if none yet)."""
         lane = self._lanes.get(user)

@@ -1,0 +1,141 @@
+"""Booting the engine and talking to it from outside the actor system.
+
+:func:`boot_engine` starts (or attaches to) the Exchange under its global name
+and waits until every host has recovered from the journal. :class:`EngineLink`
+is one external party (a gateway, a test, a tool): it registers as a gateway,
+sends requests as batches per host and receives replies, private deliveries
+and market data with :meth:`EngineLink.receive`.
+
+One link per thread: Thespian's external ``ActorSystem`` handle is not
+thread-safe (ARCHITECTURE.md measured 1,407 of 1,600 replies mismatched with 16
+threads sharing one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from actors.exchange import (
+    EXCHANGE_NAME,
+    Exchange,
+    ExchangeBoot,
+    ExchangeDirectoryQuery,
+    ExchangeOpenAccount,
+    ExchangeReady,
+    GatewayRegister,
+    GatewayUnregister,
+)
+from actors.host import Directory, EngineAck, EngineBatch, EngineConfig, GatewayBatch
+from actors.host import account_host_id as _account_host_id
+from actors.messages import Dest, RouterAttach
+
+
+class EngineError(RuntimeError):
+    """The engine did not answer as expected (not booted, timed out)."""
+
+
+def boot_engine(asys: Any, config: EngineConfig, *, timeout: float = 60.0) -> ExchangeReady:
+    """Create the Exchange (global name) and boot it; returns when every host is ready."""
+    exchange = asys.createActor(Exchange, globalName=EXCHANGE_NAME)
+    ready = asys.ask(exchange, ExchangeBoot(config=config), timedelta(seconds=timeout))
+    if not isinstance(ready, ExchangeReady):
+        raise EngineError(f"the exchange did not boot: {ready!r}")
+    return ready
+
+
+def exchange_address(asys: Any) -> Any:
+    return asys.createActor(Exchange, globalName=EXCHANGE_NAME)
+
+
+class EngineLink:
+    """One external party's connection to a booted engine.
+
+    Args:
+        asys: this thread's ``ActorSystem`` handle.
+        gateway_id: the name replies and deliveries are addressed to.
+    """
+
+    def __init__(self, asys: Any, gateway_id: str, *, timeout: float = 10.0) -> None:
+        self.asys = asys
+        self.gateway_id = gateway_id
+        self.origin = f"gateway:{gateway_id}"
+        self.exchange = exchange_address(asys)
+        self._timeout = timedelta(seconds=timeout)
+        directory = asys.ask(self.exchange, GatewayRegister(gateway_id=gateway_id), self._timeout)
+        if not isinstance(directory, Directory):
+            raise EngineError(f"gateway registration failed: {directory!r}")
+        self.directory = directory
+        self.backlog: list[Any] = []
+
+    def refresh(self) -> Directory:
+        d = self.asys.ask(self.exchange, ExchangeDirectoryQuery(), self._timeout)
+        if not isinstance(d, Directory):
+            raise EngineError(f"no directory: {d!r}")
+        self.directory = d
+        return d
+
+    def open_account(self, user: str) -> None:
+        """Make sure ``user``'s account host exists (the gateway does it at login)."""
+        d = self.asys.ask(self.exchange, ExchangeOpenAccount(user=user), self._timeout)
+        if not isinstance(d, Directory):
+            raise EngineError(f"could not open the account of {user}: {d!r}")
+        self.directory = d
+
+    def attach(self, user: str) -> None:
+        """Open ``user``'s account and route the user's private events to this link."""
+        self.open_account(user)
+        self.send([(Dest("router"), RouterAttach(user=user, gateway=self.gateway_id))])
+
+    def host_of(self, dest: Dest) -> str:
+        d = self.directory
+        if dest.kind == "book":
+            return d.books[dest.key]
+        if dest.kind == "router":
+            return d.router
+        hid = _account_host_id(d, dest.key)
+        if hid is None:
+            self.open_account(dest.key)
+            hid = _account_host_id(self.directory, dest.key)
+        assert hid is not None
+        return hid
+
+    def send(self, items: Iterable[tuple[Dest, Any]]) -> int:
+        """Send requests, one batch per host; returns how many batches went out."""
+        per_host: dict[str, list[tuple[Dest, Any]]] = {}
+        for dest, item in items:
+            per_host.setdefault(self.host_of(dest), []).append((dest, item))
+        for hid, batch in per_host.items():
+            self.asys.tell(self.directory.hosts[hid],
+                           EngineBatch(origin=self.origin, items=tuple(batch)))
+        return len(per_host)
+
+    def receive(self, timeout: float = 0.5) -> list[Any]:
+        """Everything addressed to this gateway that arrives within ``timeout`` of the
+        first message (replies, deliveries, market data, in arrival order)."""
+        out = self.backlog
+        self.backlog = []
+        msg = self.asys.listen(timedelta(seconds=timeout))
+        while msg is not None:
+            if isinstance(msg, GatewayBatch):
+                out.extend(msg.items)
+            elif not isinstance(msg, EngineAck | Directory):
+                out.append(msg)
+            msg = self.asys.listen(timedelta(seconds=0.0 if out else timeout))
+        return out
+
+    def wait_for(self, predicate: Any, *, timeout: float = 10.0) -> list[Any]:
+        """Receive until ``predicate(all received so far)`` is true; raises on timeout."""
+        got: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while not predicate(got):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineError(f"timed out; received {len(got)} messages: {got[-5:]!r}")
+            got += self.receive(min(left, 1.0))
+        return got
+
+    def close(self) -> None:
+        self.asys.tell(self.exchange, GatewayUnregister(gateway_id=self.gateway_id))

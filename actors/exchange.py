@@ -1,0 +1,271 @@
+"""The Exchange: root supervisor, instrument registry and directory of every host.
+
+Runs under the well-known global name :data:`EXCHANGE_NAME`. At boot it loads
+the instrument registry, creates the router host and one book host per symbol
+(and, when ``account_shards`` is set, that many account shard hosts); accounts
+of the embedded placement are created on demand, one host per user. It keeps
+the directory (symbol → book host, user → account host, gateways) and pushes
+it to every host whenever it changes.
+
+Supervision: when a host exits (``ChildActorExited``: a crash, a kill -9 of its
+process, an injected fault) the Exchange re-creates it under the same host id;
+the new host replays its journal stream before it takes new messages (its
+:class:`~actors.host.HostInit` is the first message in its mailbox), resends
+its last turn's outputs and sends a sequenced ``resync`` notice to the users
+whose state it holds. Every other host then resends what the dead one had not
+acknowledged.
+"""
+
+# ruff: noqa: N802
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+from thespian.actors import ActorExitRequest
+
+from actors.host import (
+    Directory,
+    DirectoryUpdate,
+    EngineBatch,
+    EngineConfig,
+    Host,
+    HostInit,
+    HostReady,
+    account_host_id,
+)
+from actors.messages import Dest
+from actors.runtime import RuntimeActor
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_NAME = "emporion-exchange"
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeBoot:
+    config: EngineConfig
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeReady:
+    directory: Directory
+    recovered_turns: int
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeOpenAccount:
+    """Make sure ``user`` has an account host; answered with the directory."""
+
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class GatewayRegister:
+    """The sender is gateway ``gateway_id``: replies, deliveries and market data go there."""
+
+    gateway_id: str
+
+
+@attrs.frozen(kw_only=True)
+class GatewayUnregister:
+    gateway_id: str
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeDirectoryQuery:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeStatusQuery:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeStatus:
+    hosts: tuple[tuple[str, str, int], ...]  # (host id, kind, restarts)
+    directory: Directory
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeStop:
+    """Stop supervising (a shutdown is coming): exits are no longer restarts."""
+
+
+class Exchange(RuntimeActor):
+    """The root supervisor; see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config: EngineConfig | None = None
+        self.directory = Directory()
+        self.kinds: dict[str, tuple[str, str]] = {}  # host id → (kind, key)
+        self.restarts: dict[str, int] = {}
+        self._booter: Any = None
+        self._awaiting: set[str] = set()
+        self._recovered = 0
+        self._stopping = False
+
+    # -- boot -------------------------------------------------------------------------
+
+    def receiveMsg_ExchangeBoot(self, msg: ExchangeBoot, sender: Any) -> None:
+        if self.config is not None:
+            self.send(sender, ExchangeReady(directory=self.directory, recovered_turns=0))
+            return
+        self.config = msg.config
+        self._booter = sender
+        instruments = msg.config.instruments()
+        hosts: dict[str, Any] = {}
+        books = {}
+        for symbol in instruments:
+            books[symbol] = f"book:{symbol}"
+        shards = tuple(f"accounts:{i}" for i in range(msg.config.account_shards))
+        self.kinds = {"router": ("router", "")}
+        self.kinds.update({hid: ("book", sym) for sym, hid in books.items()})
+        self.kinds.update({hid: ("account", "") for hid in shards})
+        for hid in self.kinds:
+            hosts[hid] = self.createActor(Host)
+        self.directory = Directory(hosts=hosts, books=books, router="router",
+                                   account_shards=shards, exchange=self.myAddress)
+        # Recover the one-user account hosts a previous run created (same data dir).
+        for user in self._known_users():
+            hid = f"account:{user}"
+            self.kinds[hid] = ("account", user)
+            hosts[hid] = self.createActor(Host)
+            self.directory.accounts[user] = hid
+        self._awaiting = set(self.kinds)
+        for hid in self.kinds:
+            self._init(hid, restarted=False)
+
+    def _known_users(self) -> list[str]:
+        assert self.config is not None
+        if self.config.data_dir is None or self.config.account_shards:
+            return []
+        from pathlib import Path
+
+        from actors.journal import FILE_NAME, Journal
+
+        if not (Path(self.config.data_dir) / FILE_NAME).exists():
+            return []
+        with Journal.open(Path(self.config.data_dir), fsync="off") as journal:
+            return [s.removeprefix("host:account:") for s in journal.streams()
+                    if s.startswith("host:account:")]
+
+    def _init(self, host_id: str, *, restarted: bool) -> None:
+        assert self.config is not None
+        kind, key = self.kinds[host_id]
+        self.send(self.directory.hosts[host_id], HostInit(
+            host_id=host_id, kind=kind, key=key, config=self.config,
+            directory=self.directory, restarted=restarted))
+
+    def receiveMsg_HostReady(self, msg: HostReady, sender: Any) -> None:
+        if msg.discarded:
+            log.warning("host %s discarded a torn journal tail: %s", msg.host_id, msg.discarded)
+        if msg.host_id in self._awaiting:
+            self._awaiting.discard(msg.host_id)
+            self._recovered += msg.recovered_turns
+            if not self._awaiting and self._booter is not None:
+                self.send(self._booter, ExchangeReady(directory=self.directory,
+                                                      recovered_turns=self._recovered))
+                self._booter = None
+
+    # -- directory ----------------------------------------------------------------------
+
+    def _broadcast(self, restarted: tuple[str, ...] = ()) -> None:
+        self.directory = attrs.evolve(self.directory, generation=self.directory.generation + 1)
+        update = DirectoryUpdate(directory=self.directory, restarted=restarted)
+        for addr in self.directory.hosts.values():
+            self.send(addr, update)
+
+    def _ensure_account(self, user: str) -> bool:
+        """Create ``user``'s host if the placement needs one; True when it was created."""
+        if account_host_id(self.directory, user) is not None:
+            return False
+        hid = f"account:{user}"
+        self.kinds[hid] = ("account", user)
+        self.directory.hosts[hid] = self.createActor(Host)
+        self.directory.accounts[user] = hid
+        self._init(hid, restarted=False)
+        return True
+
+    def receiveMsg_ExchangeOpenAccount(self, msg: ExchangeOpenAccount, sender: Any) -> None:
+        if self._ensure_account(msg.user):
+            self._broadcast()
+        self.send(sender, self.directory)
+
+    def receiveMsg_EngineBatch(self, batch: EngineBatch, sender: Any) -> None:
+        """Items for accounts that did not exist yet: create them, then forward."""
+        created = False
+        per_host: dict[str, list[tuple[Dest, Any]]] = {}
+        for dest, item in batch.items:
+            if dest.kind == "account":
+                created |= self._ensure_account(dest.key)
+                hid = account_host_id(self.directory, dest.key)
+            elif dest.kind == "book":
+                hid = self.directory.books.get(dest.key)
+            else:
+                hid = self.directory.router
+            if hid is not None:
+                per_host.setdefault(hid, []).append((dest, item))
+        if created:
+            self._broadcast()
+        for hid, items in per_host.items():
+            self.send(self.directory.hosts[hid],
+                      EngineBatch(origin=batch.origin, items=tuple(items)))
+
+    def receiveMsg_GatewayRegister(self, msg: GatewayRegister, sender: Any) -> None:
+        self.directory.gateways[msg.gateway_id] = sender
+        self._broadcast()
+        self.send(sender, self.directory)
+
+    def receiveMsg_GatewayUnregister(self, msg: GatewayUnregister, sender: Any) -> None:
+        self.directory.gateways.pop(msg.gateway_id, None)
+        self._broadcast()
+
+    def receiveMsg_ExchangeDirectoryQuery(self, msg: Any, sender: Any) -> None:
+        self.send(sender, self.directory)
+
+    def receiveMsg_ExchangeStatusQuery(self, msg: Any, sender: Any) -> None:
+        rows = tuple((hid, kind, self.restarts.get(hid, 0))
+                     for hid, (kind, _) in sorted(self.kinds.items()))
+        self.send(sender, ExchangeStatus(hosts=rows, directory=self.directory))
+
+    # -- supervision ----------------------------------------------------------------------
+
+    def receiveMsg_ChildActorExited(self, msg: Any, sender: Any) -> None:
+        if self._stopping:
+            return
+        dead = msg.childAddress
+        hid = next((h for h, a in self.directory.hosts.items() if a == dead), None)
+        if hid is None:
+            return
+        log.warning("host %s exited; re-creating it from its journal", hid)
+        self.restarts[hid] = self.restarts.get(hid, 0) + 1
+        self.directory.hosts[hid] = self.createActor(Host)
+        self._init(hid, restarted=True)
+        self._broadcast(restarted=(hid,))
+
+    def receiveMsg_ExchangeStop(self, msg: ExchangeStop, sender: Any) -> None:
+        self._stopping = True
+        self.send(sender, msg)
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        self._stopping = True
+
+
+__all__ = [
+    "EXCHANGE_NAME",
+    "Exchange",
+    "ExchangeBoot",
+    "ExchangeDirectoryQuery",
+    "ExchangeOpenAccount",
+    "ExchangeReady",
+    "ExchangeStatus",
+    "ExchangeStatusQuery",
+    "ExchangeStop",
+    "GatewayRegister",
+    "GatewayUnregister",
+]

@@ -1,0 +1,530 @@
+"""The host shell: one Thespian actor running one or more desks of one kind.
+
+Placement is a boot option, not a second code path: the embedded deployment
+starts one host per book, per account and for the router (literally an actor
+per entity); the multi-process deployment starts one host per book, one for the
+router and ``N`` account shards, each running many account desks, because a
+process per user does not scale. The host code is the same.
+
+One turn = one inbound :class:`EngineBatch`:
+
+1. drop it if its ``(origin, seq)`` was seen already (a resend after a restart);
+2. hand every item to its desk (``handle``), then ``end_turn`` each touched desk;
+3. **write ahead**: append the batch to the host's journal stream and commit
+   (group commit: one transaction per turn) — only then
+4. send the outputs, **one batch per destination**, and ack the batch to its
+   sender (after the commit, so an acked batch is durable).
+
+Transactional under Thespian's retry: a handler that raises is run again with
+the same message. The outputs of an applied batch are cached by batch key
+before anything can fail, and the journal records stay staged, so the re-run
+commits and sends them without applying the batch twice. A desk that raises on
+one item fails only that item (cores validate before they mutate): the item's
+requester gets an ``internal`` error and the rest of the batch goes on.
+
+Reliable delivery between hosts: every host→host batch carries a per-channel
+``seq``; the sender keeps it in an outbox until the receiver acks it and
+resends the outbox when the directory says the receiver was re-created. A
+restarted host rebuilds its state by replaying its journal stream (from the
+latest snapshot) — the desks are deterministic — and resends the outputs of its
+last turn, which receivers deduplicate by ``(origin, seq)``.
+"""
+
+# Thespian dispatches on camelCase names (receiveMsg_<Class>).
+# ruff: noqa: N802
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from actors.cores.router import RouterTimer
+from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
+from actors.journal import Journal
+from actors.messages import Dest, Reply, ReplyTo, RouterTick, UserEvent
+from actors.runtime import RuntimeActor
+from protocol import ErrorCode, Instrument, parse_instruments
+
+log = logging.getLogger(__name__)
+
+#: Take a snapshot of a host's state every this many turns (bounds replay time).
+SNAPSHOT_EVERY = 2_000
+
+Desk = AccountDesk | BookDesk | RouterDesk
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    """What every host needs to build its desks; travels in :class:`HostInit`."""
+
+    instruments_toml: str
+    data_dir: str | None = None
+    fsync: str = "batch"
+    replay_capacity: int = 10_000
+    conflation_window_ns: int = 100_000_000
+    account_shards: int = 0
+
+    def instruments(self) -> dict[str, Instrument]:
+        return parse_instruments(self.instruments_toml)
+
+
+@attrs.frozen(kw_only=True)
+class Directory:
+    """Where every entity lives. ``accounts`` maps user → host id (one host per user);
+    with ``account_shards`` set, a user's host is ``shards[crc32(user) % n]``."""
+
+    hosts: dict[str, Any] = attrs.field(factory=dict, hash=False)  # host id → address
+    books: dict[str, str] = attrs.field(factory=dict, hash=False)  # symbol → host id
+    router: str = "router"
+    account_shards: tuple[str, ...] = ()
+    accounts: dict[str, str] = attrs.field(factory=dict, hash=False)  # user → host id
+    gateways: dict[str, Any] = attrs.field(factory=dict, hash=False)  # gateway id → address
+    exchange: Any = None
+    generation: int = 0
+
+
+def account_host_id(directory: Directory, user: str) -> str | None:
+    """The host id of ``user``'s account, or None when it does not exist yet."""
+    if directory.account_shards:
+        shards = directory.account_shards
+        return shards[zlib.crc32(user.encode()) % len(shards)]
+    return directory.accounts.get(user)
+
+
+@attrs.frozen(kw_only=True)
+class EngineBatch:
+    """One turn's messages from ``origin`` to one host: ``items`` are ``(Dest, message)``.
+
+    ``seq`` numbers the batches of the channel origin → this host (0: unsequenced,
+    e.g. from a gateway, never deduplicated or acked).
+    """
+
+    origin: str
+    seq: int = 0
+    items: tuple[tuple[Dest, Any], ...]
+
+
+@attrs.frozen(kw_only=True)
+class EngineAck:
+    """``host`` committed every batch of the channel up to ``seq``."""
+
+    host: str
+    seq: int
+
+
+@attrs.frozen(kw_only=True)
+class HostInit:
+    host_id: str
+    kind: str  # "book" | "account" | "router"
+    key: str = ""  # the book's symbol or the user of a one-user account host
+    config: EngineConfig
+    directory: Directory
+    restarted: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class HostReady:
+    host_id: str
+    recovered_turns: int
+    discarded: tuple[int, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class DirectoryUpdate:
+    directory: Directory
+    #: Host ids re-created since the last update: resend what they have not acked.
+    restarted: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class HostResync:
+    """Tell the users this host's state concerns that it was rebuilt (``resync``)."""
+
+    ts: int
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class AccountResync:
+    """Emit a sequenced ``system_notice`` of kind ``resync`` to ``user``."""
+
+    user: str
+    reason: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class HostFault:
+    """Fault injection: ``raise_once`` (the next batch handler raises after applying,
+    before its commit), ``exit`` (stop at once: no flush, memory discarded)."""
+
+    mode: str
+
+
+@attrs.frozen(kw_only=True)
+class HostStatsQuery:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class HostStats:
+    host_id: str
+    kind: str
+    pid: int
+    entities: int
+    turns: int
+    items: int
+    outbox: int
+    journal_offset: int
+    restarted: bool
+
+
+@attrs.frozen(kw_only=True)
+class HostInspect:
+    """Tests and tools: ask a host for a picklable view computed by ``what``
+    (``state``: the pickled desks)."""
+
+    what: str = "state"
+
+
+# -- the host ---------------------------------------------------------------------------------
+
+
+class Host(RuntimeActor):
+    """One Thespian actor hosting desks of one kind; see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host_id = ""
+        self.kind = ""
+        self.key = ""
+        self.config: EngineConfig | None = None
+        self.directory = Directory()
+        self.instruments: dict[str, Instrument] = {}
+        self.desks: dict[str, Desk] = {}
+        self.journal: Journal | None = None
+        self.stream = ""
+        self.out_seq: dict[str, int] = {}
+        self.in_last: dict[str, int] = {}
+        self.outbox: dict[str, deque[EngineBatch]] = {}
+        self._inflight: tuple[EngineBatch, list[Out]] | None = None
+        self._fault: str | None = None
+        self._timer_at: int | None = None
+        self.turns = 0
+        self.items = 0
+        self.restarted = False
+
+    # -- boot and recovery ----------------------------------------------------------
+
+    def receiveMsg_HostInit(self, msg: HostInit, sender: Any) -> None:
+        self.host_id, self.kind, self.key = msg.host_id, msg.kind, msg.key
+        self.config = msg.config
+        self.directory = msg.directory
+        self.restarted = msg.restarted
+        self.instruments = msg.config.instruments()
+        self.stream = f"host:{msg.host_id}"
+        if msg.config.data_dir is None:
+            self.journal = Journal(":memory:", fsync="off")
+        else:
+            self.journal = Journal.open(Path(msg.config.data_dir), fsync=msg.config.fsync)
+        if self.kind == "book":
+            self.desks[self.key] = BookDesk(self.instruments[self.key])
+        elif self.kind == "router":
+            self.desks[""] = RouterDesk(
+                replay_capacity=msg.config.replay_capacity,
+                conflation_window_ns=msg.config.conflation_window_ns,
+            )
+        recovered, discarded = self._recover()
+        # Whatever the crashed host had not seen acked may not have left: send the
+        # outbox again (receivers drop what they already have, by channel seq).
+        for host, box in self.outbox.items():
+            addr = self.directory.hosts.get(host)
+            for batch in box:
+                self.send(addr, batch)
+        if msg.restarted:
+            self._resync(time.time_ns())
+        self.send(sender, HostReady(host_id=self.host_id, recovered_turns=recovered,
+                                    discarded=tuple(discarded)))
+
+    def _recover(self) -> tuple[int, list[int]]:
+        assert self.journal is not None
+        rec = self.journal.recover(self.stream)
+        if rec.snapshot is not None:
+            state: Any = rec.snapshot.state
+            self.desks, self.out_seq, self.in_last = state
+        last: list[Out] = []
+        for _, batch in rec.records:
+            assert isinstance(batch, EngineBatch)
+            last = self._apply(batch)
+            self._send_outputs(last, replaying=True)
+        self.turns = len(rec.records)
+        if rec.discarded:
+            log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,
+                        [d.offset for d in rec.discarded])
+        # Only the last turn's batches can still be in flight; older ones were acked
+        # or will be resent by the receiver's own recovery request (see docs).
+        for box in self.outbox.values():
+            while len(box) > 1:
+                box.popleft()
+        return len(rec.records), [d.offset for d in rec.discarded]
+
+    def _resync(self, ts: int) -> None:
+        """After a restart, tell every user whose state this host holds to re-query.
+
+        Done as a journaled turn of its own (a :class:`HostResync` input), so a
+        replay regenerates the same notices and the same channel seqs.
+        """
+        reason = f"{self.kind} {self.key or self.host_id} restarted"
+        self.receiveMsg_EngineBatch(EngineBatch(
+            origin=f"{self.host_id}:resync",
+            items=((Dest(self.kind, self.key), HostResync(ts=ts, reason=reason)),),
+        ), self.myAddress)
+
+    def _resync_outputs(self, item: HostResync) -> list[Out]:
+        out: list[Out] = []
+        users: list[str] = []
+        for desk in self.desks.values():
+            if isinstance(desk, AccountDesk):
+                out += [(Dest("router"), e) for e in
+                        desk.ledger.system_notice("resync", item.reason, item.ts)]
+            elif isinstance(desk, BookDesk):
+                users += desk.book.users()
+            else:
+                users += desk.router.users()
+        out += [(Dest("account", u), AccountResync(user=u, reason=item.reason, ts=item.ts))
+                for u in sorted(set(users))]
+        return out
+
+    # -- the turn ----------------------------------------------------------------------
+
+    def _desk_for(self, dest: Dest) -> Desk:
+        if dest.kind == "account":
+            desk = self.desks.get(dest.key)
+            if desk is None:
+                desk = self.desks[dest.key] = AccountDesk(dest.key, self.instruments)
+            return desk
+        if dest.kind == "book":
+            return self.desks[dest.key]
+        return self.desks[""]
+
+    def _apply(self, batch: EngineBatch) -> list[Out]:
+        """Run one batch through the desks; returns the outputs (nothing is sent)."""
+        if batch.seq:
+            self.in_last[batch.origin] = max(self.in_last.get(batch.origin, 0), batch.seq)
+        touched: dict[int, Desk] = {}
+        out: list[Out] = []
+        for dest, item in batch.items:
+            if isinstance(item, HostResync):
+                out += self._resync_outputs(item)
+                continue
+            if dest.kind == self.kind == "account" and isinstance(item, AccountResync):
+                desk = self._desk_for(dest)
+                assert isinstance(desk, AccountDesk)
+                out += [(Dest("router"), e) for e in
+                        desk.ledger.system_notice("resync", item.reason, item.ts)]
+                continue
+            try:
+                desk = self._desk_for(dest)
+                touched[id(desk)] = desk
+                out += desk.handle(item)
+            except Exception as exc:
+                log.exception("%s: item %s failed", self.host_id, type(item).__name__)
+                reply_to = getattr(item, "reply_to", None)
+                if isinstance(reply_to, ReplyTo):
+                    out.append((Dest("gateway", reply_to.gateway), Reply(
+                        reply_to=reply_to, ok=False, code=ErrorCode.INTERNAL.value,
+                        message=f"the engine could not handle this request ({type(exc).__name__})",
+                    )))
+        for desk in touched.values():
+            out += desk.end_turn()
+        self.items += len(batch.items)
+        return out
+
+    def receiveMsg_EngineBatch(self, batch: EngineBatch, sender: Any) -> None:
+        assert self.journal is not None
+        if self._inflight is not None and self._inflight[0] is batch:
+            # Thespian re-runs a handler that raised with the same message: the batch
+            # is applied and staged already; finish the turn without applying again.
+            outs = self._inflight[1]
+        elif batch.seq and batch.seq <= self.in_last.get(batch.origin, 0):
+            self._ack(batch, sender)  # a resend of something already applied
+            return
+        else:
+            outs = self._apply(batch)
+            self.journal.append(self.stream, [batch])
+            self._inflight = (batch, outs)
+            self.turns += 1
+            if self._fault == "raise_once":
+                self._fault = None
+                raise RuntimeError(f"{self.host_id}: injected fault after apply, before commit")
+        if self.turns % SNAPSHOT_EVERY == 0:
+            offset = self.journal.last_offset(self.stream) + 1
+            self.journal.snapshot(self.stream, offset, (self.desks, self.out_seq, self.in_last))
+        self.journal.commit()
+        self._inflight = None
+        self._ack(batch, sender)
+        self._send_outputs(outs)
+
+    def _ack(self, batch: EngineBatch, sender: Any) -> None:
+        if batch.seq and not batch.origin.endswith(":resync"):
+            self.send(sender, EngineAck(host=self.host_id, seq=batch.seq))
+
+    def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
+        box = self.outbox.get(ack.host)
+        while box and box[0].seq <= ack.seq:
+            box.popleft()
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _send_outputs(self, outs: list[Out], *, replaying: bool = False) -> list[EngineBatch]:
+        """Group outputs per destination actor and send one batch to each.
+
+        Host→host batches get the channel's next seq and wait in the outbox until
+        acked. While ``replaying`` the journal nothing is sent, but the seqs and
+        the outbox advance exactly as they did, so a recovered host numbers its
+        next batches where the crashed one stopped.
+        """
+        per_host: dict[str, list[Out]] = {}
+        per_gateway: dict[str, list[Any]] = {}
+        for dest, msg in outs:
+            if dest.kind == "timer":
+                assert isinstance(msg, RouterTimer)
+                if not replaying:
+                    self._arm(msg.at_ns)
+            elif dest.kind == "gateway":
+                per_gateway.setdefault(dest.key, []).append(msg)
+            elif dest.kind == "market":
+                for gw in self.directory.gateways:
+                    per_gateway.setdefault(gw, []).append(msg)
+            else:
+                host = self._resolve(dest)
+                per_host.setdefault(host or "exchange", []).append((dest, msg))
+        sequenced: list[EngineBatch] = []
+        if not replaying:
+            for gw, msgs in per_gateway.items():
+                addr = self.directory.gateways.get(gw)
+                if addr is not None:
+                    self.send(addr, GatewayBatch(items=tuple(msgs)))
+        for host, items in per_host.items():
+            if host == "exchange":
+                # An account that does not exist yet: the exchange creates it and forwards.
+                if not replaying:
+                    self.send(self.directory.exchange,
+                              EngineBatch(origin=self.host_id, items=tuple(items)))
+                continue
+            seq = self.out_seq.get(host, 0) + 1
+            self.out_seq[host] = seq
+            batch = EngineBatch(origin=self.host_id, seq=seq, items=tuple(items))
+            sequenced.append(batch)
+            self.outbox.setdefault(host, deque()).append(batch)
+            addr = self.directory.hosts.get(host)
+            if addr is not None and not replaying:
+                self.send(addr, batch)
+        return sequenced
+
+    def _resolve(self, dest: Dest) -> str | None:
+        d = self.directory
+        if dest.kind == "book":
+            return d.books.get(dest.key)
+        if dest.kind == "router":
+            return d.router
+        if dest.kind == "account":
+            return account_host_id(d, dest.key)
+        raise ValueError(f"cannot route to {dest}")
+
+    def _arm(self, at_ns: int) -> None:
+        if self._timer_at is not None and self._timer_at <= at_ns:
+            return
+        self._timer_at = at_ns
+        delay = max(0.0, (at_ns - time.time_ns()) / 1e9)
+        from datetime import timedelta
+
+        self.wakeupAfter(timedelta(seconds=delay), payload=at_ns)
+
+    def receiveMsg_WakeupMessage(self, msg: Any, sender: Any) -> None:
+        self._timer_at = None
+        now = max(time.time_ns(), int(msg.payload or 0))
+        tick = EngineBatch(origin=f"{self.host_id}:timer", items=((Dest("router"),
+                                                                   RouterTick(now_ns=now)),))
+        self.receiveMsg_EngineBatch(tick, self.myAddress)
+
+    # -- control -----------------------------------------------------------------------
+
+    def receiveMsg_DirectoryUpdate(self, msg: DirectoryUpdate, sender: Any) -> None:
+        self.directory = msg.directory
+        for host in msg.restarted:
+            addr = self.directory.hosts.get(host)
+            for batch in self.outbox.get(host, ()):
+                self.send(addr, batch)
+
+    def receiveMsg_HostFault(self, msg: HostFault, sender: Any) -> None:
+        if msg.mode == "exit":
+            # Die without flushing anything: staged journal records and memory are lost.
+            from thespian.actors import ActorExitRequest
+
+            self.journal = None
+            self.send(self.myAddress, ActorExitRequest())
+            return
+        self._fault = msg.mode
+
+    def receiveMsg_HostStatsQuery(self, msg: HostStatsQuery, sender: Any) -> None:
+        self.send(sender, HostStats(
+            host_id=self.host_id, kind=self.kind, pid=os.getpid(), entities=len(self.desks),
+            turns=self.turns, items=self.items,
+            outbox=sum(len(b) for b in self.outbox.values()),
+            journal_offset=0 if self.journal is None else self.journal.last_offset(self.stream),
+            restarted=self.restarted,
+        ))
+
+    def receiveMsg_HostInspect(self, msg: HostInspect, sender: Any) -> None:
+        self.send(sender, HostView(host_id=self.host_id, desks=self.desks))
+
+    def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+
+@attrs.frozen(kw_only=True)
+class HostView:
+    host_id: str
+    desks: dict[str, Any] = attrs.field(hash=False)
+
+
+@attrs.frozen(kw_only=True)
+class GatewayBatch:
+    """Replies, deliveries and market data for one gateway, in order."""
+
+    items: tuple[Any, ...]
+
+
+__all__ = [
+    "AccountResync",
+    "Directory",
+    "DirectoryUpdate",
+    "EngineAck",
+    "EngineBatch",
+    "EngineConfig",
+    "GatewayBatch",
+    "Host",
+    "HostFault",
+    "HostInit",
+    "HostInspect",
+    "HostReady",
+    "HostResync",
+    "HostStats",
+    "HostStatsQuery",
+    "HostView",
+    "UserEvent",
+    "account_host_id",
+]

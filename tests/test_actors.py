@@ -1,0 +1,184 @@
+"""The actor engine under simpleSystemBase: flow, transactional retry, restarts, recovery."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from engine_kit import engine, inspect
+
+from actors.host import HostFault
+from protocol import CASH_STEP
+
+BASE = "simpleSystemBase"
+MILLION = int(1_000_000 / CASH_STEP)
+
+
+def _cross(t: engine, *, a: str = "alice", b: str = "bob") -> None:  # type: ignore[valid-type]
+    t.link.attach(a)
+    t.link.attach(b)
+    assert t.deposit(a, MILLION).ok
+    assert t.deposit(b, MILLION).ok
+    assert t.place(a, "a1", "sell", 600010, 5).ok
+    reply = t.place(b, "b1", "buy", 600020, 3)
+    assert reply.result is not None
+    assert reply.result["status"] == "filled"
+
+
+def test_a_crossing_order_gives_both_users_the_full_sequence() -> None:
+    with engine(BASE) as t:
+        _cross(t)
+        alice = t.wait_events("alice", 6)
+        bob = t.wait_events("bob", 6)
+        assert [e.kind for e in alice] == [
+            "account_update", "order_accepted", "trade_executed", "order_partially_filled",
+            "position_update", "account_update"]
+        assert [e.kind for e in bob] == [
+            "account_update", "order_accepted", "trade_executed", "order_filled",
+            "position_update", "account_update"]
+        assert t.seqs("alice") == [1, 2, 3, 4, 5, 6]
+        assert t.seqs("bob") == [1, 2, 3, 4, 5, 6]
+        # Ledger effects, as the accounts hold them.
+        assert t.query("bob", "positions")["positions"][0]["long_qty"] == "0.003"
+        fee = bob[2].data["fee"]
+        assert fee == "0.0901"  # 3 lots * 60001.0 * 0.001 = 180.003, taker 5 bp, ceil
+        desks = inspect(t.link, "account:alice")
+        assert desks["alice"].ledger.position("BTC-PERP")[0] == -3
+        assert t.market, "market data reached the gateway"
+
+
+def test_a_handler_that_raises_is_retried_without_double_apply() -> None:
+    with engine(BASE) as t:
+        t.link.attach("alice")
+        t.link.attach("bob")
+        t.deposit("alice", MILLION)
+        t.deposit("bob", MILLION)
+        t.place("alice", "a1", "sell", 600010, 5)
+        t.link.refresh()
+        # The next batch the book handles raises after applying, before its commit.
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="raise_once"))
+        assert t.place("bob", "b1", "buy", 600010, 2).ok
+        t.wait_events("bob", 6)
+        t.pump()
+        book = inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book
+        assert book.depth()[1] == [(600010, 3)]  # 5 - 2, not 5 - 4
+        assert t.kinds("bob").count("trade_executed") == 1
+        assert t.seqs("bob") == list(range(1, len(t.seqs("bob")) + 1))
+        alice = inspect(t.link, "account:alice")["alice"].ledger
+        assert alice.position("BTC-PERP")[0] == -2
+
+
+def test_a_killed_account_is_rebuilt_from_the_journal(tmp_path: Path) -> None:
+    with engine(BASE, tmp_path) as t:
+        _cross(t)
+        t.wait_events("alice", 6)
+        before = t.query("alice", "account")
+        positions = t.query("alice", "positions")
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["account:alice"], HostFault(mode="exit"))
+        t.pump()
+        t.link.refresh()
+        assert t.query("alice", "account") == before
+        assert t.query("alice", "positions") == positions
+        events = t.wait_events("alice", 7)
+        assert events[6].kind == "system_notice"
+        assert events[6].data["kind"] == "resync"
+        assert t.seqs("alice") == list(range(1, 8))
+        # Trading goes on: alice's resting order still fills.
+        assert t.place("bob", "b2", "buy", 600010, 2).ok
+        t.wait_events("alice", 11)
+        assert t.seqs("alice") == list(range(1, len(t.seqs("alice")) + 1))
+
+
+def test_a_killed_book_keeps_its_orders(tmp_path: Path) -> None:
+    with engine(BASE, tmp_path) as t:
+        _cross(t)
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
+        t.pump()
+        book = inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book
+        assert book.depth()[1] == [(600010, 2)]
+        t.wait_events("alice", 7)
+        assert "system_notice" in t.kinds("alice")  # alice had a resting order there
+
+
+def test_the_whole_engine_restarts_on_the_same_data_dir(tmp_path: Path) -> None:
+    with engine(BASE, tmp_path) as t:
+        _cross(t)
+        t.wait_events("bob", 6)
+        state = {u: (t.query(u, "account"), t.query(u, "positions"), t.query(u, "orders"))
+                 for u in ("alice", "bob")}
+        seqs = {u: t.seqs(u)[-1] for u in ("alice", "bob")}
+    with engine(BASE, tmp_path, first_order_id=100) as t2:
+        for u in ("alice", "bob"):
+            t2.link.attach(u)
+            assert (t2.query(u, "account"), t2.query(u, "positions"),
+                    t2.query(u, "orders")) == state[u]
+        router = inspect(t2.link, "router")[""].router
+        assert {u: router.last_seq(u) for u in ("alice", "bob")} == seqs
+        # A retried place after the restart is still a duplicate.
+        again = t2.place("alice", "a1", "sell", 600010, 5)
+        assert again.result is not None
+        assert again.result["duplicate"] is True
+
+
+def test_a_torn_journal_tail_is_reported_and_not_applied(tmp_path: Path) -> None:
+    with engine(BASE, tmp_path) as t:
+        t.link.attach("alice")
+        t.deposit("alice", MILLION)
+        t.deposit("alice", 5)
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    (last,) = db.execute(
+        "SELECT max(seq) FROM records WHERE stream = 'host:account:alice'").fetchone()
+    db.execute("UPDATE records SET payload = substr(payload, 1, 10) "
+               "WHERE stream = 'host:account:alice' AND seq = ?", (last,))
+    db.commit()
+    db.close()
+    from engine_kit import config
+
+    from actors.boot import boot_engine
+    from actors.runtime import running_system
+
+    with running_system(BASE) as asys:
+        ready = boot_engine(asys, config(tmp_path))
+        assert ready.recovered_turns > 0
+        from engine_kit import Trader
+
+        from actors.boot import EngineLink
+
+        t2 = Trader(EngineLink(asys, "t2"))
+        account = t2.query("alice", "account")
+        assert account["balance"] == "1000000.0000"  # the torn +5 deposit was discarded
+
+
+def test_message_class_names_are_unique_across_the_project() -> None:
+    import importlib
+    import inspect as pyinspect
+    import pkgutil
+
+    import actors
+    import gateway
+    import protocol
+    import simulations
+
+    seen: dict[str, str] = {}
+    dupes = []
+    for pkg in (protocol, actors, gateway, simulations):
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            module = importlib.import_module(mod.name)
+            for name, obj in vars(module).items():
+                if pyinspect.isclass(obj) and obj.__module__ == module.__name__:
+                    if name in seen and seen[name] != module.__name__:
+                        dupes.append((name, seen[name], module.__name__))
+                    seen[name] = module.__name__
+    assert not dupes, dupes
+
+
+@pytest.mark.parametrize("mode", ["bogus"])
+def test_unknown_fault_modes_are_ignored(mode: str) -> None:
+    with engine(BASE) as t:
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["router"], HostFault(mode=mode))
+        t.link.attach("alice")
+        assert t.deposit("alice", 1).ok
