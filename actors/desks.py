@@ -281,8 +281,10 @@ class RouterDesk:
             self._now = max(self._now, msg.now_ns)
             return self._route(self.router.tick(self._now))
         if isinstance(msg, RouterAttach):
+            # Number what this turn gathered first, so last_seq covers it.
+            out = self._publish()
             self._gateways.setdefault(msg.user, {})[msg.gateway] = None
-            return []
+            return out + _ok(msg.reply_to, {"last_seq": self.router.last_seq(msg.user)})
         if isinstance(msg, RouterDetach):
             gws = self._gateways.get(msg.user, {})
             gws.pop(msg.gateway, None)
@@ -300,7 +302,7 @@ class RouterDesk:
             result = {
                 "from_seq": msg.after_seq + 1,
                 "to_seq": self.router.last_seq(msg.user),
-                "events": [e.to_wire() for e in events],
+                "events": list(events),
             }
             return out + _ok(msg.reply_to, result)
         raise TypeError(f"the router does not handle {type(msg).__name__}")

@@ -48,7 +48,7 @@ import attrs
 from actors.cores.router import RouterTimer
 from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
 from actors.journal import Journal
-from actors.messages import Dest, Reply, ReplyTo, RouterTick, UserEvent
+from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
 from actors.runtime import RuntimeActor
 from protocol import ErrorCode, Instrument, parse_instruments
 
@@ -326,6 +326,14 @@ class Host(RuntimeActor):
         for dest, item in batch.items:
             if isinstance(item, HostResync):
                 out += self._resync_outputs(item)
+                continue
+            if isinstance(item, BookSnapshotRequest) and self.kind == "book":
+                snap = self.desks[self.key]
+                assert isinstance(snap, BookDesk)
+                bids, asks = snap.book.depth()
+                out.append((Dest("gateway", item.reply_to.gateway), Reply(
+                    reply_to=item.reply_to, ok=True,
+                    result={"symbol": self.key, "bids": bids, "asks": asks, "ts": item.ts})))
                 continue
             if dest.kind == self.kind == "account" and isinstance(item, AccountResync):
                 desk = self._desk_for(dest)

@@ -163,10 +163,16 @@ __all__ = [
 
 @attrs.frozen(kw_only=True)
 class RouterAttach:
-    """A gateway now holds a logged-in session of ``user``: deliver the user's events there."""
+    """A gateway now holds a logged-in session of ``user``: deliver the user's events there.
+
+    With ``reply_to`` the router answers ``{"last_seq"}``: every later event for
+    the user reaches the gateway after that reply, so a session that starts
+    after ``last_seq`` sees each event exactly once.
+    """
 
     user: str
     gateway: str
+    reply_to: ReplyTo | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -180,7 +186,7 @@ class RouterDetach:
 @attrs.frozen(kw_only=True)
 class RouterReplay:
     """``resume``: the user's events after ``after_seq``; answered with a Reply whose
-    result is ``{from_seq, to_seq, events}`` (events as wire maps)."""
+    result is ``{from_seq, to_seq, events}`` (``SequencedEvent`` objects, in order)."""
 
     reply_to: ReplyTo
     user: str
@@ -192,3 +198,14 @@ class RouterTick:
     """The router's conflation timer fired at ``now_ns``."""
 
     now_ns: int
+
+
+@attrs.frozen(kw_only=True)
+class BookSnapshotRequest:
+    """A ``book.SYM`` subscription: answered with ``{"symbol", "bids", "asks", "ts"}``
+    (integer ``[price, qty]`` levels, best first) in the book's own order, so every
+    delta the gateway receives after the answer applies on top of it."""
+
+    reply_to: ReplyTo
+    symbol: str
+    ts: int

@@ -69,6 +69,10 @@ class Login:
     id: RequestId = attrs.field(default=None, validator=_request_id)
     user: str = attrs.field(validator=attrs.validators.matches_re(USER_RE))
     password: str = attrs.field(validator=attrs.validators.instance_of(str))
+    #: Cancel this user's open orders when this connection drops (and it was the last).
+    cancel_on_disconnect: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
 
     @password.validator
     def _password_len(self, _: attrs.Attribute[str], value: str) -> None:

@@ -1,0 +1,481 @@
+"""The trio WebSocket gateway: ``ws://HOST:PORT/v1``, CBOR or JSON frames.
+
+Thin I/O in the style of trio-websocket's reader task: a nursery per
+connection with one reader (bytes → :class:`protocol.ServerConnection` →
+request events → the handler table) and one writer draining a bounded queue.
+Requests go to the engine through the :class:`~gateway.bridge.EngineBridge`;
+what comes back (replies, private deliveries, market data) is fanned out here:
+replies to the one connection that asked, a user's private events to each of
+that user's sessions through the :class:`~actors.sessions.SessionHub`
+(delivery window, conflation, slow-consumer cut), market data to the
+channel's subscribers with a per-channel ``seq``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from actors.cores.session import SessionConfig, SessionDisconnect, SessionSend
+from actors.messages import (
+    AccountCancel,
+    AccountCancelAll,
+    AccountPlace,
+    AccountQuery,
+    BookSnapshotRequest,
+    Delivery,
+    Dest,
+    Reply,
+    ReplyTo,
+    RouterAttach,
+    RouterDetach,
+    RouterReplay,
+)
+from actors.sessions import SessionHub
+from gateway.bridge import BridgeBusy, EngineBridge
+from protocol import (
+    POLICY_VIOLATION,
+    SUBPROTOCOLS,
+    Ack,
+    BadInput,
+    BookDelta,
+    Cancel,
+    CancelAll,
+    Encoding,
+    ErrorCode,
+    ErrorResponse,
+    Instrument,
+    Login,
+    MarketFrame,
+    Ping,
+    Place,
+    Pong,
+    PrivateEvent,
+    PrivateFrame,
+    PublicTrade,
+    Query,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Resume,
+    ServerConnection,
+    ServerFrame,
+    Subscribe,
+    TickerUpdate,
+    Unsubscribe,
+)
+
+log = logging.getLogger(__name__)
+
+PasswordCheck = Callable[[str, str], bool]
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_frame: int = 64 * 1024
+    #: Frames waiting for one connection's writer; past it the connection is cut.
+    outbound_queue: int = 4096
+    #: A connection that sends nothing for this long is closed (send ``ping``).
+    idle_timeout_s: float = 60.0
+    max_consecutive_bad: int = 32
+    session: SessionConfig = attrs.field(factory=SessionConfig)
+
+
+class OrderIds:
+    """Engine order ids: ``(start_ms << 22) | counter``, unique across gateway restarts.
+
+    A gateway that allocates more than 4M ids within one millisecond of wall
+    time waits for the clock (never happens in practice; documented bound).
+    """
+
+    def __init__(self, now_ms: int) -> None:
+        self._base = now_ms
+        self._next = 0
+
+    def next(self) -> int:
+        if self._next >= 1 << 22:
+            self._base = max(self._base + 1, int(time.time() * 1000))
+            self._next = 0
+        self._next += 1
+        return (self._base << 22) | self._next
+
+
+@attrs.define
+class _Conn:
+    id: int
+    ws: WebSocketConnection
+    proto: ServerConnection
+    send: trio.MemorySendChannel[bytes | str]
+    cancel_on_disconnect: bool = False
+    subs: set[str] = attrs.field(factory=set)
+    waiting_snapshot: set[str] = attrs.field(factory=set)
+    #: Per-channel seq of the market frames of this connection (a dropped frame
+    #: still takes its seq, so the client sees the gap and resubscribes).
+    chan_seq: dict[str, int] = attrs.field(factory=dict)
+    closed: bool = False
+
+
+@attrs.frozen
+class _Pending:
+    conn: int
+    request_id: Any
+    op: str
+    extra: Any = None
+
+
+class Gateway:
+    """The WebSocket server; see the module docstring."""
+
+    def __init__(
+        self,
+        bridge: EngineBridge,
+        instruments: Mapping[str, Instrument],
+        check_password: PasswordCheck,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self.bridge = bridge
+        self.instruments = dict(instruments)
+        self.check_password = check_password
+        self.config = config or GatewayConfig()
+        self.hub = SessionHub(self.instruments, self.config.session)
+        self.conns: dict[int, _Conn] = {}
+        self._conn_ids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._order_ids = OrderIds(int(time.time() * 1000))
+        self._last_price: dict[str, int] = {}
+        self.port = 0
+        self.frames_out = 0
+        self.trades = 0
+
+    # -- serving ----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the bridge and accept connections until cancelled."""
+        await self.bridge.start(self._from_engine)
+        try:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(lambda task_status: serve_websocket(
+                    self._handle, self.config.host, self.config.port, ssl_context=None,
+                    handler_nursery=nursery, max_message_size=4 * self.config.max_frame,
+                    task_status=task_status))
+                self.port = server.port
+                task_status.started(self.port)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.bridge.stop()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        proposed = request.proposed_subprotocols
+        chosen = next((p for p in proposed if p in SUBPROTOCOLS), None)
+        ws = await request.accept(subprotocol=chosen)
+        send, receive = trio.open_memory_channel[bytes | str](self.config.outbound_queue)
+        conn = _Conn(
+            id=next(self._conn_ids), ws=ws, send=send,
+            proto=ServerConnection(
+                encoding=Encoding.from_subprotocol(chosen), instruments=self.instruments,
+                max_frame=self.config.max_frame,
+                max_consecutive_bad=self.config.max_consecutive_bad),
+        )
+        self.conns[conn.id] = conn
+        self.hub.open(conn.id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn, receive)
+                await self._reader(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closed(conn)
+
+    async def _reader(self, conn: _Conn) -> None:
+        while not conn.closed:
+            with trio.move_on_after(self.config.idle_timeout_s) as idle:
+                try:
+                    data = await conn.ws.get_message()
+                except ConnectionClosed:
+                    return
+            if idle.cancelled_caught:
+                await conn.ws.aclose(1001, "idle timeout: send ping at least every "
+                                           f"{self.config.idle_timeout_s:g} s")
+                return
+            self._on_frame(conn, data)
+            if conn.proto.should_close:
+                await conn.ws.aclose(POLICY_VIOLATION, "too many bad frames")
+                return
+
+    async def _writer(self, conn: _Conn, receive: trio.MemoryReceiveChannel[bytes | str]) -> None:
+        async for data in receive:
+            try:
+                await conn.ws.send_message(data)
+            except ConnectionClosed:
+                return
+
+    def _closed(self, conn: _Conn) -> None:
+        conn.closed = True
+        self.conns.pop(conn.id, None)
+        user = conn.proto.user
+        last = self.hub.close(conn.id)
+        if last is not None:
+            gw = self.bridge.options.gateway_id
+            self._submit(Dest("router"), RouterDetach(user=last, gateway=gw))
+            if conn.cancel_on_disconnect:
+                self._submit(Dest("account", last), AccountCancelAll(
+                    reply_to=None, user=last, ts=time.time_ns()))
+        elif user is not None and conn.cancel_on_disconnect:
+            log.info("cancel_on_disconnect skipped: %s still has sessions", user)
+
+    # -- out ---------------------------------------------------------------------------
+
+    def _push(self, conn: _Conn, frame: ServerFrame, *, droppable: bool = False) -> bool:
+        if conn.closed:
+            return False
+        try:
+            conn.send.send_nowait(conn.proto.send(frame))
+        except trio.WouldBlock:
+            if droppable:
+                return False  # market data: the client sees a seq gap and resubscribes
+            self._cut(conn, "slow_consumer")
+            return False
+        self.frames_out += 1
+        return True
+
+    def _cut(self, conn: _Conn, reason: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        trio.lowlevel.spawn_system_task(conn.ws.aclose, POLICY_VIOLATION, reason)
+
+    def _error(self, conn: _Conn, request_id: Any, code: ErrorCode, message: str) -> None:
+        self._push(conn, ErrorResponse(id=request_id, code=code, message=message))
+
+    def _submit(self, dest: Dest, item: Any) -> bool:
+        try:
+            self.bridge.submit(dest, item)
+        except BridgeBusy:
+            return False
+        return True
+
+    def _ask(self, conn: _Conn, request_id: Any, op: str, dest: Dest,
+             make: Callable[[ReplyTo], Any], extra: Any = None) -> None:
+        token = next(self._tokens)
+        reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
+                           request_id=token)
+        self._pending[token] = _Pending(conn.id, request_id, op, extra)
+        if not self._submit(dest, make(reply_to)):
+            self._pending.pop(token, None)
+            self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
+
+    # -- in ----------------------------------------------------------------------------
+
+    def _on_frame(self, conn: _Conn, data: bytes | str) -> None:
+        event = conn.proto.receive_frame(data)
+        if isinstance(event, BadInput):
+            self._push(conn, event.response)
+            return
+        session = self.hub.sessions[conn.id]
+        if not session.allow(time.monotonic_ns()):
+            if not isinstance(event, Ack):
+                self._error(conn, event.id, ErrorCode.RATE_LIMITED, "slow down")
+            return
+        try:
+            self._dispatch(conn, event)
+        except RemoteProtocolError as exc:
+            self._error(conn, getattr(event, "id", None), exc.code, exc.message)
+
+    def _dispatch(self, conn: _Conn, req: Request) -> None:
+        now = time.time_ns()
+        user = conn.proto.user
+        if isinstance(req, Ping):
+            self._push(conn, Pong(id=req.id, ts=now))
+        elif isinstance(req, Login):
+            self._login(conn, req)
+        elif isinstance(req, Subscribe):
+            self._subscribe(conn, req)
+        elif isinstance(req, Unsubscribe):
+            removed = self.hub.sessions[conn.id].unsubscribe(req.channels)
+            conn.subs.difference_update(removed)
+            conn.waiting_snapshot.difference_update(removed)
+            self._push(conn, Response(id=req.id, result={"channels": list(removed)}))
+        elif isinstance(req, Query) and req.what == "instruments":
+            self._push(conn, Response(id=req.id, result={"instruments": [
+                i.to_wire(self._last_price.get(s)) for s, i in self.instruments.items()]}))
+        elif user is None:  # ServerConnection already refuses; defence in depth
+            self._error(conn, getattr(req, "id", None), ErrorCode.NOT_LOGGED_IN, "log in first")
+        elif isinstance(req, Place):
+            inst = self.instruments[req.symbol]
+            order = req.to_new_order(inst, order_id=self._order_ids.next(), user=user, ts=now)
+            ref = self._last_price.get(req.symbol, inst.ref_price)
+            self._ask(conn, req.id, "place", Dest("account", user),
+                      lambda r: AccountPlace(reply_to=r, order=order, ref_price=ref))
+        elif isinstance(req, Cancel):
+            self._ask(conn, req.id, "cancel", Dest("account", user), lambda r: AccountCancel(
+                reply_to=r, user=user, order_id=req.order_id,
+                client_order_id=req.client_order_id, ts=now))
+        elif isinstance(req, CancelAll):
+            if req.symbol is not None and req.symbol not in self.instruments:
+                raise RemoteProtocolError(ErrorCode.UNKNOWN_SYMBOL, f"unknown symbol {req.symbol}")
+            self._ask(conn, req.id, "cancel_all", Dest("account", user), lambda r: AccountCancelAll(
+                reply_to=r, user=user, symbol=req.symbol, ts=now))
+        elif isinstance(req, Query):
+            self._ask(conn, req.id, "query", Dest("account", user), lambda r: AccountQuery(
+                reply_to=r, user=user, what=req.what))
+        elif isinstance(req, Resume):
+            session = self.hub.sessions[conn.id]
+            session.begin_resume(req.after_seq)
+            self._ask(conn, req.id, "resume", Dest("router"), lambda r: RouterReplay(
+                reply_to=r, user=user, after_seq=req.after_seq))
+        elif isinstance(req, Ack):
+            for ce in self.hub.ack(conn.id, req.seq):
+                self._session_effect(conn, ce.effect)
+
+    def _login(self, conn: _Conn, req: Login) -> None:
+        # argon2 is deliberately slow: verify off the event loop, then continue here.
+        async def verify() -> None:
+            ok = await trio.to_thread.run_sync(self.check_password, req.user, req.password)
+            if conn.closed:
+                return
+            if not ok:
+                conn.proto.login_failed()
+                self._error(conn, req.id, ErrorCode.AUTH_FAILED, "wrong user or password")
+                return
+            limit = self.hub.config.max_sessions_per_user
+            if len(self.hub.by_user.get(req.user, {})) >= limit:
+                conn.proto.login_failed()
+                self._error(conn, req.id, ErrorCode.TOO_MANY_SESSIONS,
+                            f"{req.user} already has {limit} sessions")
+                return
+            conn.cancel_on_disconnect = req.cancel_on_disconnect
+            self.bridge.call(lambda link: link.open_account(req.user))
+            self._ask(conn, req.id, "login", Dest("router"), lambda r: RouterAttach(
+                user=req.user, gateway=self.bridge.options.gateway_id, reply_to=r),
+                extra=req.user)
+
+        trio.lowlevel.spawn_system_task(verify)
+
+    def _subscribe(self, conn: _Conn, req: Subscribe) -> None:
+        added = self.hub.sessions[conn.id].subscribe(req.channels)
+        self._push(conn, Response(id=req.id, result={"channels": list(req.channels)}))
+        for ch in added:
+            kind, symbol = ch.split(".", 1)
+            if kind == "book":
+                conn.waiting_snapshot.add(ch)
+                def make(r: ReplyTo, s: str = symbol) -> BookSnapshotRequest:
+                    return BookSnapshotRequest(reply_to=r, symbol=s, ts=time.time_ns())
+
+                self._ask(conn, None, "snapshot", Dest("book", symbol), make, extra=ch)
+            else:
+                conn.subs.add(ch)
+
+    # -- from the engine -----------------------------------------------------------------
+
+    def _from_engine(self, msgs: list[Any]) -> None:
+        """One bridge pass: replies, deliveries and market data, in engine order."""
+        for m in msgs:
+            if isinstance(m, Reply):
+                self._reply(m)
+            elif isinstance(m, Delivery):
+                for ce in self.hub.deliver(m):
+                    conn = self.conns.get(ce.conn)
+                    if conn is not None:
+                        self._session_effect(conn, ce.effect)
+            elif isinstance(m, BookDelta | PublicTrade | TickerUpdate):
+                self._market(m)
+
+    def _session_effect(self, conn: _Conn, effect: Any) -> None:
+        if isinstance(effect, SessionSend) and effect.events:
+            items: tuple[Any, ...] = effect.events  # SequencedEvents from the router
+            frame = PrivateFrame(events=tuple(PrivateEvent(
+                seq=e.seq, kind=e.kind, priority=e.priority, ts=e.ts, data=dict(e.data))
+                for e in items))
+            self._push(conn, frame)
+        elif isinstance(effect, SessionDisconnect):
+            self._cut(conn, effect.reason)
+
+    def _reply(self, reply: Reply) -> None:
+        pending = self._pending.pop(int(reply.reply_to.request_id or 0), None)
+        if pending is None:
+            return
+        conn = self.conns.get(pending.conn)
+        if conn is None or conn.closed:
+            return
+        if not reply.ok:
+            if pending.op == "login":
+                conn.proto.login_failed()
+            elif pending.op == "resume":
+                self.hub.sessions[conn.id].replayed((), last=True)
+            self._push(conn, ErrorResponse(id=pending.request_id,
+                                           code=ErrorCode(reply.code or "internal"),
+                                           message=reply.message or ""))
+            return
+        result = dict(reply.result or {})
+        if pending.op == "login":
+            user = pending.extra
+            try:
+                self.hub.login(conn.id, user, time.monotonic_ns(), last_seq=result["last_seq"])
+            except RemoteProtocolError as exc:
+                conn.proto.login_failed()
+                self._error(conn, pending.request_id, exc.code, exc.message)
+                return
+            conn.proto.login_succeeded(user)
+            self._push(conn, Response(id=pending.request_id, result={
+                "user": user, "session": conn.id, "last_seq": result["last_seq"]}))
+        elif pending.op == "snapshot":
+            self._snapshot(conn, pending.extra, result)
+        elif pending.op == "resume":
+            events = result.pop("events")
+            self._push(conn, Response(id=pending.request_id, result=result))
+            for eff in self.hub.sessions[conn.id].replayed(events, last=True):
+                self._session_effect(conn, eff)
+        else:
+            self._push(conn, Response(id=pending.request_id, result=result))
+
+    def _snapshot(self, conn: _Conn, channel: str, result: dict[str, Any]) -> None:
+        if channel not in conn.waiting_snapshot:
+            return  # unsubscribed meanwhile
+        conn.waiting_snapshot.discard(channel)
+        conn.subs.add(channel)
+        inst = self.instruments[result["symbol"]]
+        conn.chan_seq[channel] = 0  # a (re)subscription starts the channel afresh
+        self._push_market(conn, channel, "snapshot", result["ts"], {
+            "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in result["bids"]],
+            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in result["asks"]]})
+
+    def _push_market(self, conn: _Conn, channel: str, kind: str, ts: int,
+                     data: dict[str, Any]) -> None:
+        seq = conn.chan_seq.get(channel, 0) + 1
+        conn.chan_seq[channel] = seq
+        self._push(conn, MarketFrame(channel=channel, seq=seq, kind=kind, ts=ts, data=data),
+                   droppable=True)
+
+    def _market(self, ev: BookDelta | PublicTrade | TickerUpdate) -> None:
+        inst = self.instruments[ev.symbol]
+        if isinstance(ev, BookDelta):
+            channel, kind = f"book.{ev.symbol}", "delta"
+            data: dict[str, Any] = {
+                "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.bids],
+                "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.asks]}
+        elif isinstance(ev, PublicTrade):
+            self.trades += 1
+            self._last_price[ev.symbol] = ev.price
+            channel, kind = f"trades.{ev.symbol}", "trade"
+            data = {"trade_id": ev.trade_id, "price": inst.price_str(ev.price),
+                    "qty": inst.qty_str(ev.qty), "taker_side": ev.taker_side}
+        else:
+            channel, kind = f"ticker.{ev.symbol}", "ticker"
+
+            def px(v: int | None) -> str | None:
+                return None if v is None else inst.price_str(v)
+
+            data = {"last": px(ev.last), "best_bid": px(ev.best_bid),
+                    "best_ask": px(ev.best_ask), "volume_24h": inst.qty_str(ev.volume_24h)}
+        for conn in [c for c in self.conns.values() if channel in c.subs]:
+            self._push_market(conn, channel, kind, ev.ts, data)

@@ -1,0 +1,198 @@
+"""The gateway over real sockets on 127.0.0.1 (pytest-trio), embedded engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+from engine_kit import config
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from actors.messages import AccountDeposit, Dest
+from gateway.bridge import BridgeOptions, EngineBridge
+from gateway.cli import load_instruments
+from gateway.server import Gateway, GatewayConfig
+from protocol import CASH_STEP
+
+MILLION = int(1_000_000 / CASH_STEP)
+
+
+class Client:
+    """A bare test client: one request at a time, frames kept in order."""
+
+    def __init__(self, ws: WebSocketConnection, enc: str) -> None:
+        self.ws = ws
+        self.enc = enc
+        self.ids = 0
+        self.private: list[dict[str, Any]] = []
+        self.market: list[dict[str, Any]] = []
+        self.other: list[dict[str, Any]] = []
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.ws.send_message(cbor2.dumps(msg) if self.enc == "cbor" else json.dumps(msg))
+
+    async def frame(self) -> dict[str, Any]:
+        with trio.fail_after(10):
+            data = await self.ws.get_message()
+        f = cbor2.loads(data) if isinstance(data, bytes) else json.loads(data)
+        assert isinstance(f, dict)
+        if f["type"] == "private":
+            self.private.extend(f["events"])
+        elif f["type"] == "market":
+            self.market.append(f)
+        return f
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self.ids += 1
+        rid = self.ids
+        await self.send({"op": op, "id": rid, **fields})
+        while True:
+            f = await self.frame()
+            if f["type"] in ("response", "pong") and f.get("id") == rid:
+                return f
+            if f["type"] == "response":
+                self.other.append(f)
+
+    async def events_until(self, n: int) -> list[dict[str, Any]]:
+        while len(self.private) < n:
+            await self.frame()
+        return self.private
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    bridge = EngineBridge(BridgeOptions(engine=config()))
+    gw = Gateway(bridge, load_instruments(None), lambda u, p: p == "pw",
+                 GatewayConfig(port=0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.serve)
+        for user in ("alice", "bob", "carol"):
+            bridge.call(lambda link, u=user: link.open_account(u))
+            bridge.submit(Dest("account", user),
+                          AccountDeposit(reply_to=None, user=user, amount=MILLION, ts=1))
+        yield gw
+        nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def client(gw: Gateway, enc: str) -> AsyncIterator[Client]:
+    async with open_websocket_url(f"ws://127.0.0.1:{gw.port}/v1",
+                                  subprotocols=[f"emporion.v1.{enc}"]) as ws:
+        yield Client(ws, enc)
+
+
+@pytest.mark.parametrize("enc", ["json", "cbor"])
+async def test_order_lifecycle_for_two_users(gateway: Gateway, enc: str) -> None:
+    async with client(gateway, enc) as alice, client(gateway, enc) as bob:
+        assert (await alice.call("ping"))["type"] == "pong"
+        login = await alice.call("login", user="alice", password="pw")
+        assert login["ok"], login
+        assert login["result"]["user"] == "alice"
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        sell = await alice.call("place", client_order_id="a1", symbol="BTC-PERP", side="sell",
+                                type="limit", price="60001.0", qty="0.005")
+        assert sell["ok"], sell
+        assert sell["result"]["status"] == "open"
+        buy = await bob.call("place", client_order_id="b1", symbol="BTC-PERP", side="buy",
+                             type="limit", price="60002.0", qty="0.003")
+        assert buy["result"]["status"] == "filled"
+        bob_events = await bob.events_until(5)
+        kinds = [e["kind"] for e in bob_events]
+        assert kinds[:4] == ["order_accepted", "trade_executed", "order_filled",
+                             "position_update"]
+        seqs = [e["seq"] for e in bob_events]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        trade = bob_events[1]["data"]
+        assert (trade["price"], trade["qty"], trade["liquidity"]) == ("60001.0", "0.003", "taker")
+        alice_events = await alice.events_until(4)
+        assert "order_partially_filled" in [e["kind"] for e in alice_events]
+        positions = await bob.call("query", what="positions")
+        assert positions["result"]["positions"][0]["long_qty"] == "0.003"
+        # Isolation: bob cannot cancel alice's order, and saw none of her events.
+        theft = await bob.call("cancel", order_id=sell["result"]["order_id"])
+        assert theft["error"]["code"] == "unknown_order"
+        assert all(e["kind"] != "order_partially_filled" for e in bob.private)
+        mine = await alice.call("cancel", client_order_id="a1")
+        assert mine["result"]["status"] == "canceled"
+        again = await alice.call("place", client_order_id="a1", symbol="BTC-PERP", side="sell",
+                                 type="limit", price="60001.0", qty="0.005")
+        assert again["result"]["duplicate"] is True
+
+
+async def test_errors_are_typed_and_keep_the_connection(gateway: Gateway) -> None:
+    async with client(gateway, "json") as c:
+        r = await c.call("place", client_order_id="x", symbol="BTC-PERP", side="buy",
+                         type="limit", price="1.0", qty="1")
+        assert r["error"]["code"] == "not_logged_in"
+        await c.ws.send_message("{not json")
+        f = await c.frame()
+        assert f["error"]["code"] == "bad_frame"
+        assert (await c.call("teleport"))["error"]["code"] == "unknown_op"
+        bad = await c.call("login", user="alice", password="nope")
+        assert bad["error"]["code"] == "auth_failed"
+        assert (await c.call("login", user="alice", password="pw"))["ok"]
+        off = await c.call("place", client_order_id="x", symbol="BTC-PERP", side="buy",
+                           type="limit", price="60000.05", qty="0.001")
+        assert off["error"]["code"] == "invalid_price"
+        poor = await c.call("place", client_order_id="y", symbol="ESZ6", side="buy",
+                            type="limit", price="6000.00", qty="400")
+        assert poor["error"]["code"] == "insufficient_funds"
+        big = await c.call("place", client_order_id="z", symbol="BTC-PERP", side="buy",
+                           type="limit", price="60000.0", qty="100.001")
+        assert big["error"]["code"] == "position_limit"
+        assert (await c.call("place", client_order_id="q", symbol="DOGE", side="buy",
+                             type="limit", price="1", qty="1"))["error"]["code"] == "unknown_symbol"
+        assert (await c.call("query", what="instruments"))["ok"]
+
+
+async def test_book_snapshot_then_deltas(gateway: Gateway) -> None:
+    async with client(gateway, "json") as alice, client(gateway, "json") as watcher:
+        await alice.call("login", user="alice", password="pw")
+        await alice.call("place", client_order_id="s1", symbol="ETH-PERP", side="sell",
+                         type="limit", price="3001.00", qty="1.00")
+        await watcher.call("subscribe", channels=["book.ETH-PERP", "trades.ETH-PERP"])
+        while not watcher.market:
+            await watcher.frame()
+        snap = watcher.market[0]
+        assert (snap["kind"], snap["seq"]) == ("snapshot", 1)
+        assert ["3001.00", "1.00"] in snap["data"]["asks"]
+        await alice.call("place", client_order_id="s2", symbol="ETH-PERP", side="sell",
+                         type="limit", price="3002.00", qty="2.00")
+        while len([m for m in watcher.market if m["channel"] == "book.ETH-PERP"]) < 2:
+            await watcher.frame()
+        book = [m for m in watcher.market if m["channel"] == "book.ETH-PERP"]
+        assert book[1]["seq"] == 2
+        assert book[1]["data"]["asks"] == [["3002.00", "2.00"]]
+
+
+async def test_reconnect_and_resume_without_gap_or_duplicate(gateway: Gateway) -> None:
+    async with client(gateway, "json") as carol:
+        await carol.call("login", user="carol", password="pw")
+        async with client(gateway, "cbor") as alice:
+            await alice.call("login", user="alice", password="pw")
+            for i in range(5):
+                await alice.call("place", client_order_id=f"r{i}", symbol="BTC-PERP",
+                                 side="sell", type="limit", price="60010.0", qty="0.001")
+            held = await alice.events_until(5)
+            last_held = held[4]["seq"]
+        # While alice is away, carol trades against her: events alice must not lose.
+        for i in range(3):
+            await carol.call("place", client_order_id=f"c{i}", symbol="BTC-PERP", side="buy",
+                             type="limit", price="60010.0", qty="0.001")
+        async with client(gateway, "cbor") as alice2:
+            login = await alice2.call("login", user="alice", password="pw")
+            newest = login["result"]["last_seq"]
+            assert newest > last_held
+            resumed = await alice2.call("resume", after_seq=last_held)
+            assert resumed["result"]["from_seq"] == last_held + 1
+            await carol.call("place", client_order_id="c9", symbol="BTC-PERP", side="buy",
+                             type="limit", price="60010.0", qty="0.001")  # live, after resume
+            while not alice2.private or alice2.private[-1]["seq"] < newest + 1:
+                await alice2.frame()
+            seqs = [e["seq"] for e in alice2.private]
+            assert seqs == list(range(last_held + 1, seqs[-1] + 1))  # no gap, no duplicate
