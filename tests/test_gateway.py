@@ -2,88 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
-import cbor2
 import pytest
-import trio
-from engine_kit import config
-from trio_websocket import WebSocketConnection, open_websocket_url
+from gateway_kit import client, running_gateway
 
-from actors.messages import AccountDeposit, Dest
-from gateway.bridge import BridgeOptions, EngineBridge
-from gateway.cli import load_instruments
-from gateway.server import Gateway, GatewayConfig
-from protocol import CASH_STEP
-
-MILLION = int(1_000_000 / CASH_STEP)
-
-
-class Client:
-    """A bare test client: one request at a time, frames kept in order."""
-
-    def __init__(self, ws: WebSocketConnection, enc: str) -> None:
-        self.ws = ws
-        self.enc = enc
-        self.ids = 0
-        self.private: list[dict[str, Any]] = []
-        self.market: list[dict[str, Any]] = []
-        self.other: list[dict[str, Any]] = []
-
-    async def send(self, msg: dict[str, Any]) -> None:
-        await self.ws.send_message(cbor2.dumps(msg) if self.enc == "cbor" else json.dumps(msg))
-
-    async def frame(self) -> dict[str, Any]:
-        with trio.fail_after(10):
-            data = await self.ws.get_message()
-        f = cbor2.loads(data) if isinstance(data, bytes) else json.loads(data)
-        assert isinstance(f, dict)
-        if f["type"] == "private":
-            self.private.extend(f["events"])
-        elif f["type"] == "market":
-            self.market.append(f)
-        return f
-
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        self.ids += 1
-        rid = self.ids
-        await self.send({"op": op, "id": rid, **fields})
-        while True:
-            f = await self.frame()
-            if f["type"] in ("response", "pong") and f.get("id") == rid:
-                return f
-            if f["type"] == "response":
-                self.other.append(f)
-
-    async def events_until(self, n: int) -> list[dict[str, Any]]:
-        while len(self.private) < n:
-            await self.frame()
-        return self.private
+from gateway.server import Gateway
 
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
-    bridge = EngineBridge(BridgeOptions(engine=config()))
-    gw = Gateway(bridge, load_instruments(None), lambda u, p: p == "pw",
-                 GatewayConfig(port=0))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gw.serve)
-        for user in ("alice", "bob", "carol"):
-            bridge.call(lambda link, u=user: link.open_account(u))
-            bridge.submit(Dest("account", user),
-                          AccountDeposit(reply_to=None, user=user, amount=MILLION, ts=1))
+    async with running_gateway() as gw:
         yield gw
-        nursery.cancel_scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def client(gw: Gateway, enc: str) -> AsyncIterator[Client]:
-    async with open_websocket_url(f"ws://127.0.0.1:{gw.port}/v1",
-                                  subprotocols=[f"emporion.v1.{enc}"]) as ws:
-        yield Client(ws, enc)
 
 
 @pytest.mark.parametrize("enc", ["json", "cbor"])
