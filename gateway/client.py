@@ -1,0 +1,439 @@
+"""The trio client SDK: what trading programs and the simulation harness use.
+
+::
+
+    async with open_client("ws://127.0.0.1:8765/v1", "demo1", "demo") as c:
+        await c.subscribe(["ticker.BTC-PERP"])
+        await c.place("BTC-PERP", "buy", "limit", qty="0.001", price="60000.0")
+        async for event in c.events():
+            ...
+
+Private events arrive in seq order, each exactly once: the client drops what it
+already processed and, when the connection drops, reconnects, logs in again and
+``resume``s from the last seq it handed out — so a program sees a gapless
+stream across reconnects. A request in flight when the connection dropped
+is sent again on the next connection (up to ``retries`` times) — safe because
+a ``place`` carries its ``client_order_id`` and the server answers a repeat
+with the original order and ``duplicate: true``; past that it fails with
+:class:`ClientError` code ``disconnected``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import attrs
+import cbor2
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+from protocol import EventData, event_data
+
+
+class ClientError(Exception):
+    """A request failed: ``code`` is a PROTOCOL.md error code (or ``disconnected``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen(kw_only=True)
+class PrivateEvent:
+    """One sequenced private event with its typed data."""
+
+    seq: int
+    kind: str
+    priority: int
+    ts: int
+    data: EventData
+    raw: dict[str, Any] = attrs.field(hash=False, eq=False, repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class MarketEvent:
+    channel: str
+    seq: int
+    kind: str
+    ts: int
+    data: dict[str, Any] = attrs.field(hash=False)
+
+
+@attrs.frozen(kw_only=True)
+class NoticeEvent:
+    kind: str
+    data: dict[str, Any] = attrs.field(hash=False)
+
+
+Event = PrivateEvent | MarketEvent | NoticeEvent
+
+
+class Client:
+    """A logged-in connection with reconnect and resume. Use :func:`open_client`."""
+
+    def __init__(self, url: str, user: str, password: str, *, encoding: str = "cbor",
+                 reconnect: bool = True, event_buffer: int = 10_000,
+                 ack_every: int = 100, retries: int = 3) -> None:
+        self.url = url
+        self.user = user
+        self._password = password
+        self.encoding = encoding
+        self.reconnect = reconnect
+        self.ack_every = ack_every
+        self.retries = retries
+        self.last_seq = 0
+        self.reconnects = 0
+        self.session: int | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._send_events, self._recv_events = trio.open_memory_channel[Event](event_buffer)
+        self._ws: WebSocketConnection | None = None
+        self._connected = trio.Event()
+        self._closing = False
+        self._subscriptions: set[str] = set()
+        self._cids = itertools.count(1)
+        self._cid_prefix = f"{int(time.time() * 1000) % 10**10:010d}"
+        self._unacked = 0
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its response; returns ``result``.
+
+        Raises:
+            ClientError: the server refused it, or the connection dropped first.
+        """
+        # Every request here is safe to repeat (place carries its client_order_id,
+        # which the server deduplicates), so a drop mid-request is retried on the
+        # next connection instead of surfacing to the caller.
+        for attempt in range(self.retries + 1):
+            await self._connected.wait()
+            try:
+                return await self._request_on(self._ws, op, **fields)
+            except ClientError as exc:
+                if exc.code != "disconnected" or attempt == self.retries or self._closing:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _request_on(self, ws: WebSocketConnection | None, op: str,
+                          **fields: Any) -> dict[str, Any]:
+        if ws is None:
+            raise ClientError("disconnected", "not connected")
+        rid = next(self._ids)
+        done = trio.Event()
+        slot: list[Any] = []
+        self._waiting[rid] = (done, slot)
+        try:
+            await self._send(ws, {"op": op, "id": rid, **fields})
+            await done.wait()
+        finally:
+            self._waiting.pop(rid, None)
+        frame = slot[0]
+        if frame.get("type") == "pong":
+            return {"ts": frame.get("ts")}
+        if not frame.get("ok"):
+            err = frame.get("error") or {}
+            raise ClientError(str(err.get("code", "internal")), str(err.get("message", "")))
+        result: dict[str, Any] = frame.get("result") or {}
+        return result
+
+    async def _send(self, ws: WebSocketConnection, msg: dict[str, Any]) -> None:
+        try:
+            await ws.send_message(cbor2.dumps(msg) if self.encoding == "cbor" else json.dumps(msg))
+        except ConnectionClosed:
+            raise ClientError("disconnected", "the connection closed") from None
+
+    def new_client_order_id(self) -> str:
+        return f"{self._cid_prefix}-{next(self._cids)}"
+
+    async def ping(self) -> float:
+        """Round trip through the gateway, in seconds."""
+        t0 = time.perf_counter()
+        await self.request("ping")
+        return time.perf_counter() - t0
+
+    async def subscribe(self, channels: Iterable[str]) -> list[str]:
+        chans = list(channels)
+        result = await self.request("subscribe", channels=chans)
+        self._subscriptions.update(chans)
+        return list(result.get("channels", chans))
+
+    async def unsubscribe(self, channels: Iterable[str]) -> list[str]:
+        chans = list(channels)
+        self._subscriptions.difference_update(chans)
+        return list((await self.request("unsubscribe", channels=chans)).get("channels", []))
+
+    async def place(self, symbol: str, side: str, type: str, *, qty: str,
+                    price: str | None = None, tif: str = "gtc", post_only: bool = False,
+                    client_order_id: str | None = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "client_order_id": client_order_id or self.new_client_order_id(),
+            "symbol": symbol, "side": side, "type": type, "qty": qty, "tif": tif}
+        if price is not None:
+            fields["price"] = price
+        if post_only:
+            fields["post_only"] = True
+        return await self.request("place", **fields)
+
+    async def cancel(self, order_id: int | None = None, *,
+                     client_order_id: str | None = None) -> dict[str, Any]:
+        if order_id is not None:
+            return await self.request("cancel", order_id=order_id)
+        return await self.request("cancel", client_order_id=client_order_id)
+
+    async def cancel_all(self, symbol: str | None = None) -> int:
+        fields = {} if symbol is None else {"symbol": symbol}
+        return int((await self.request("cancel_all", **fields))["canceled"])
+
+    async def query(self, what: str) -> dict[str, Any]:
+        return await self.request("query", what=what)
+
+    # -- events --------------------------------------------------------------------------
+
+    def events(self) -> trio.MemoryReceiveChannel[Event]:
+        """Private events (gapless, once each, across reconnects), market data, notices.
+
+        Iterate it with ``async for``; breaking out loses nothing (it is a channel).
+        """
+        return self._recv_events
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        first = True
+        backoff = 0.05
+        while not self._closing:
+            failure: BaseException | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    ws = await connect_websocket_url(
+                        nursery, self.url, subprotocols=[f"emporion.v1.{self.encoding}"])
+                    self._ws = ws
+                    nursery.start_soon(self._reader, ws, nursery.cancel_scope)
+                    try:
+                        await self._login(ws, resume=not first)
+                    except ClientError as exc:
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                    else:
+                        self._connected.set()
+                        if first:
+                            first = False
+                            task_status.started()
+                        backoff = 0.05
+                        await trio.sleep_forever()
+                    finally:
+                        with trio.move_on_after(1) as cleanup:
+                            cleanup.shield = True
+                            await ws.aclose()
+            except BaseExceptionGroup as group:
+                failure = _unwrap(group)
+            except (OSError, HandshakeError, ConnectionClosed) as exc:
+                failure = exc
+            finally:
+                self._disconnected()
+            if failure is not None and (first or (
+                    isinstance(failure, ClientError)
+                    and failure.code in ("auth_failed", "too_many_sessions"))):
+                raise failure
+            if not self.reconnect or self._closing:
+                return
+            await trio.sleep(backoff)  # reconnect backoff, not a wait for an event
+            backoff = min(backoff * 2, 2.0)
+
+    async def _login(self, ws: WebSocketConnection, *, resume: bool) -> None:
+        login = await self._request_on(ws, "login", user=self.user, password=self._password)
+        self.session = login.get("session")
+        if resume:
+            self.reconnects += 1
+            await self._request_on(ws, "resume", after_seq=self.last_seq)
+            if self._subscriptions:
+                await self._request_on(ws, "subscribe", channels=sorted(self._subscriptions))
+
+    def _disconnected(self) -> None:
+        # A fresh event only if the current one was set: waiters already parked on an
+        # unset event must be woken by the next connection, not stranded.
+        if self._connected.is_set():
+            self._connected = trio.Event()
+        self._ws = None
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        for done, slot in list(self._waiting.values()):
+            if not slot:
+                slot.append({"type": "response", "ok": False,
+                             "error": {"code": "disconnected", "message": "connection lost"}})
+            done.set()
+
+    async def _reader(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = await ws.get_message()
+                frame = cbor2.loads(data) if isinstance(data, bytes) else json.loads(data)
+                await self._on_frame(ws, frame)
+        except ConnectionClosed:
+            # The connection is gone: new requests wait for the next one, requests in
+            # flight fail (and are retried); end this connection's scope to reconnect.
+            self._disconnected()
+            scope.cancel()
+
+    async def _on_frame(self, ws: WebSocketConnection, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind in ("response", "pong"):
+            waiting = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
+            if waiting is not None:
+                waiting[1].append(frame)
+                waiting[0].set()
+        elif kind == "private":
+            for e in frame.get("events", ()):
+                if e["seq"] <= self.last_seq:
+                    continue  # already handed out (a replay overlapping live delivery)
+                self.last_seq = e["seq"]
+                await self._send_events.send(PrivateEvent(
+                    seq=e["seq"], kind=e["kind"], priority=e["priority"], ts=e["ts"],
+                    data=event_data(e["kind"], e["data"]), raw=e))
+                self._unacked += 1
+            if self._unacked >= self.ack_every:
+                self._unacked = 0
+                with contextlib.suppress(ClientError):
+                    await self._send(ws, {"op": "ack", "seq": self.last_seq})
+        elif kind == "market":
+            await self._send_events.send(MarketEvent(
+                channel=frame["channel"], seq=frame["seq"], kind=frame["kind"], ts=frame["ts"],
+                data=frame["data"]))
+        elif kind == "notice":
+            await self._send_events.send(NoticeEvent(kind=frame["kind"],
+                                                     data=frame.get("data", {})))
+
+    async def drop(self) -> None:
+        """Cut the connection abruptly, no close handshake (tests, fault injection);
+        the client reconnects and resumes."""
+        ws = self._ws
+        if ws is not None:
+            # trio-websocket has no public abort: close the TCP stream under it.
+            await ws._stream.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_client(url: str, user: str, password: str, **options: Any) -> AsyncIterator[Client]:
+    """Connect, log in, and keep the connection (reconnecting) until the block exits.
+
+    Raises:
+        ClientError: the first login failed (``auth_failed``…).
+        OSError: the gateway is not reachable.
+    """
+    client = Client(url, user, password, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
+            try:
+                yield client
+            finally:
+                client._closing = True
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error inside trio's (nested) exception groups, else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return real[0] if len(real) == 1 else group
+
+
+class Strategy:
+    """A strategy in the spirit of event-driven trading frameworks.
+
+    Subclass it, override the ``on_*`` callbacks you need, and call
+    :meth:`run` with a connected :class:`Client`. The callbacks run one at a
+    time, in event order.
+    """
+
+    #: Symbols whose ticker and book the strategy follows.
+    symbols: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.client: Client | None = None
+
+    async def on_start(self) -> None: ...
+    async def on_ticker(self, symbol: str, data: dict[str, Any]) -> None: ...
+    async def on_book(self, symbol: str, event: MarketEvent) -> None: ...
+    async def on_trade(self, event: PrivateEvent) -> None: ...
+    async def on_order(self, event: PrivateEvent) -> None: ...
+    async def on_account(self, event: PrivateEvent) -> None: ...
+    async def on_event(self, event: Event) -> None: ...
+
+    def _c(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("the strategy is not running")
+        return self.client
+
+    async def buy_limit(self, symbol: str, qty: str, price: str, **kw: Any) -> dict[str, Any]:
+        return await self._c().place(symbol, "buy", "limit", qty=qty, price=price, **kw)
+
+    async def sell_limit(self, symbol: str, qty: str, price: str, **kw: Any) -> dict[str, Any]:
+        return await self._c().place(symbol, "sell", "limit", qty=qty, price=price, **kw)
+
+    async def buy_market(self, symbol: str, qty: str, **kw: Any) -> dict[str, Any]:
+        return await self._c().place(symbol, "buy", "market", qty=qty, **kw)
+
+    async def sell_market(self, symbol: str, qty: str, **kw: Any) -> dict[str, Any]:
+        return await self._c().place(symbol, "sell", "market", qty=qty, **kw)
+
+    async def cancel(self, order_id: int) -> dict[str, Any]:
+        return await self._c().cancel(order_id)
+
+    async def run(self, client: Client) -> None:
+        """Subscribe to the symbols' tickers and books, then dispatch events until cancelled."""
+        self.client = client
+        if self.symbols:
+            await client.subscribe([f"{k}.{s}" for s in self.symbols for k in ("ticker", "book")])
+        await self.on_start()
+        async for event in client.events():
+            await self.on_event(event)
+            if isinstance(event, MarketEvent):
+                symbol = event.channel.split(".", 1)[1]
+                if event.kind == "ticker":
+                    await self.on_ticker(symbol, event.data)
+                elif event.channel.startswith("book."):
+                    await self.on_book(symbol, event)
+            elif isinstance(event, PrivateEvent):
+                if event.kind == "trade_executed":
+                    await self.on_trade(event)
+                elif event.kind.startswith("order_"):
+                    await self.on_order(event)
+                elif event.kind in ("account_update", "position_update"):
+                    await self.on_account(event)
+
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "Event",
+    "MarketEvent",
+    "NoticeEvent",
+    "PrivateEvent",
+    "Strategy",
+    "open_client",
+]
