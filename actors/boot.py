@@ -64,25 +64,38 @@ class EngineLink:
         self.origin = f"gateway:{gateway_id}"
         self.exchange = exchange_address(asys)
         self._timeout = timedelta(seconds=timeout)
-        directory = asys.ask(self.exchange, GatewayRegister(gateway_id=gateway_id), self._timeout)
-        if not isinstance(directory, Directory):
-            raise EngineError(f"gateway registration failed: {directory!r}")
-        self.directory = directory
         self.backlog: list[Any] = []
+        self.directory = self._ask_directory(GatewayRegister(gateway_id=gateway_id))
+
+    def _ask_directory(self, msg: Any) -> Directory:
+        """Ask the Exchange; whatever else reaches this address meanwhile (replies,
+        deliveries, market data for this gateway) is kept for :meth:`receive`,
+        since an external ``ask`` returns the first message that arrives."""
+        deadline = time.monotonic() + self._timeout.total_seconds()
+        got = self.asys.ask(self.exchange, msg, self._timeout)
+        while not isinstance(got, Directory):
+            if got is None:
+                raise EngineError(f"the exchange did not answer {type(msg).__name__}")
+            self._keep(got)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineError(f"the exchange did not answer {type(msg).__name__}")
+            got = self.asys.listen(timedelta(seconds=left))
+        return got
+
+    def _keep(self, msg: Any) -> None:
+        if isinstance(msg, GatewayBatch):
+            self.backlog.extend(msg.items)
+        elif not isinstance(msg, EngineAck | Directory):
+            self.backlog.append(msg)
 
     def refresh(self) -> Directory:
-        d = self.asys.ask(self.exchange, ExchangeDirectoryQuery(), self._timeout)
-        if not isinstance(d, Directory):
-            raise EngineError(f"no directory: {d!r}")
-        self.directory = d
-        return d
+        self.directory = self._ask_directory(ExchangeDirectoryQuery())
+        return self.directory
 
     def open_account(self, user: str) -> None:
         """Make sure ``user``'s account host exists (the gateway does it at login)."""
-        d = self.asys.ask(self.exchange, ExchangeOpenAccount(user=user), self._timeout)
-        if not isinstance(d, Directory):
-            raise EngineError(f"could not open the account of {user}: {d!r}")
-        self.directory = d
+        self.directory = self._ask_directory(ExchangeOpenAccount(user=user))
 
     def attach(self, user: str) -> None:
         """Open ``user``'s account and route the user's private events to this link."""
@@ -117,7 +130,7 @@ class EngineLink:
         first message (replies, deliveries, market data, in arrival order)."""
         out = self.backlog
         self.backlog = []
-        msg = self.asys.listen(timedelta(seconds=timeout))
+        msg = self.asys.listen(timedelta(seconds=0.0 if out else timeout))
         while msg is not None:
             if isinstance(msg, GatewayBatch):
                 out.extend(msg.items)

@@ -160,7 +160,10 @@ class EngineBridge:
                     self.sent_batches += link.send(items)
                     self.sent_items += len(items)
                     items = []
-                req(link)
+                try:
+                    req(link)
+                except Exception:
+                    log.exception("an engine call failed")
             else:
                 items.append(req)
         if items:

@@ -76,7 +76,9 @@ from ._instruments import (
 from ._requests import (
     CHANNEL_RE,
     CLIENT_ORDER_ID_RE,
+    MAX_PASSWORD,
     REQUEST_TYPES,
+    USER_RE,
     Ack,
     Cancel,
     CancelAll,
@@ -97,6 +99,8 @@ __all__ = [
     "CASH_STEP",
     "CHANNEL_RE",
     "CLIENT_ORDER_ID_RE",
+    "MAX_PASSWORD",
+    "USER_RE",
     "DEFAULT_MAX_FRAME",
     "EVENT_DATA_TYPES",
     "EVENT_PRIORITY",

@@ -1,0 +1,229 @@
+"""``emporion run``: the embedded exchange a person (or any WebSocket client) can use.
+
+Boots the engine in-process (simpleSystemBase, journal in ``--data-dir``),
+starts the gateway on 127.0.0.1, provisions demo users ``demo1``…``demoN``
+(password ``demo``, each funded with 1,000,000 of the quote currency), starts
+a small population of simulated traders that connect through the real gateway
+with the client SDK, and shows a live view: top of book per symbol, trades/s,
+connections, P50/P99 notification latency. Ctrl-C stops cleanly.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from pathlib import Path
+
+import attrs
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from actors.host import EngineConfig
+from actors.messages import AccountDeposit, Dest
+from gateway.bridge import BridgeOptions, EngineBridge
+from gateway.client import ClientError, MarketEvent, PrivateEvent, open_client
+from gateway.server import Gateway, GatewayConfig
+from protocol import CASH_STEP, Instrument
+
+FUNDING = int(1_000_000 / CASH_STEP)
+
+
+@attrs.frozen(kw_only=True)
+class RunOptions:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Path("data")
+    agents: int = 6
+    demo_users: int = 10
+    seconds: float | None = None  # stop by itself after this long (tests, demos)
+    fsync: str = "batch"
+    live: bool = True
+
+
+class Latency:
+    """The last samples of one latency, for percentiles in the live view."""
+
+    def __init__(self, keep: int = 20_000) -> None:
+        self.samples: deque[float] = deque(maxlen=keep)
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+
+    def pct(self, p: float) -> float | None:
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+@attrs.define
+class Stats:
+    started: float = attrs.field(factory=time.monotonic)
+    orders: int = 0
+    refused: int = 0
+    notify: Latency = attrs.field(factory=Latency)
+    ack: Latency = attrs.field(factory=Latency)
+    trades_window: deque[float] = attrs.field(factory=lambda: deque(maxlen=100_000))
+
+
+async def agent(url: str, user: str, password: str, symbols: list[Instrument], seed: int,
+                stats: Stats, role: str) -> None:
+    """One simulated trader: a market maker quotes around the last price, a taker
+    crosses the spread now and then. Its decisions come from its own seeded RNG."""
+    rng = random.Random(seed)
+    mid = {i.symbol: i.ref_price for i in symbols}
+    async with open_client(url, user, password) as c:
+        await c.subscribe([f"ticker.{i.symbol}" for i in symbols])
+
+        async def listen() -> None:
+            async for ev in c.events():
+                if isinstance(ev, PrivateEvent):
+                    stats.notify.add(max(0.0, (time.time_ns() - ev.ts) / 1e9))
+                elif isinstance(ev, MarketEvent) and ev.kind == "ticker":
+                    last = ev.data.get("last")
+                    inst = next(i for i in symbols if ev.channel.endswith(i.symbol))
+                    if last is not None:
+                        mid[inst.symbol] = int(Decimal(last) / inst.tick)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            while True:
+                inst = rng.choice(symbols)
+                m = mid[inst.symbol] + rng.randint(-3, 3)
+                t0 = time.perf_counter()
+                try:
+                    if role == "maker":
+                        if rng.random() < 0.2:
+                            await c.cancel_all(inst.symbol)
+                        spread = rng.randint(1, 4)
+                        size = inst.qty_str(rng.randint(1, 5))
+                        await c.place(inst.symbol, "buy", "limit", qty=size,
+                                      price=inst.price_str(m - spread))
+                        await c.place(inst.symbol, "sell", "limit", qty=size,
+                                      price=inst.price_str(m + spread))
+                        stats.orders += 2
+                    else:
+                        side = rng.choice(("buy", "sell"))
+                        await c.place(inst.symbol, side, "market",
+                                      qty=inst.qty_str(rng.randint(1, 3)))
+                        stats.orders += 1
+                    stats.ack.add(time.perf_counter() - t0)
+                except ClientError:
+                    stats.refused += 1
+                await trio.sleep(rng.uniform(0.02, 0.2))  # pacing: a trader thinks
+
+
+def _view(gw: Gateway, stats: Stats, instruments: Mapping[str, Instrument],
+          books: dict[str, tuple[str, str]], url: str) -> Table:
+    elapsed = max(1e-9, time.monotonic() - stats.started)
+    now = time.monotonic()
+    recent = sum(1 for t in stats.trades_window if now - t <= 5.0)
+    t = Table(title=f"Emporion on {url} — {len(gw.conns)} connections, "
+                    f"{recent / 5:.1f} trades/s, {stats.orders / elapsed:.0f} orders/s")
+    for col in ("symbol", "bid", "ask", "last"):
+        t.add_column(col, justify="left" if col == "symbol" else "right")
+    for sym in instruments:
+        bid, ask = books.get(sym, ("-", "-"))
+        last = gw._last_price.get(sym)
+        t.add_row(sym, bid, ask, "-" if last is None else instruments[sym].price_str(last))
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.2f} ms"
+
+    t.caption = (f"notification latency P50 {ms(stats.notify.pct(50))}  "
+                 f"P99 {ms(stats.notify.pct(99))}  ·  submit→ack P50 "
+                 f"{ms(stats.ack.pct(50))}  ·  refused {stats.refused}  ·  Ctrl-C stops")
+    return t
+
+
+async def run_exchange(options: RunOptions, instruments: Mapping[str, Instrument],
+                       check_password: Callable[[str, str], bool],
+                       console: Console | None = None) -> int:
+    """Run until Ctrl-C (or ``options.seconds``); returns the exit code."""
+    console = console or Console()
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    toml_text = (Path(__file__).resolve().parent.parent / "protocol" /
+                 "instruments.toml").read_text()
+    engine = EngineConfig(instruments_toml=toml_text, data_dir=str(options.data_dir),
+                          fsync=options.fsync)
+    bridge = EngineBridge(BridgeOptions(engine=engine))
+    gw = Gateway(bridge, instruments, check_password,
+                 GatewayConfig(host=options.host, port=options.port))
+    stats = Stats()
+    books: dict[str, tuple[str, str]] = {}
+    demo = [f"demo{i}" for i in range(1, options.demo_users + 1)]
+    bots = [f"bot{i}" for i in range(1, options.agents + 1)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.serve)
+        url = f"ws://{options.host}:{gw.port}/v1"
+        for user in demo + bots:
+            bridge.call(lambda link, u=user: link.open_account(u))  # type: ignore[misc]
+            if not _funded(options.data_dir, user):
+                bridge.submit(Dest("account", user), AccountDeposit(
+                    reply_to=None, user=user, amount=FUNDING, ts=time.time_ns()))
+        _mark_funded(options.data_dir, demo + bots)
+        console.print(f"[bold]Emporion[/] listening on [cyan]{url}[/] — demo users "
+                      f"demo1…demo{options.demo_users} (password 'demo'), "
+                      f"{options.agents} simulated traders, data in {options.data_dir}")
+        syms = list(instruments.values())
+        for i, bot in enumerate(bots):
+            nursery.start_soon(agent, url, bot, "demo", syms, 1000 + i, stats,
+                               "maker" if i % 2 == 0 else "taker")
+
+        async def watch_market() -> None:
+            async with open_client(url, "demo1", "demo") as c:
+                await c.subscribe([f"ticker.{s}" for s in instruments]
+                                  + [f"trades.{s}" for s in instruments])
+                async for ev in c.events():
+                    if isinstance(ev, MarketEvent):
+                        sym = ev.channel.split(".", 1)[1]
+                        if ev.kind == "ticker":
+                            books[sym] = (ev.data.get("best_bid") or "-",
+                                          ev.data.get("best_ask") or "-")
+                        elif ev.kind == "trade":
+                            stats.trades_window.append(time.monotonic())
+
+        if options.demo_users:
+            nursery.start_soon(watch_market)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            if options.seconds is not None:
+                nursery.cancel_scope.deadline = trio.current_time() + options.seconds
+            if options.live:
+                with Live(_view(gw, stats, instruments, books, url), console=console,
+                          refresh_per_second=4) as live:
+                    await _refresh(live, lambda: _view(gw, stats, instruments, books, url))
+            else:
+                await trio.sleep_forever()
+    console.print(_view(gw, stats, instruments, books, url))
+    console.print("stopped cleanly; the journal is in " + str(options.data_dir))
+    return 0
+
+
+async def _refresh(live: Live, make: Callable[[], Table]) -> None:
+    while True:
+        await trio.sleep(0.25)  # the view's refresh period
+        live.update(make())
+
+
+def _funded(data_dir: Path, user: str) -> bool:
+    marker = data_dir / "funded.txt"
+    return marker.exists() and user in marker.read_text().split()
+
+
+def _mark_funded(data_dir: Path, users: list[str]) -> None:
+    marker = data_dir / "funded.txt"
+    known = set(marker.read_text().split()) if marker.exists() else set()
+    marker.write_text("\n".join(sorted(known | set(users))) + "\n")
