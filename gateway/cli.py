@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib.resources import files
@@ -33,6 +35,108 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
+def _print_json(data: object) -> None:
+    try:
+        print(json.dumps(data, indent=2, sort_keys=True), flush=True)
+    except BrokenPipeError:  # `emporion status --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _fail(message: str) -> int:
+    print(f"emporion: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _boot(args: argparse.Namespace) -> int:
+    from actors.operations import BootOptions, BootReport, OperationError, boot
+
+    def ready(report: BootReport) -> None:
+        if args.json:
+            _print_json(report.to_json())
+        else:
+            print(report.line(), flush=True)
+
+    try:
+        options = BootOptions(
+            base=args.base, admin_port=args.admin_port, bind=args.bind,
+            data_dir=Path(args.data_dir),
+            instruments=None if args.instruments is None else Path(args.instruments),
+            fsync=args.fsync, account_shards=args.account_shards, foreground=args.foreground,
+            timeout=args.timeout)
+        return boot(options, on_ready=ready)
+    except OperationError as exc:
+        return _fail(str(exc))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from actors.operations import OperationError, resolve_target, status
+
+    try:
+        report = status(resolve_target(args.admin_port, args.data_dir), timeout=args.timeout)
+    except OperationError as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json(report.to_json())
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(value: int | None) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    title = (f"emporion engine at {report.address} (admin pid {report.admin_pid}, "
+             f"{len(report.gateways)} gateways)")
+    table = Table(title=title)
+    for name in ("host", "kind", "pid", "entities", "turns", "items", "outbox",
+                 "journal offset", "restarts"):
+        table.add_column(name, no_wrap=True, justify="left" if name in ("host", "kind")
+                         else "right")
+    for row in report.hosts:
+        if row.answered:
+            cells = [str(row.pid), num(row.entities), num(row.turns), num(row.items),
+                     num(row.outbox), num(row.journal_offset)]
+        else:
+            cells = ["no answer", "", "", "", "", ""]
+        table.add_row(row.host_id, row.kind, *cells, num(row.restarts),
+                      style=None if row.answered else "red")
+    console = Console(width=max(120, Console().width))
+    if report.booted:
+        console.print(table)
+    else:
+        console.print(f"an actor system runs at {report.address} but no exchange is booted")
+    return 0
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    from actors.operations import NotBootedError, OperationError, resolve_target, shutdown
+
+    try:
+        report = shutdown(resolve_target(args.admin_port, args.data_dir), timeout=args.timeout)
+    except NotBootedError as exc:
+        if args.json:
+            _print_json({"was_running": False, "stopped": True, "detail": str(exc)})
+        else:
+            print(f"not running: {exc}", flush=True)
+        return 0
+    except OperationError as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.line(), flush=True)
+    return 0 if report.stopped else 1
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--admin-port", type=int, default=None,
+                       help="the engine's admin port (default: from DATA_DIR/engine.json, "
+                            "else 19500)")
+    where.add_argument("--data-dir", default=None,
+                       help="the engine's data directory (reads its engine.json; default ./data)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emporion", description="The Emporion exchange engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +152,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--instruments", default=None, help="instrument registry TOML file")
     run.add_argument("--no-live", action="store_true", help="no live table, summary only")
     run.set_defaults(func=_run)
+
+    boot = sub.add_parser(
+        "boot",
+        help="start the actor system and boot the exchange (see docs/operations.md)",
+        description="Start the actor system and boot the exchange on a data directory. "
+                    "With multiprocTCPBase the engine runs in the background (its admin "
+                    "outlives this command): every boot needs a matching `emporion shutdown`. "
+                    "With --foreground, or with simpleSystemBase (which lives only inside "
+                    "this process), it runs until SIGINT/SIGTERM, then stops cleanly.")
+    boot.add_argument("--base", choices=("simpleSystemBase", "multiprocTCPBase"),
+                      default="multiprocTCPBase", help="Thespian system base "
+                      "(default multiprocTCPBase)")
+    boot.add_argument("--admin-port", type=int, default=19500,
+                      help="TCP port of the actor system's admin (default 19500)")
+    boot.add_argument("--bind", default="127.0.0.1",
+                      help="address every engine socket binds (default 127.0.0.1; the "
+                           "transport is pickle: keep it private)")
+    boot.add_argument("--data-dir", default="data",
+                      help="journal, engine.json and logs (default ./data; created)")
+    boot.add_argument("--instruments", default=None,
+                      help="instrument registry TOML (default: the packaged one)")
+    boot.add_argument("--fsync", choices=("always", "batch", "off"), default="batch",
+                      help="journal fsync policy (default batch)")
+    boot.add_argument("--account-shards", type=int, default=0,
+                      help="account hosts: 0 = one actor per user (default); N > 0 = N shard "
+                           "actors (use e.g. 4 with multiprocTCPBase: a process per user "
+                           "does not scale)")
+    boot.add_argument("--foreground", action="store_true",
+                      help="stay attached; SIGINT/SIGTERM stop the engine cleanly")
+    boot.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for the engine to be ready (default 60)")
+    boot.add_argument("--json", action="store_true", help="print the ready report as JSON")
+    boot.set_defaults(func=_boot)
+
+    status = sub.add_parser("status", help="the hosts of a running engine (multiprocTCPBase)")
+    _add_target(status)
+    status.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to wait for the exchange and for the hosts (default 3)")
+    status.set_defaults(func=_status)
+
+    shutdown = sub.add_parser("shutdown", help="stop a running engine and check nothing remains")
+    _add_target(shutdown)
+    shutdown.add_argument("--timeout", type=float, default=10.0,
+                          help="seconds to wait for the exchange to stop (default 10)")
+    shutdown.set_defaults(func=_shutdown)
     return parser
 
 
