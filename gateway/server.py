@@ -395,7 +395,7 @@ class Gateway:
             items: tuple[Any, ...] = effect.events  # SequencedEvents from the router
             frame = PrivateFrame(events=tuple(PrivateEvent(
                 seq=e.seq, kind=e.kind, priority=e.priority, ts=e.ts, data=dict(e.data))
-                for e in items))
+                for e in items), skipped=effect.skipped)
             self._push(conn, frame)
         elif isinstance(effect, SessionDisconnect):
             self._cut(conn, effect.reason)

@@ -55,11 +55,21 @@ def _event_tuple(events: Iterable[PrivateEvent]) -> tuple[PrivateEvent, ...]:
     return tuple(events)
 
 
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
 @attrs.frozen(kw_only=True)
 class PrivateFrame:
-    """One or more private events of one user, in seq order."""
+    """One or more private events of one user, in seq order.
+
+    ``skipped`` lists seqs this connection will never receive because a newer
+    value of the same P2/P3 key replaced them (back-pressure conflation), so a
+    client can tell conflation from loss.
+    """
 
     events: tuple[PrivateEvent, ...] = attrs.field(converter=_event_tuple)
+    skipped: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
 
     @events.validator
     def _ordered(self, _: attrs.Attribute[Any], value: tuple[PrivateEvent, ...]) -> None:
@@ -101,13 +111,16 @@ ServerFrame: TypeAlias = Response | ErrorResponse | PrivateFrame | MarketFrame |
 def frame_to_map(frame: ServerFrame) -> dict[str, Any]:
     """The wire map of a server frame (PROTOCOL.md, *Server → client frames*)."""
     if isinstance(frame, PrivateFrame):
-        return {
+        out: dict[str, Any] = {
             "type": "private",
             "events": [
                 {"seq": e.seq, "kind": e.kind, "priority": e.priority, "ts": e.ts, "data": e.data}
                 for e in frame.events
             ],
         }
+        if frame.skipped:
+            out["skipped"] = list(frame.skipped)
+        return out
     if isinstance(frame, Response):
         return {"type": "response", "id": frame.id, "ok": True, "result": frame.result}
     if isinstance(frame, ErrorResponse):
@@ -157,7 +170,8 @@ def _frame_from_map(raw: object) -> ServerFrame:
                     data=dict(e["data"]),
                 )
                 for e in raw["events"]
-            )
+            ),
+            skipped=tuple(int(x) for x in raw.get("skipped", ())),
         )
     if kind == "response":
         if raw["ok"] is True:

@@ -250,3 +250,14 @@ def test_protocol_errors_pickle_with_their_code_and_request_id() -> None:
     back = pickle.loads(pickle.dumps(exc))
     assert type(back) is RemoteProtocolError
     assert (back.code, back.message, back.request_id) == (ErrorCode.INVALID_QTY, "qty off grid", 12)
+
+
+def test_private_frame_announces_conflated_seqs() -> None:
+    frame = p.PrivateFrame(
+        events=(p.PrivateEvent(seq=9, kind="account_update", priority=2, ts=1),), skipped=(7, 8)
+    )
+    for enc in p.Encoding:
+        assert p.decode_frame(p.encode_frame(frame, enc)) == frame
+    assert p.frame_to_map(frame)["skipped"] == [7, 8]
+    plain = p.PrivateFrame(events=frame.events)
+    assert "skipped" not in p.frame_to_map(plain)
