@@ -44,6 +44,8 @@ class RunOptions:
     seconds: float | None = None  # stop by itself after this long (tests, demos)
     fsync: str = "batch"
     live: bool = True
+    #: Users from the users file and their initial deposits (minor units).
+    deposits: tuple[tuple[str, int], ...] = ()
 
 
 class Latency:
@@ -162,12 +164,13 @@ async def run_exchange(options: RunOptions, instruments: Mapping[str, Instrument
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.serve)
         url = f"ws://{options.host}:{gw.port}/v1"
-        for user in demo + bots:
+        funding = [(u, FUNDING) for u in demo + bots] + list(options.deposits)
+        for user, amount in funding:
             bridge.call(lambda link, u=user: link.open_account(u))  # type: ignore[misc]
-            if not _funded(options.data_dir, user):
+            if amount > 0 and not _funded(options.data_dir, user):
                 bridge.submit(Dest("account", user), AccountDeposit(
-                    reply_to=None, user=user, amount=FUNDING, ts=time.time_ns()))
-        _mark_funded(options.data_dir, demo + bots)
+                    reply_to=None, user=user, amount=amount, ts=time.time_ns()))
+        _mark_funded(options.data_dir, [u for u, _ in funding])
         console.print(f"[bold]Emporion[/] listening on [cyan]{url}[/] — demo users "
                       f"demo1…demo{options.demo_users} (password 'demo'), "
                       f"{options.agents} simulated traders, data in {options.data_dir}")

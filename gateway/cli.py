@@ -23,6 +23,60 @@ def load_instruments(path: str | None) -> dict[str, Instrument]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.app import RunOptions, run_exchange
+    from gateway.users import UserStore, default_users_path, demo_users
+
+    data_dir = Path(args.data_dir)
+    try:
+        store = UserStore.load(Path(args.users_file) if args.users_file
+                               else default_users_path(data_dir))
+    except Exception as exc:
+        return _fail(str(exc))
+    demo = demo_users(args.demo_users, deposit_units=0)
+
+    def check(user: str, password: str) -> bool:
+        if user in store:
+            return store.verify(user, password)
+        return demo.verify(user, password) or (user.startswith("bot") and password == "demo")
+
+    options = RunOptions(host=args.host, port=args.port, data_dir=data_dir, agents=args.agents,
+                         demo_users=args.demo_users, seconds=args.seconds, fsync=args.fsync,
+                         live=not args.no_live and sys.stdout.isatty(),
+                         deposits=tuple((u, store.deposit_of(u)) for u in store.names()))
+    try:
+        return trio.run(run_exchange, options, load_instruments(args.instruments), check)
+    except OSError as exc:
+        return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+
+
+def _users(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.users import UsersFileError, cmd_users_add, cmd_users_list, default_users_path
+
+    path = Path(args.users_file) if args.users_file else default_users_path(Path(args.data_dir))
+    try:
+        if args.users_command == "add":
+            password = args.password
+            if password is None:
+                password = (getpass.getpass(f"password for {args.name}: ") if sys.stdin.isatty()
+                            else sys.stdin.readline().rstrip("\n"))
+            print(cmd_users_add(path, args.name, password, args.deposit))
+        else:
+            rows = cmd_users_list(path)
+            if args.json:
+                _print_json([{"user": u, "deposit": d} for u, d in rows])
+            else:
+                for user, deposit in rows:
+                    print(f"{user}\t{deposit}")
+    except UsersFileError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
     from simulations.demo import run_demo
 
     return run_demo(
@@ -142,16 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
-        help="run the embedded exchange with simulated traders (in-process demo for now)",
+        help="run the embedded exchange: engine, WebSocket gateway, demo users, simulated "
+             "traders and a live view (Ctrl-C stops)",
     )
-    run.add_argument("--agents", type=int, default=30, help="simulated traders (default 30)")
-    run.add_argument("--seconds", type=float, default=5.0, help="wall-clock run time (default 5)")
-    run.add_argument("--steps", type=int, default=None,
-                     help="stop after this many 1 ms virtual steps instead of --seconds")
-    run.add_argument("--seed", type=int, default=1, help="RNG seed: same seed, same trades")
+    run.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8765, help="gateway port (default 8765)")
+    run.add_argument("--data-dir", default="data", help="journal and users file (default ./data)")
+    run.add_argument("--agents", type=int, default=6,
+                     help="simulated traders connected through the gateway (0: none)")
+    run.add_argument("--demo-users", type=int, default=10,
+                     help="demo1..demoN, password 'demo', funded with 1,000,000 (default 10)")
+    run.add_argument("--seconds", type=float, default=None,
+                     help="stop by itself after this long (default: run until Ctrl-C)")
+    run.add_argument("--fsync", choices=("always", "batch", "off"), default="batch")
+    run.add_argument("--users-file", default=None, help="default DATA_DIR/users.json")
     run.add_argument("--instruments", default=None, help="instrument registry TOML file")
-    run.add_argument("--no-live", action="store_true", help="no live table, summary only")
+    run.add_argument("--no-live", action="store_true", help="no live view, summary at the end")
     run.set_defaults(func=_run)
+
+    demo = sub.add_parser(
+        "demo", help="the cores on an in-process loop with seeded traders and invariant checks")
+    demo.add_argument("--agents", type=int, default=30, help="simulated traders (default 30)")
+    demo.add_argument("--seconds", type=float, default=5.0, help="wall-clock run time")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="stop after this many 1 ms virtual steps instead of --seconds")
+    demo.add_argument("--seed", type=int, default=1, help="RNG seed: same seed, same trades")
+    demo.add_argument("--instruments", default=None, help="instrument registry TOML file")
+    demo.add_argument("--no-live", action="store_true", help="no live table, summary only")
+    demo.set_defaults(func=_demo)
+
+    users = sub.add_parser("users", help="manage the users file (argon2id password hashes)")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument("--deposit", default="0", help="initial deposit, e.g. 1000000")
+    add.add_argument("--password", default=None,
+                     help="the password (default: prompt, or one line on stdin)")
+    lst = users_sub.add_parser("list", help="list users and deposits")
+    lst.add_argument("--json", action="store_true")
+    for p in (add, lst):
+        p.add_argument("--data-dir", default="data")
+        p.add_argument("--users-file", default=None)
+    users.set_defaults(func=_users)
 
     boot = sub.add_parser(
         "boot",

@@ -24,3 +24,16 @@ async def test_run_trades_and_stops_cleanly(tmp_path: Path) -> None:
     assert (tmp_path / "journal.sqlite3").exists()
     assert " 0 orders/s" not in text, text  # the simulated traders traded
     await trio.lowlevel.checkpoint()
+
+
+def test_cli_users_add_and_list(tmp_path: Path, capsys: object) -> None:
+    from gateway.cli import main
+
+    users = str(tmp_path / "users.json")
+    assert main(["users", "add", "erin", "--deposit", "2500.5", "--password", "s3cret",
+                 "--users-file", users]) == 0
+    assert main(["users", "list", "--users-file", users]) == 0
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "erin\t2500.5000" in out
+    assert "s3cret" not in (tmp_path / "users.json").read_text()
+    assert main(["users", "add", "erin", "--password", "x", "--users-file", users]) == 1

@@ -54,4 +54,4 @@ def test_a_check_can_fail() -> None:
 
 
 def test_cli_runs_the_demo(capsys: object) -> None:
-    assert main(["run", "--steps", "50", "--agents", "4", "--no-live"]) == 0
+    assert main(["demo", "--steps", "50", "--agents", "4", "--no-live"]) == 0
