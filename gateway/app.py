@@ -27,7 +27,7 @@ from rich.table import Table
 from actors.host import EngineConfig
 from actors.messages import AccountDeposit, Dest
 from gateway.bridge import BridgeOptions, EngineBridge
-from gateway.client import ClientError, MarketEvent, PrivateEvent, open_client
+from gateway.client import ClientError, MarketUpdate, PrivateUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
 from protocol import CASH_STEP, Instrument
 
@@ -85,9 +85,9 @@ async def agent(url: str, user: str, password: str, symbols: list[Instrument], s
 
         async def listen() -> None:
             async for ev in c.events():
-                if isinstance(ev, PrivateEvent):
+                if isinstance(ev, PrivateUpdate):
                     stats.notify.add(max(0.0, (time.time_ns() - ev.ts) / 1e9))
-                elif isinstance(ev, MarketEvent) and ev.kind == "ticker":
+                elif isinstance(ev, MarketUpdate) and ev.kind == "ticker":
                     last = ev.data.get("last")
                     inst = next(i for i in symbols if ev.channel.endswith(i.symbol))
                     if last is not None:
@@ -184,7 +184,7 @@ async def run_exchange(options: RunOptions, instruments: Mapping[str, Instrument
                 await c.subscribe([f"ticker.{s}" for s in instruments]
                                   + [f"trades.{s}" for s in instruments])
                 async for ev in c.events():
-                    if isinstance(ev, MarketEvent):
+                    if isinstance(ev, MarketUpdate):
                         sym = ev.channel.split(".", 1)[1]
                         if ev.kind == "ticker":
                             books[sym] = (ev.data.get("best_bid") or "-",

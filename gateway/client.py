@@ -50,7 +50,7 @@ class ClientError(Exception):
 
 
 @attrs.frozen(kw_only=True)
-class PrivateEvent:
+class PrivateUpdate:
     """One sequenced private event with its typed data."""
 
     seq: int
@@ -62,7 +62,7 @@ class PrivateEvent:
 
 
 @attrs.frozen(kw_only=True)
-class MarketEvent:
+class MarketUpdate:
     channel: str
     seq: int
     kind: str
@@ -71,12 +71,12 @@ class MarketEvent:
 
 
 @attrs.frozen(kw_only=True)
-class NoticeEvent:
+class NoticeUpdate:
     kind: str
     data: dict[str, Any] = attrs.field(hash=False)
 
 
-Event = PrivateEvent | MarketEvent | NoticeEvent
+Event = PrivateUpdate | MarketUpdate | NoticeUpdate
 
 
 class Client:
@@ -300,7 +300,7 @@ class Client:
                 if e["seq"] <= self.last_seq:
                     continue  # already handed out (a replay overlapping live delivery)
                 self.last_seq = e["seq"]
-                await self._send_events.send(PrivateEvent(
+                await self._send_events.send(PrivateUpdate(
                     seq=e["seq"], kind=e["kind"], priority=e["priority"], ts=e["ts"],
                     data=event_data(e["kind"], e["data"]), raw=e))
                 self._unacked += 1
@@ -309,11 +309,11 @@ class Client:
                 with contextlib.suppress(ClientError):
                     await self._send(ws, {"op": "ack", "seq": self.last_seq})
         elif kind == "market":
-            await self._send_events.send(MarketEvent(
+            await self._send_events.send(MarketUpdate(
                 channel=frame["channel"], seq=frame["seq"], kind=frame["kind"], ts=frame["ts"],
                 data=frame["data"]))
         elif kind == "notice":
-            await self._send_events.send(NoticeEvent(kind=frame["kind"],
+            await self._send_events.send(NoticeUpdate(kind=frame["kind"],
                                                      data=frame.get("data", {})))
 
     async def drop(self) -> None:
@@ -378,10 +378,10 @@ class Strategy:
 
     async def on_start(self) -> None: ...
     async def on_ticker(self, symbol: str, data: dict[str, Any]) -> None: ...
-    async def on_book(self, symbol: str, event: MarketEvent) -> None: ...
-    async def on_trade(self, event: PrivateEvent) -> None: ...
-    async def on_order(self, event: PrivateEvent) -> None: ...
-    async def on_account(self, event: PrivateEvent) -> None: ...
+    async def on_book(self, symbol: str, event: MarketUpdate) -> None: ...
+    async def on_trade(self, event: PrivateUpdate) -> None: ...
+    async def on_order(self, event: PrivateUpdate) -> None: ...
+    async def on_account(self, event: PrivateUpdate) -> None: ...
     async def on_event(self, event: Event) -> None: ...
 
     def _c(self) -> Client:
@@ -412,13 +412,13 @@ class Strategy:
         await self.on_start()
         async for event in client.events():
             await self.on_event(event)
-            if isinstance(event, MarketEvent):
+            if isinstance(event, MarketUpdate):
                 symbol = event.channel.split(".", 1)[1]
                 if event.kind == "ticker":
                     await self.on_ticker(symbol, event.data)
                 elif event.channel.startswith("book."):
                     await self.on_book(symbol, event)
-            elif isinstance(event, PrivateEvent):
+            elif isinstance(event, PrivateUpdate):
                 if event.kind == "trade_executed":
                     await self.on_trade(event)
                 elif event.kind.startswith("order_"):
@@ -431,9 +431,9 @@ __all__ = [
     "Client",
     "ClientError",
     "Event",
-    "MarketEvent",
-    "NoticeEvent",
-    "PrivateEvent",
+    "MarketUpdate",
+    "NoticeUpdate",
+    "PrivateUpdate",
     "Strategy",
     "open_client",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 from gateway_kit import running_gateway
 
-from gateway.client import ClientError, MarketEvent, PrivateEvent, Strategy, open_client
+from gateway.client import ClientError, MarketUpdate, PrivateUpdate, Strategy, open_client
 from protocol import OrderEventData, TradeData
 
 
@@ -17,10 +17,10 @@ async def test_place_and_typed_events() -> None:
             await alice.place("BTC-PERP", "sell", "limit", qty="0.002", price="60000.0")
             filled = await bob.place("BTC-PERP", "buy", "market", qty="0.002")
             assert filled["status"] == "filled"
-            seen: list[PrivateEvent] = []
+            seen: list[PrivateUpdate] = []
             with trio.fail_after(10):
                 async for ev in bob.events():
-                    if isinstance(ev, PrivateEvent):
+                    if isinstance(ev, PrivateUpdate):
                         seen.append(ev)
                         if ev.kind == "order_filled":
                             break
@@ -59,12 +59,12 @@ class Recorder(Strategy):
     async def on_ticker(self, symbol: str, data: dict[str, object]) -> None:
         self.tickers.append(data)
 
-    async def on_order(self, event: PrivateEvent) -> None:
+    async def on_order(self, event: PrivateUpdate) -> None:
         self.orders.append(event.kind)
         if event.kind == "order_filled":
             self.done.set()
 
-    async def on_trade(self, event: PrivateEvent) -> None:
+    async def on_trade(self, event: PrivateUpdate) -> None:
         self.trades += 1
 
 
@@ -104,7 +104,7 @@ async def test_reconnect_resumes_without_gap_or_duplicate() -> None:
             dropped = False
             with trio.fail_after(30):
                 async for ev in alice.events():
-                    if not isinstance(ev, PrivateEvent):
+                    if not isinstance(ev, PrivateUpdate):
                         continue
                     seqs.append(ev.seq)
                     if len(seqs) == 20 and not dropped:
@@ -115,4 +115,4 @@ async def test_reconnect_resumes_without_gap_or_duplicate() -> None:
             assert alice.reconnects >= 1
             # Gapless and once each, from the first event after the deposit seen at login.
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-            assert isinstance(MarketEvent, type)
+            assert isinstance(MarketUpdate, type)
