@@ -217,7 +217,8 @@ class Host(RuntimeActor):
         self.out_seq: dict[str, int] = {}
         self.in_last: dict[str, int] = {}
         self.outbox: dict[str, deque[EngineBatch]] = {}
-        self._inflight: tuple[EngineBatch, list[Out]] | None = None
+        self._inflight: tuple[EngineBatch, list[Out], Any] | None = None
+        self._early: dict[str, dict[int, tuple[EngineBatch, Any]]] = {}
         self._fault: str | None = None
         self._timer_at: int | None = None
         self.turns = 0
@@ -360,32 +361,64 @@ class Host(RuntimeActor):
 
     def receiveMsg_EngineBatch(self, batch: EngineBatch, sender: Any) -> None:
         assert self.journal is not None
-        if self._inflight is not None and self._inflight[0] is batch:
-            # Thespian re-runs a handler that raised with the same message: the batch
-            # is applied and staged already; finish the turn without applying again.
-            outs = self._inflight[1]
-        elif batch.seq and batch.seq <= self.in_last.get(batch.origin, 0):
-            self._ack(batch, sender)  # a resend of something already applied
+        if self._inflight is not None:
+            # Thespian re-runs a handler that raised, with the same message: the turn
+            # in flight is applied and staged already; finish it without applying again.
+            done, outs, done_sender = self._inflight
+            self._finish(done, outs, done_sender)
+            self._drain(done.origin)
+        if not batch.seq:
+            self._turn(batch, sender)
             return
-        else:
-            outs = self._apply(batch)
-            self.journal.append(self.stream, [batch])
-            self._inflight = (batch, outs)
-            self.turns += 1
-            if self._fault == "raise_once":
-                self._fault = None
-                raise RuntimeError(f"{self.host_id}: injected fault after apply, before commit")
+        last = self.in_last.get(batch.origin, 0)
+        if batch.seq <= last:
+            self._ack(batch.origin, sender)  # a resend of something already applied
+            return
+        if batch.seq > last + 1:
+            # Thespian's TCP transport can deliver a channel's batches out of order
+            # (measured under load): hold this one until the gap before it arrives.
+            self._early.setdefault(batch.origin, {})[batch.seq] = (batch, sender)
+            return
+        self._turn(batch, sender)
+        self._drain(batch.origin)
+
+    def _drain(self, origin: str) -> None:
+        """Apply held batches of ``origin`` that are now next in line."""
+        early = self._early.get(origin)
+        while early:
+            nxt = early.pop(self.in_last.get(origin, 0) + 1, None)
+            if nxt is None:
+                break
+            self._turn(*nxt)
+        if early is not None and not early:
+            self._early.pop(origin, None)
+
+    def _turn(self, batch: EngineBatch, sender: Any) -> None:
+        assert self.journal is not None
+        outs = self._apply(batch)
+        self.journal.append(self.stream, [batch])
+        self._inflight = (batch, outs, sender)
+        self.turns += 1
+        if self._fault == "raise_once":
+            self._fault = None
+            raise RuntimeError(f"{self.host_id}: injected fault after apply, before commit")
+        self._finish(batch, outs, sender)
+
+    def _finish(self, batch: EngineBatch, outs: list[Out], sender: Any) -> None:
+        assert self.journal is not None
         if self.turns % SNAPSHOT_EVERY == 0:
             offset = self.journal.last_offset(self.stream) + 1
             self.journal.snapshot(self.stream, offset, (self.desks, self.out_seq, self.in_last))
         self.journal.commit()
         self._inflight = None
-        self._ack(batch, sender)
+        if batch.seq:
+            self._ack(batch.origin, sender)
         self._send_outputs(outs)
 
-    def _ack(self, batch: EngineBatch, sender: Any) -> None:
-        if batch.seq and not batch.origin.endswith(":resync"):
-            self.send(sender, EngineAck(host=self.host_id, seq=batch.seq))
+    def _ack(self, origin: str, sender: Any) -> None:
+        """Ack the channel's applied prefix (everything up to ``in_last``)."""
+        if not origin.endswith((":resync", ":timer")):
+            self.send(sender, EngineAck(host=self.host_id, seq=self.in_last.get(origin, 0)))
 
     def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
         box = self.outbox.get(ack.host)
