@@ -67,6 +67,7 @@ class EngineBridge:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._idle = False
         self.sent_batches = 0
         self.sent_items = 0
         self.received = 0
@@ -150,11 +151,21 @@ class EngineBridge:
     def _pass(self, link: EngineLink, token: trio.lowlevel.TrioToken,
               deliver: Callable[[list[Any]], None]) -> None:
         items: list[tuple[Dest, Any]] = []
+        first = True
         while True:
             try:
-                req = self._requests.get_nowait()
+                if first and self._idle and self.options.base == "simpleSystemBase":
+                    # simpleSystemBase's listen() returns at once when no actor has work
+                    # (it does not wait for its timeout), so an idle bridge would spin and
+                    # starve the trio thread of the GIL: block on the queue briefly instead
+                    # (a new request wakes it at once; due timers run on the next pass).
+                    req = self._requests.get(timeout=self.options.listen_s)
+                else:
+                    req = self._requests.get_nowait()
             except queue.Empty:
                 break
+            finally:
+                first = False
             if callable(req):
                 if items:
                     self.sent_batches += link.send(items)
@@ -170,6 +181,7 @@ class EngineBridge:
             self.sent_batches += link.send(items)
             self.sent_items += len(items)
         got = link.receive(self.options.listen_s)
+        self._idle = not got and not items
         if got:
             self.received += len(got)
             trio.from_thread.run_sync(deliver, got, trio_token=token)

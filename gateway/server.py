@@ -121,6 +121,7 @@ class _Conn:
     #: Per-channel seq of the market frames of this connection (a dropped frame
     #: still takes its seq, so the client sees the gap and resubscribes).
     chan_seq: dict[str, int] = attrs.field(factory=dict)
+    login_pending: bool = False
     closed: bool = False
 
 
@@ -207,7 +208,12 @@ class Gateway:
                 await conn.ws.aclose(1001, "idle timeout: send ping at least every "
                                            f"{self.config.idle_timeout_s:g} s")
                 return
-            self._on_frame(conn, data)
+            try:
+                self._on_frame(conn, data)
+            except Exception:
+                log.exception("gateway: frame from connection %s failed", conn.id)
+                self._push(conn, ErrorResponse(id=None, code=ErrorCode.INTERNAL,
+                                               message="the gateway failed on this frame"))
             if conn.proto.should_close:
                 await conn.ws.aclose(POLICY_VIOLATION, "too many bad frames")
                 return
@@ -277,11 +283,13 @@ class Gateway:
     # -- in ----------------------------------------------------------------------------
 
     def _on_frame(self, conn: _Conn, data: bytes | str) -> None:
+        session = self.hub.sessions.get(conn.id)
+        if conn.closed or session is None:
+            return  # cut (slow consumer, abuse): frames still in flight are ignored
         event = conn.proto.receive_frame(data)
         if isinstance(event, BadInput):
             self._push(conn, event.response)
             return
-        session = self.hub.sessions[conn.id]
         if not session.allow(time.monotonic_ns()):
             if not isinstance(event, Ack):
                 self._error(conn, event.id, ErrorCode.RATE_LIMITED, "slow down")
@@ -338,17 +346,23 @@ class Gateway:
                 self._session_effect(conn, ce.effect)
 
     def _login(self, conn: _Conn, req: Login) -> None:
+        if conn.login_pending:
+            raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "a login is already in progress")
+        conn.login_pending = True
+
         # argon2 is deliberately slow: verify off the event loop, then continue here.
         async def verify() -> None:
             ok = await trio.to_thread.run_sync(self.check_password, req.user, req.password)
             if conn.closed:
                 return
             if not ok:
+                conn.login_pending = False
                 conn.proto.login_failed()
                 self._error(conn, req.id, ErrorCode.AUTH_FAILED, "wrong user or password")
                 return
             limit = self.hub.config.max_sessions_per_user
             if len(self.hub.by_user.get(req.user, {})) >= limit:
+                conn.login_pending = False
                 conn.proto.login_failed()
                 self._error(conn, req.id, ErrorCode.TOO_MANY_SESSIONS,
                             f"{req.user} already has {limit} sessions")
@@ -380,15 +394,21 @@ class Gateway:
     def _from_engine(self, msgs: list[Any]) -> None:
         """One bridge pass: replies, deliveries and market data, in engine order."""
         for m in msgs:
-            if isinstance(m, Reply):
-                self._reply(m)
-            elif isinstance(m, Delivery):
-                for ce in self.hub.deliver(m):
-                    conn = self.conns.get(ce.conn)
-                    if conn is not None:
-                        self._session_effect(conn, ce.effect)
-            elif isinstance(m, BookDelta | PublicTrade | TickerUpdate):
-                self._market(m)
+            try:
+                self._from_engine_one(m)
+            except Exception:
+                log.exception("gateway: engine message %s failed", type(m).__name__)
+
+    def _from_engine_one(self, m: Any) -> None:
+        if isinstance(m, Reply):
+            self._reply(m)
+        elif isinstance(m, Delivery):
+            for ce in self.hub.deliver(m):
+                conn = self.conns.get(ce.conn)
+                if conn is not None:
+                    self._session_effect(conn, ce.effect)
+        elif isinstance(m, BookDelta | PublicTrade | TickerUpdate):
+            self._market(m)
 
     def _session_effect(self, conn: _Conn, effect: Any) -> None:
         if isinstance(effect, SessionSend) and effect.events:
@@ -407,6 +427,8 @@ class Gateway:
         conn = self.conns.get(pending.conn)
         if conn is None or conn.closed:
             return
+        if pending.op == "login":
+            conn.login_pending = False
         if not reply.ok:
             if pending.op == "login":
                 conn.proto.login_failed()
