@@ -126,3 +126,17 @@ async def test_reconnect_and_resume_without_gap_or_duplicate(gateway: Gateway) -
                 await alice2.frame()
             seqs = [e["seq"] for e in alice2.private]
             assert seqs == list(range(last_held + 1, seqs[-1] + 1))  # no gap, no duplicate
+
+
+def test_order_ids_are_unique_and_exact_in_json() -> None:
+    import time
+
+    from gateway.server import OrderIds
+
+    ids = OrderIds(time.time_ns())
+    got = [ids.next() for _ in range(200_000)]  # crosses a 65,536 rollover
+    assert len(set(got)) == len(got)
+    assert got == sorted(got)
+    assert max(got) < 2**53
+    later = OrderIds(time.time_ns() + 10**9)
+    assert later.next() > got[0]
