@@ -108,7 +108,7 @@ class OrderIds:
         self._next = 0
 
     def next(self) -> int:
-        if self._next >= 1 << 16:
+        if self._next >= (1 << 16) - 1:  # the counter lives in the low 16 bits
             self._slot = max(self._slot + 1, time.time_ns() // 10_000_000 - _ID_EPOCH)
             self._next = 0
         self._next += 1
