@@ -51,6 +51,47 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    """A gateway attached to a booted multi-process engine (``emporion boot``)."""
+    import signal
+
+    import trio
+
+    from gateway.bridge import BridgeOptions, EngineBridge
+    from gateway.server import Gateway, GatewayConfig
+    from gateway.users import UserStore, default_users_path
+
+    host, _, port_text = args.engine.rpartition(":")
+    if not port_text.isdigit() or host not in ("", "127.0.0.1", "localhost"):
+        return _fail(f"--engine must be 127.0.0.1:ADMIN_PORT (got {args.engine!r}); the admin "
+                     "transport is pickle and stays on this machine")
+    try:
+        store = UserStore.load(Path(args.users_file) if args.users_file
+                               else default_users_path(Path(args.data_dir)))
+    except Exception as exc:
+        return _fail(str(exc))
+    bridge = EngineBridge(BridgeOptions(base="multiprocTCPBase", admin_port=int(port_text),
+                                        gateway_id=args.gateway_id))
+    gw = Gateway(bridge, load_instruments(args.instruments), store.verify,
+                 GatewayConfig(host=args.host, port=args.port))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(gw.serve)
+            print(f"emporion gateway on ws://{args.host}:{port}/v1 attached to engine "
+                  f"127.0.0.1:{port_text}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except (OSError, RuntimeError) as exc:
+        return _fail(f"gateway failed: {exc}")
+    return 0
+
+
 def _users(args: argparse.Namespace) -> int:
     import getpass
 
@@ -224,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--instruments", default=None, help="instrument registry TOML file")
     demo.add_argument("--no-live", action="store_true", help="no live table, summary only")
     demo.set_defaults(func=_demo)
+
+    gwp = sub.add_parser("gateway",
+                         help="a WebSocket gateway attached to a booted engine (emporion boot)")
+    gwp.add_argument("--engine", required=True, help="the engine's admin address 127.0.0.1:PORT")
+    gwp.add_argument("--host", default="127.0.0.1")
+    gwp.add_argument("--port", type=int, default=8765)
+    gwp.add_argument("--gateway-id", default="gw1", help="unique per gateway of one engine")
+    gwp.add_argument("--data-dir", default="data", help="where users.json lives")
+    gwp.add_argument("--users-file", default=None)
+    gwp.add_argument("--instruments", default=None)
+    gwp.set_defaults(func=_gateway)
 
     users = sub.add_parser("users", help="manage the users file (argon2id password hashes)")
     users_sub = users.add_subparsers(dest="users_command", required=True)
