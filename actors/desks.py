@@ -41,6 +41,7 @@ from actors.messages import (
 )
 from protocol import (
     BookDelta,
+    BookEvent,
     CancelOrder,
     CancelRejected,
     CancelUserOrders,
@@ -80,11 +81,16 @@ def _ok(reply_to: ReplyTo | None, result: dict[str, Any]) -> list[Out]:
 
 
 class BookDesk:
-    """One symbol's book: matches orders, answers the accounts, publishes market data."""
+    """One symbol's book: matches orders, answers the accounts, publishes market data.
+
+    Market data goes out once per turn: :meth:`end_turn` flushes what the
+    turn's commands changed (one delta, the trades, one ticker).
+    """
 
     def __init__(self, instrument: Instrument) -> None:
         self.book = OrderBook(instrument)
         self.symbol = instrument.symbol
+        self._ts = 0  # the last command's time: the flush's
 
     def handle(self, msg: Any) -> list[Out]:
         if isinstance(msg, NewOrder):
@@ -95,6 +101,13 @@ class BookDesk:
             events = self.book.cancel_user(msg)
         else:
             raise TypeError(f"a book does not handle {type(msg).__name__}")
+        self._ts = msg.ts
+        return self._route(events)
+
+    def end_turn(self) -> list[Out]:
+        return self._route(self.book.flush_market(self._ts))
+
+    def _route(self, events: list[BookEvent]) -> list[Out]:
         out: list[Out] = []
         market = Dest("market", self.symbol)
         for ev in events:
@@ -107,9 +120,6 @@ class BookDesk:
             else:
                 out.append((Dest("account", ev.user), ev))
         return out
-
-    def end_turn(self) -> list[Out]:
-        return []
 
 
 class AccountDesk:

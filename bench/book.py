@@ -7,20 +7,34 @@ It runs through (a) ``actors.cores.book.OrderBook`` and (b) a bare reference
 book written here (SortedDict price -> deque, lazy cancel via an id map, fill
 tuples, no events, no validation), alternating, best of ``--repeat``.
 
+The core runs the stream as its actor would, in turns of ``TURN`` (100)
+operations: each command returns its account events, and the core's
+``flush_market`` is called once at the end of each turn, publishing that turn's
+market data (one BookDelta, the PublicTrades, one TickerUpdate). Cutting the
+stream into turns happens before timing; the flushes are timed.
+
 Buyers and sellers are different users, so self-trade prevention (which the
 bare book lacks) never fires and both books must end with the same fills and
 resting quantity; the ``book.sanity`` line shows it.
 
 Two more lines explain the gap: ``book.core_event_build_share`` (the share of
-the core's time spent constructing the protocol's attrs event objects, which
-the bare loop does not build) and ``book.bare_plus_events_ops_per_s`` (the bare
-loop plus that construction: a ceiling that includes the work the message
-types force on any core).
+the core's time spent constructing the protocol's event tuples, built the way
+the core builds them, which the bare loop does not build) and
+``book.bare_plus_events_ops_per_s`` (the bare loop plus that construction: a
+ceiling that includes the work the message types force on any core).
 
 Usage: python bench/book.py [--ops N] [--repeat R] [--seed S]
 """
 
 from __future__ import annotations
+
+# Run as a script, Python puts bench/ first on sys.path, where this very file
+# (bench/actors.py) would shadow the real ``actors`` package: drop it.
+import sys as _sys
+from pathlib import Path as _Path
+
+_HERE = _Path(__file__).parent.resolve()
+_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
 
 import argparse
 import gc
@@ -32,7 +46,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 from sortedcontainers import SortedDict
 
 from actors.cores.book import OrderBook
@@ -44,6 +57,8 @@ SELLERS = ("s1", "s2", "s3")
 # kinds in the bare stream
 ADD, CANCEL, IOC, MARKET = 0, 1, 2, 3
 MARKET_BUY_BOUND = 1 << 62
+#: Operations per turn of the core: it publishes market data once per turn.
+TURN = 100
 
 
 class BareBook:
@@ -186,16 +201,27 @@ def run_bare(ops: list[BareOp]) -> tuple[float, BareBook]:
     return time.perf_counter() - t0, book
 
 
-def run_core(inst: Instrument, ops: list[tuple[bool, Any]]) -> tuple[float, OrderBook]:
+def turns(ops: list[tuple[bool, Any]], size: int = TURN) -> list[tuple[list[Any], int]]:
+    """The core's stream cut into turns of ``size`` operations, each with its last ``ts``."""
+    out = []
+    for i in range(0, len(ops), size):
+        chunk = ops[i:i + size]
+        out.append((chunk, chunk[-1][1].ts))
+    return out
+
+
+def run_core(inst: Instrument, ops: list[tuple[list[Any], int]]) -> tuple[float, OrderBook]:
     book = OrderBook(inst)
-    submit, cancel = book.submit, book.cancel
+    submit, cancel, flush = book.submit, book.cancel, book.flush_market
     gc.collect()
     t0 = time.perf_counter()
-    for is_cancel, msg in ops:
-        if is_cancel:
-            cancel(msg)
-        else:
-            submit(msg)
+    for turn, ts in ops:
+        for is_cancel, msg in turn:
+            if is_cancel:
+                cancel(msg)
+            else:
+                submit(msg)
+        flush(ts)
     return time.perf_counter() - t0, book
 
 
@@ -216,11 +242,12 @@ def main() -> None:
     root = Path(__file__).resolve().parent.parent
     inst = parse_instruments((root / "protocol" / "instruments.toml").read_text())[SYMBOL]
     bare_ops, core_ops = build_stream(inst, args.ops, args.seed)
+    core_turns = turns(core_ops)
 
     best: dict[str, float] = {"bare": float("inf"), "core": float("inf")}
     runs: dict[str, Callable[[], tuple[float, Any]]] = {
         "bare": lambda: run_bare(bare_ops),
-        "core": lambda: run_core(inst, core_ops),
+        "core": lambda: run_core(inst, core_turns),
     }
     books: dict[str, Any] = {}
     for _ in range(args.repeat):
@@ -254,17 +281,21 @@ def main() -> None:
 
     # What the protocol's event objects alone cost: the core must build them and
     # the bare loop does not. Per-class construction time (best of a few, from a
-    # real event's fields) times how many the stream produced.
+    # real event's fields, built the way the core builds them) times how many
+    # the stream produced.
     counts: Counter[type] = Counter()
-    samples: dict[type, dict[str, Any]] = {}
+    samples: dict[type, tuple[Any, ...]] = {}
     book = OrderBook(inst)
-    for _, msg in core_ops:
-        events = book.cancel(msg) if isinstance(msg, CancelOrder) else book.submit(msg)
+    for turn, ts in core_turns:
+        events: list[Any] = []
+        for _, msg in turn:
+            events += book.cancel(msg) if isinstance(msg, CancelOrder) else book.submit(msg)
+        events += book.flush_market(ts)
         for event in events:
             cls = type(event)
             counts[cls] += 1
             if cls not in samples:
-                samples[cls] = attrs.asdict(event, recurse=False)
+                samples[cls] = tuple(event)
     events_s = sum(n * _build_time(cls, samples[cls]) for cls, n in counts.items())
     print(json.dumps({
         "name": "book.core_event_build_share",
@@ -279,13 +310,14 @@ def main() -> None:
     _line("book.bare_plus_events_ops_per_s", args.ops / (best["bare"] + events_s), "ops/s")
 
 
-def _build_time(cls: type, fields: dict[str, Any], n: int = 20_000) -> float:
-    """Seconds to construct one ``cls(**fields)``, best of three."""
+def _build_time(cls: type, values: tuple[Any, ...], n: int = 20_000) -> float:
+    """Seconds to construct one ``cls`` from ``values`` as the core does, best of three."""
+    new = tuple.__new__
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(n):
-            cls(**fields)
+            new(cls, values)
         best = min(best, time.perf_counter() - t0)
     return best / n
 

@@ -23,6 +23,14 @@ Usage: ``python bench/thespian_ceiling.py [--quick]``
 
 from __future__ import annotations
 
+# Run as a script, Python puts bench/ first on sys.path, where this very file
+# (bench/actors.py) would shadow the real ``actors`` package: drop it.
+import sys as _sys
+from pathlib import Path as _Path
+
+_HERE = _Path(__file__).parent.resolve()
+_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _HERE]
+
 import json
 import os
 import signal

@@ -1,4 +1,10 @@
-"""The order book core: matching rules, effects, market data, and properties over random op lists."""
+"""The order book core: matching rules, effects, market data, and properties over random op lists.
+
+Most tests drive a :class:`TurnBook`, whose every command is a turn of its own
+(the command's events, then :meth:`OrderBook.flush_market` at its ``ts``): the
+per-command view of market data. The batching tests drive a plain
+:class:`OrderBook` and flush at the end of multi-command turns.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +46,22 @@ def btc(instruments: dict[str, Instrument]) -> Instrument:
     return instruments[SYM]
 
 
+class TurnBook(OrderBook):
+    """An OrderBook that flushes its market data after every command."""
+
+    def submit(self, cmd: NewOrder) -> list[BookEvent]:
+        return super().submit(cmd) + self.flush_market(cmd.ts)
+
+    def cancel(self, cmd: CancelOrder) -> list[BookEvent]:
+        return super().cancel(cmd) + self.flush_market(cmd.ts)
+
+    def cancel_user(self, cmd: CancelUserOrders) -> list[BookEvent]:
+        return super().cancel_user(cmd) + self.flush_market(cmd.ts)
+
+
 @pytest.fixture
 def book(btc: Instrument) -> OrderBook:
-    return OrderBook(btc)
+    return TurnBook(btc)
 
 
 _ids = iter(range(1_000, 10**9))
@@ -427,7 +446,7 @@ def test_halted_book_rejects_orders_but_accepts_cancels(book: OrderBook) -> None
 def test_instrument_status_is_the_initial_status(btc: Instrument) -> None:
     import attrs
 
-    halted = OrderBook(attrs.evolve(btc, status="halted"))
+    halted = TurnBook(attrs.evolve(btc, status="halted"))
     assert halted.submit(new("a", "buy", REF, 1))[0].code == "market_halted"  # type: ignore[union-attr]
 
 
@@ -593,7 +612,7 @@ def test_ticker_volume_is_a_rolling_24h_window(book: OrderBook) -> None:
 
 
 def test_trade_ids_continue_from_the_constructor(btc: Instrument) -> None:
-    book = OrderBook(btc, next_trade_id=500)
+    book = TurnBook(btc, next_trade_id=500)
     book.submit(new("a", "sell", REF, 1))
     events = book.submit(new("b", "buy", REF, 1))
     assert of(events, Fill)[0].trade_id == 500
@@ -608,6 +627,63 @@ def test_the_book_pickles_and_carries_on_identically(book: OrderBook) -> None:
     assert state(copy) == state(book)
     tail = [new("a", "buy", None, 6, order_id=77_777), new("b", "sell", REF - 3, 9, order_id=77_778)]
     assert [copy.submit(c) for c in tail] == [book.submit(c) for c in tail]
+
+
+# -- market data per turn ------------------------------------------------------------------
+
+
+def test_commands_alone_publish_no_market_data(btc: Instrument) -> None:
+    book = OrderBook(btc)
+    resting = new("a", "sell", REF, 5)
+    assert kinds(book.submit(resting)) == ["OrderAccepted"]
+    assert kinds(book.submit(new("b", "buy", REF, 2))) == ["OrderAccepted", "Fill"]
+    assert kinds(book.cancel(cancel(resting.order_id, "a"))) == ["OrderCanceled"]
+    assert kinds(book.flush_market(T0)) == ["PublicTrade", "TickerUpdate"]  # no net level change
+    assert book.flush_market(T0) == []
+
+
+def test_a_turn_publishes_the_net_change_once(btc: Instrument) -> None:
+    book = OrderBook(btc)
+    book.submit(new("a", "sell", REF + 1, 5))
+    book.submit(new("a", "buy", REF - 1, 5))
+    book.flush_market(T0)
+    gone = new("b", "buy", REF - 3, 4)
+    events: list[BookEvent] = []
+    for cmd in (
+        new("b", "sell", REF + 1, 2),  # the level grows twice: one entry, its final total
+        new("c", "sell", REF + 1, 1),
+        gone,
+        new("d", "buy", REF + 1, 6, ts=T0 + 1),  # two trades
+        new("b", "buy", REF - 2, 1, ts=T0 + 1),
+    ):
+        events += book.submit(cmd)
+    events += book.cancel(cancel(gone.order_id, "b", ts=T0 + 2))  # came and went: not published
+    assert of(events, BookDelta) == of(events, PublicTrade) == of(events, TickerUpdate) == []
+    market = book.flush_market(T0 + 2)
+    assert kinds(market) == ["BookDelta", "PublicTrade", "PublicTrade", "TickerUpdate"]
+    assert market[0] == BookDelta(
+        symbol=SYM, bids=((REF - 2, 1),), asks=((REF + 1, 2),), ts=T0 + 2
+    )
+    fills = of(events, Fill)
+    assert [(t.trade_id, t.price, t.qty, t.ts) for t in market[1:3]] == [
+        (f.trade_id, f.price, f.qty, f.ts) for f in fills
+    ]
+    assert market[3] == TickerUpdate(
+        symbol=SYM, last=REF + 1, best_bid=REF - 1, best_ask=REF + 1, volume_24h=6, ts=T0 + 2
+    )
+    assert book.flush_market(T0 + 3) == []
+
+
+def test_a_turn_that_moves_the_top_and_back_sends_no_ticker(btc: Instrument) -> None:
+    book = OrderBook(btc)
+    book.submit(new("a", "buy", REF - 1, 1))
+    book.flush_market(T0)
+    better = new("b", "buy", REF, 1)
+    book.submit(better)
+    book.cancel(cancel(better.order_id, "b"))
+    assert book.flush_market(T0) == []
+    book.submit(new("b", "buy", REF, 1))
+    assert kinds(book.flush_market(T0)) == ["BookDelta", "TickerUpdate"]
 
 
 # -- properties over random op lists ----------------------------------------------------
@@ -711,7 +787,7 @@ def all_open(book: OrderBook) -> dict[int, OpenOrder]:
 
 def run_checked(ops: list[Op]) -> list[list[BookEvent]]:
     """Run ``ops`` on a fresh book, checking every invariant after every command."""
-    book = OrderBook(TINY)
+    book = TurnBook(TINY)
     model: dict[int, int] = {}  # resting order_id -> remaining, from the events alone
     replica = book.depth()  # rebuilt from BookDelta events alone
     trades: list[tuple[int, int]] = []  # (ts, qty)
@@ -818,10 +894,57 @@ def test_seeded_random_op_lists_keep_every_invariant(seed: int, n: int) -> None:
 def test_same_ops_same_events_and_pickled_books_agree(ops: list[Op], cut: int) -> None:
     assert run_checked(ops) == run_checked(ops)
     # A book pickled part-way (as a journal snapshot would) goes on identically.
-    book = OrderBook(TINY)
+    book = TurnBook(TINY)
     issued: list[NewOrder] = []
     cmds = [make_command(op, i, issued) for i, op in enumerate(ops)]
     for cmd in cmds[:cut]:
         dispatch(book, cmd)
     restored = pickle.loads(pickle.dumps(book))
     assert [dispatch(restored, c) for c in cmds[cut:]] == [dispatch(book, c) for c in cmds[cut:]]
+
+
+@settings(max_examples=200)
+@given(ops_lists, st.lists(st.integers(1, 12), min_size=1, max_size=40))
+def test_turns_publish_what_per_command_flushes_would_net(ops: list[Op], sizes: list[int]) -> None:
+    """Commands batched into turns: the deltas rebuild the book, the trades are the
+    fills, and a ticker comes exactly when something traded or a best price moved."""
+    book = OrderBook(TINY)
+    issued: list[NewOrder] = []
+    replica = book.depth()
+    top = (None, None)  # the best prices of the last ticker
+    fills: list[Fill] = []
+    trades: list[tuple[int, int]] = []  # (ts, qty)
+    turn_sizes = iter(sizes * (len(ops) // len(sizes) + 1))
+    i = 0
+    while i < len(ops):
+        n = next(turn_sizes)
+        ts = T0
+        for j in range(i, min(i + n, len(ops))):
+            cmd = make_command(ops[j], j, issued)
+            ts = T0 + j * HOUR
+            events = dispatch(book, cmd)
+            assert of(events, BookDelta) == of(events, PublicTrade) == of(events, TickerUpdate) == []
+            fills += of(events, Fill)
+        i += n
+        market = book.flush_market(ts)
+        deltas = of(market, BookDelta)
+        assert len(deltas) <= 1 and (not deltas or market[0] == deltas[0])
+        if deltas:
+            replica = apply_delta(replica, deltas[0])
+            assert deltas[0].bids or deltas[0].asks
+        assert replica == book.depth()
+        public = of(market, PublicTrade)
+        assert [(t.trade_id, t.price, t.qty, t.taker_side, t.ts) for t in public] == [
+            (f.trade_id, f.price, f.qty, f.taker_side, f.ts) for f in fills
+        ]
+        trades += [(f.ts, f.qty) for f in fills]
+        tickers = of(market, TickerUpdate)
+        now = (book.best_bid(), book.best_ask())
+        assert len(tickers) == (1 if fills or now != top else 0)
+        if tickers:
+            assert market[-1] == tickers[0]
+            assert (tickers[0].best_bid, tickers[0].best_ask) == now
+            assert tickers[0].last == book.last_price
+            assert tickers[0].volume_24h == sum(q for t, q in trades if t > ts - DAY_NS)
+            top = now
+        fills = []
