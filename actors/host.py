@@ -237,7 +237,8 @@ class Host(RuntimeActor):
         if msg.config.data_dir is None:
             self.journal = Journal(":memory:", fsync="off")
         else:
-            self.journal = Journal.open(Path(msg.config.data_dir), fsync=msg.config.fsync)
+            self.journal = Journal.open(Path(msg.config.data_dir), fsync=msg.config.fsync,
+                                        share=True)
         if self.kind == "book":
             self.desks[self.key] = BookDesk(self.instruments[self.key])
         elif self.kind == "router":

@@ -553,3 +553,24 @@ def test_committed_turns_are_exactly_what_reads_back(plan: list[tuple[str, list[
         for stream, records in model.items():
             assert list(j.read(stream)) == list(enumerate(records, start=1))
             assert j.last_offset(stream) == len(records)
+
+
+def test_journals_of_one_thread_can_share_a_connection(tmp_path: Path) -> None:
+    from actors.journal import _SHARED
+
+    a = Journal.open(tmp_path, share=True)
+    b = Journal.open(tmp_path, share=True)
+    assert a._conn is b._conn  # one connection, warm page cache for both
+    a.append("host:a", ["a1"])
+    a.commit()
+    b.append("host:b", ["b1", "b2"])
+    b.commit()
+    a.close()
+    assert not b.closed
+    b.append("host:b", ["b3"])
+    b.commit()
+    assert [r for _, r in b.read("host:b")] == ["b1", "b2", "b3"]
+    b.close()
+    assert not _SHARED
+    with Journal.open(tmp_path) as c:
+        assert [r for _, r in c.read("host:a")] == ["a1"]
