@@ -512,8 +512,12 @@ class Host(RuntimeActor):
     def receiveMsg_HostFault(self, msg: HostFault, sender: Any) -> None:
         if msg.mode == "exit":
             # Die without flushing anything: staged journal records and memory are lost.
+            # close() discards the staged turn without committing it and releases this
+            # host's hold on a shared connection (a leaked hold kept the file open).
             from thespian.actors import ActorExitRequest
 
+            if self.journal is not None:
+                self.journal.close()
             self.journal = None
             self.send(self.myAddress, ActorExitRequest())
             return

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
 import attrs
-from thespian.actors import ActorSystem, ActorTypeDispatcher
+from thespian.actors import ActorExitRequest, ActorSystem, ActorTypeDispatcher
 
 __all__ = [
     "BASES",
@@ -550,6 +550,7 @@ def stop_system(
             return []
         target = start_system(target, attach=True)
     info = _TRACKED.pop(id(target), None)
+    _exit_in_process_actors(target)
     target.shutdown()
     if info is None or info.session is None:
         return []
@@ -563,6 +564,32 @@ def stop_system(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     return leftovers
+
+
+def _exit_in_process_actors(asys: Any) -> None:
+    """Give each top-level actor of a simpleSystemBase its ``ActorExitRequest``.
+
+    The multiproc bases send every actor an ``ActorExitRequest`` on shutdown; the
+    simple base's ``shutdown()`` just drops them, so a host would never close its
+    journal (the file stayed open and the WAL unchecked-pointed for the life of
+    the process). Thespian passes the request on to each actor's children. Uses
+    the simple base's registry; a base without one (the TCP handle) is left alone.
+    """
+    base = getattr(asys, "_systemBase", None)
+    registry = getattr(base, "actorRegistry", None)
+    if base is None or not isinstance(registry, dict):
+        return
+    internal = set(getattr(base, "_internalAddresses", ()))
+    system = base.system.systemAddress
+    tops = [
+        ref.address
+        for key, ref in list(registry.items())
+        if key not in internal and getattr(ref, "instance", None) is not None
+        and getattr(ref, "parent", None) == system
+    ]
+    for address in tops:
+        with contextlib.suppress(Exception):  # shutting down regardless
+            asys.tell(address, ActorExitRequest())
 
 
 @contextlib.contextmanager
