@@ -63,11 +63,15 @@ class PrivateUpdate:
 
 @attrs.frozen(kw_only=True)
 class MarketUpdate:
+    """One market frame. ``epoch`` counts this client's subscriptions of the
+    channel (a reconnect resubscribes): the server restarts ``seq`` at 1 on each."""
+
     channel: str
     seq: int
     kind: str
     ts: int
     data: dict[str, Any] = attrs.field(hash=False)
+    epoch: int = 1
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +109,12 @@ class Client:
         self._cids = itertools.count(1)
         self._cid_prefix = f"{int(time.time() * 1000) % 10**10:010d}"
         self._unacked = 0
+        #: Seqs the server announced it will never send (P2/P3 conflation under
+        #: back-pressure; see PROTOCOL.md), and private events dropped because
+        #: they were already handed out (a replay overlapping live delivery).
+        self.skipped: set[int] = set()
+        self.duplicates_dropped = 0
+        self._epochs: dict[str, int] = {}
 
     # -- requests ---------------------------------------------------------------------
 
@@ -165,6 +175,7 @@ class Client:
 
     async def subscribe(self, channels: Iterable[str]) -> list[str]:
         chans = list(channels)
+        self._new_epoch(chans)  # before: the snapshot may overtake the response
         result = await self.request("subscribe", channels=chans)
         self._subscriptions.update(chans)
         return list(result.get("channels", chans))
@@ -259,7 +270,13 @@ class Client:
             self.reconnects += 1
             await self._request_on(ws, "resume", after_seq=self.last_seq)
             if self._subscriptions:
-                await self._request_on(ws, "subscribe", channels=sorted(self._subscriptions))
+                chans = sorted(self._subscriptions)
+                self._new_epoch(chans)
+                await self._request_on(ws, "subscribe", channels=chans)
+
+    def _new_epoch(self, channels: Iterable[str]) -> None:
+        for channel in channels:
+            self._epochs[channel] = self._epochs.get(channel, 0) + 1
 
     def _disconnected(self) -> None:
         # A fresh event only if the current one was set: waiters already parked on an
@@ -296,8 +313,10 @@ class Client:
                 waiting[1].append(frame)
                 waiting[0].set()
         elif kind == "private":
+            self.skipped.update(frame.get("skipped", ()))
             for e in frame.get("events", ()):
                 if e["seq"] <= self.last_seq:
+                    self.duplicates_dropped += 1
                     continue  # already handed out (a replay overlapping live delivery)
                 self.last_seq = e["seq"]
                 await self._send_events.send(PrivateUpdate(
@@ -309,9 +328,10 @@ class Client:
                 with contextlib.suppress(ClientError):
                     await self._send(ws, {"op": "ack", "seq": self.last_seq})
         elif kind == "market":
+            channel = frame["channel"]
             await self._send_events.send(MarketUpdate(
-                channel=frame["channel"], seq=frame["seq"], kind=frame["kind"], ts=frame["ts"],
-                data=frame["data"]))
+                channel=channel, seq=frame["seq"], kind=frame["kind"], ts=frame["ts"],
+                data=frame["data"], epoch=self._epochs.get(channel, 1)))
         elif kind == "notice":
             await self._send_events.send(NoticeUpdate(kind=frame["kind"],
                                                      data=frame.get("data", {})))
