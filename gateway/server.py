@@ -227,9 +227,21 @@ class Gateway:
     async def _writer(self, conn: _Conn, receive: trio.MemoryReceiveChannel[bytes | str]) -> None:
         async for data in receive:
             try:
-                await conn.ws.send_message(data)
+                await self._send_one(conn, data)
             except ConnectionClosed:
                 return
+
+    async def _send_one(self, conn: _Conn, data: bytes | str) -> None:
+        try:
+            await conn.ws.send_message(data)
+        except ValueError:  # UnicodeEncodeError: text no UTF-8 can carry
+            # ServerConnection.send never makes such text; should it happen, this
+            # one frame becomes an internal error and the gateway keeps serving.
+            # (wsproto encodes before it touches any state: the socket is intact.)
+            log.exception("gateway: connection %s: cannot send a frame", conn.id)
+            await conn.ws.send_message(conn.proto.send(ErrorResponse(
+                id=None, code=ErrorCode.INTERNAL,
+                message="the server could not encode a frame for this connection")))
 
     def _closed(self, conn: _Conn) -> None:
         conn.closed = True

@@ -48,13 +48,30 @@ def _reject_constant(name: str) -> Any:
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_json_ascii_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def encode_map(obj: dict[str, Any], encoding: Encoding) -> bytes | str:
-    """Encode one map: ``bytes`` for CBOR, ``str`` for JSON."""
+    """Encode one map: ``bytes`` for CBOR, ``str`` for JSON.
+
+    JSON text is always UTF-8-encodable (a WebSocket text frame must be): a
+    lone surrogate, which only a JSON ``\\uXXXX`` escape can produce, goes out
+    escaped again rather than raw.
+
+    Raises:
+        ValueError: NaN or ±Infinity in JSON, a lone surrogate in CBOR
+            (``UnicodeEncodeError``). TypeError: a value JSON cannot encode.
+        cbor2.CBOREncodeError: a value CBOR cannot encode.
+    """
     if encoding is Encoding.CBOR:
         return cbor2.dumps(obj)
-    return _json_encoder.encode(obj)
+    text = _json_encoder.encode(obj)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _json_ascii_encoder.encode(obj)
+    return text
 
 
 def decode_map(data: bytes | str, *, max_size: int = DEFAULT_MAX_FRAME) -> object:

@@ -7,10 +7,12 @@ the gateway feeds it what the WebSocket delivered and writes what it returns.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Mapping
 from typing import Final
 
 import attrs
+import cbor2
 
 from ._codec import DEFAULT_MAX_FRAME, Encoding, decode_request, encode_frame
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -55,6 +57,8 @@ _PUBLIC_OPS: Final = (Login, Ping, Subscribe, Unsubscribe)
 
 POLICY_VIOLATION: Final = 1008
 
+log = logging.getLogger(__name__)
+
 
 @attrs.frozen(kw_only=True)
 class BadInput:
@@ -93,6 +97,8 @@ class ServerConnection:
         self._bad_in_a_row = 0
         self.frames_in = 0
         self.bad_frames = 0
+        #: Frames :meth:`send` could not encode (each replaced by an ``internal`` error).
+        self.encode_errors = 0
 
     # -- state machine -------------------------------------------------------------
 
@@ -173,8 +179,26 @@ class ServerConnection:
     # -- data out ------------------------------------------------------------------
 
     def send(self, frame: ServerFrame) -> bytes | str:
-        """Encode a frame for this client, in its encoding (JSON until one is known)."""
-        return encode_frame(frame, self.encoding or Encoding.JSON)
+        """Encode a frame for this client, in its encoding (JSON until one is known).
+
+        Never raises: a frame the encoding cannot carry (our bug, since request
+        ids are validated for both encodings) is logged and replaced by an
+        ``internal`` error with ``id`` null, so the client still gets an answer.
+        """
+        encoding = self.encoding or Encoding.JSON
+        try:
+            return encode_frame(frame, encoding)
+        except (ValueError, TypeError, OverflowError, cbor2.CBOREncodeError):
+            self.encode_errors += 1
+            log.exception("cannot encode a %s frame in %s", type(frame).__name__, encoding)
+            return encode_frame(
+                ErrorResponse(
+                    id=None,
+                    code=ErrorCode.INTERNAL,
+                    message="the server could not encode a frame for this connection",
+                ),
+                encoding,
+            )
 
 
 class _StateError(RemoteProtocolError):

@@ -6,6 +6,7 @@ wire map into one of them or raises a typed :class:`RemoteProtocolError`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeAlias
@@ -28,6 +29,8 @@ MAX_CHANNELS: Final = 64
 MAX_PASSWORD: Final = 256
 MAX_ID_TEXT: Final = 64
 MAX_SEQ: Final = 2**63 - 1
+#: Lone surrogates: a JSON ``\ud800`` escape decodes to one, and UTF-8 cannot carry it.
+_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 
 def _strict_int(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     # bool is an int subclass in Python; on the wire true is not 1.
@@ -39,11 +42,22 @@ _seq = [_strict_int, attrs.validators.ge(0), attrs.validators.le(MAX_SEQ)]
 
 
 def _request_id(_: Any, __: attrs.Attribute[Any] | None, value: Any) -> None:
-    if value is None or isinstance(value, bool | int | float):
+    """An id must be echoable in both encodings: it is answered in the connection's.
+
+    So no NaN/Infinity (a CBOR float the strict JSON encoder refuses) and no
+    lone surrogate (a JSON escape UTF-8, hence CBOR and the WebSocket, cannot carry).
+    """
+    if value is None or isinstance(value, bool | int):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SEQ:
             raise ValueError("id out of range")
         return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("id must be a finite number")
+        return
     if isinstance(value, str) and len(value) <= MAX_ID_TEXT:
+        if _SURROGATE_RE.search(value) is not None:
+            raise ValueError("id must be valid Unicode text (no lone surrogates)")
         return
     raise ValueError("id must be a JSON scalar (a string of at most 64 characters)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import cbor2
 import pytest
 
 import protocol as p
@@ -176,6 +177,20 @@ def test_error_echoes_a_valid_id_only() -> None:
     assert info.value.request_id is None
 
 
+@pytest.mark.parametrize("bad_id", [
+    float("nan"), float("inf"), float("-inf"),  # CBOR carries them, strict JSON does not
+    "\ud800", "ok\udfff", "\udbff\udc00",  # lone surrogates: UTF-8 cannot carry them
+])
+def test_an_id_either_encoding_cannot_carry_is_refused(bad_id: object) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        p.request_from_map({"op": "ping", "id": bad_id})
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    assert info.value.request_id is None  # not echoed: it could not be
+    # Finite floats and astral characters (a proper pair, not a surrogate) are fine.
+    for good in (-0.0, 1e308, "\U0001f4a9", "é"):
+        assert p.request_from_map({"op": "ping", "id": good}) == p.Ping(id=good)
+
+
 def test_place_converts_to_engine_command(instruments: dict[str, p.Instrument]) -> None:
     req = p.request_from_map(_place())
     assert isinstance(req, p.Place)
@@ -188,7 +203,45 @@ def test_place_converts_to_engine_command(instruments: dict[str, p.Instrument]) 
     assert info.value.code is ErrorCode.INVALID_PRICE
 
 
+def test_the_connection_refuses_unencodable_ids_in_either_encoding() -> None:
+    for enc, frame in [(p.Encoding.CBOR, '{"op":"ping","id":"\\ud800"}'),
+                       (p.Encoding.JSON, cbor2.dumps({"op": "ping", "id": float("nan")}))]:
+        conn = p.ServerConnection(encoding=enc)
+        refusal = conn.receive_frame(frame)
+        assert isinstance(refusal, p.BadInput)
+        assert refusal.response.code is ErrorCode.BAD_REQUEST
+        assert refusal.response.id is None
+        out = conn.send(refusal.response)
+        assert conn.encode_errors == 0
+        assert p.decode_frame(out) == refusal.response
+
+
 # -- server frames -------------------------------------------------------------------------
+
+
+def test_json_text_is_always_utf8_encodable() -> None:
+    # A lone surrogate can only come from a JSON escape; it goes out escaped again.
+    frame = p.Pong(id="a\ud800", ts=1)  # built directly: validation would refuse it
+    text = p.encode_frame(frame, p.Encoding.JSON)
+    assert isinstance(text, str)
+    text.encode("utf-8")
+    assert p.decode_frame(text) == frame
+    assert p.encode_frame(p.Pong(id="é", ts=1), p.Encoding.JSON) == '{"type":"pong","id":"é","ts":1}'
+
+
+@pytest.mark.parametrize(("enc", "frame"), [
+    (p.Encoding.JSON, p.Response(id=1, result={"x": float("nan")})),  # strict JSON
+    (p.Encoding.CBOR, p.Pong(id="\ud800", ts=1)),  # UTF-8 has no lone surrogate
+    (p.Encoding.CBOR, p.Response(id=2, result={"x": object()})),
+    (p.Encoding.JSON, p.Response(id=3, result={"x": object()})),
+])
+def test_send_never_raises_an_encode_error(enc: p.Encoding, frame: p.ServerFrame) -> None:
+    conn = p.ServerConnection(encoding=enc)
+    out = conn.send(frame)
+    assert conn.encode_errors == 1
+    answer = p.decode_frame(out)
+    assert answer == p.ErrorResponse(id=None, code=ErrorCode.INTERNAL, message=(
+        "the server could not encode a frame for this connection"))
 
 
 def test_server_frames_round_trip_in_both_encodings() -> None:
