@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from protocol import Instrument, parse_instruments
 
@@ -222,6 +223,41 @@ def _shutdown(args: argparse.Namespace) -> int:
     return 0 if report.stopped else 1
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import attrs
+
+    from simulations.harness import SimOptions, run_simulation
+    from simulations.scenario import ScenarioError, load_scenario, validate
+
+    try:
+        scenario = load_scenario(args.scenario)
+        changes: dict[str, Any] = {}
+        if args.agents is not None:
+            changes["agents"] = args.agents
+        if args.seconds is not None:
+            changes.update(seconds=args.seconds, orders=None)
+        if args.orders is not None:
+            changes.update(orders=args.orders, seconds=None)
+        if args.seed is not None:
+            changes["seed"] = args.seed
+        scenario = validate(attrs.evolve(scenario, **changes))
+    except ScenarioError as exc:
+        print(f"emporion simulate: {exc}", file=sys.stderr)
+        return 2
+    if args.processes < 0:
+        print("emporion simulate: --processes must be >= 0", file=sys.stderr)
+        return 2
+    attach = args.url is not None
+    options = SimOptions(
+        scenario=scenario, url=args.url, password="demo" if attach else "sim",
+        user_prefix="demo" if attach else "sim",
+        report_dir=Path(args.report) if args.report else None, processes=args.processes,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        record=Path(args.record) if args.record else None, fsync=args.fsync,
+        live=not args.no_live, instruments_path=args.instruments)
+    return run_simulation(options)
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--admin-port", type=int, default=None,
@@ -265,6 +301,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--instruments", default=None, help="instrument registry TOML file")
     demo.add_argument("--no-live", action="store_true", help="no live table, summary only")
     demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="many simulated traders over real sockets, fault injection, invariant checks "
+             "and a report (see docs/simulations.md)")
+    sim.add_argument("--scenario", default="basic",
+                     help="a shipped scenario (basic, faults, stress) or a TOML file "
+                          "(default basic)")
+    sim.add_argument("--agents", type=int, default=None, help="agents (overrides the scenario)")
+    limit = sim.add_mutually_exclusive_group()
+    limit.add_argument("--seconds", type=float, default=None, help="trading time")
+    limit.add_argument("--orders", type=int, default=None,
+                       help="an order budget instead of a trading time")
+    sim.add_argument("--seed", type=int, default=None, help="RNG seed (overrides the scenario)")
+    sim.add_argument("--report", default="sim-report",
+                     help="report directory: report.json, report.md, charts (default ./sim-report)")
+    sim.add_argument("--processes", type=int, default=0,
+                     help="client processes for the agents (0: in this process; default 0)")
+    sim.add_argument("--url", default=None,
+                     help="attach to a running gateway (e.g. `emporion run --agents 0 "
+                          "--demo-users N`) instead of booting one; agents log in as "
+                          "demo1..demoN with password 'demo'; client faults only")
+    sim.add_argument("--data-dir", default=None,
+                     help="the embedded engine's journal (default: a fresh temporary dir)")
+    sim.add_argument("--record", default=None,
+                     help="journal every engine input to FILE (replay: emporion replay FILE)")
+    sim.add_argument("--fsync", choices=("always", "batch", "off"), default="batch")
+    sim.add_argument("--instruments", default=None, help="instrument registry TOML file")
+    sim.add_argument("--no-live", action="store_true", help="no live view, summary at the end")
+    sim.set_defaults(func=_simulate)
 
     gwp = sub.add_parser("gateway",
                          help="a WebSocket gateway attached to a booted engine (emporion boot)")

@@ -1,0 +1,293 @@
+"""Simulated traders on the client SDK's :class:`~gateway.client.Strategy` API.
+
+Each agent is one user on its own WebSocket connection. Its decisions come
+from its own ``random.Random(seed)``, so the order flow it *chooses* is
+reproducible from the seed (what the market does in reply depends on timing).
+Roles:
+
+``maker``        two-sided quotes a few ticks around the last price, skewed
+                 against its inventory; cancels its oldest quote past six.
+``noise``        random limit (sometimes crossing), market and cancel orders.
+``momentum``     follows the last two trade prices with market orders.
+``reconnector``  trades like noise and drops its connection now and then
+                 (abruptly, no close handshake); the SDK reconnects and resumes.
+
+Everything an agent does and sees is written to its
+:class:`~simulations.history.AgentLog` for the invariant checks and the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import trio
+
+from gateway.client import (
+    Client,
+    ClientError,
+    Event,
+    MarketUpdate,
+    PrivateUpdate,
+    Strategy,
+)
+from protocol import Instrument
+from simulations.history import AgentLog, FaultRecord, MarketRecord, OrderRecord, PrivateRecord
+
+TERMINAL = frozenset({"order_filled", "order_canceled", "order_expired", "order_rejected"})
+MAX_QUOTES = 6
+
+
+@attrs.define
+class Control:
+    """What every agent of one process shares: the stop signal and the order budget."""
+
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    budget: int | None = None  # orders this process may still send (None: no budget)
+    acked: int = 0  # places answered (ok or refused), for the live view
+    shared_acked: Any = None  # a multiprocessing.Value mirror of ``acked`` (child processes)
+
+    def take(self) -> bool:
+        if self.stop.is_set():
+            return False
+        if self.budget is None:
+            return True
+        if self.budget <= 0:
+            self.stop.set()
+            return False
+        self.budget -= 1
+        return True
+
+    def count_ack(self) -> None:
+        self.acked += 1
+        if self.shared_acked is not None:
+            self.shared_acked.value += 1
+
+
+class SimAgent(Strategy):
+    """One simulated trader; see the module docstring for the roles."""
+
+    def __init__(self, log: AgentLog, instruments: Mapping[str, Instrument],
+                 symbols: tuple[str, ...], seed: int, rate: float, control: Control) -> None:
+        super().__init__()
+        self.log = log
+        self.role = log.role
+        self.instruments = dict(instruments)
+        self.trade_symbols = symbols
+        self.rng = random.Random(seed)
+        self.rate = rate
+        self.control = control
+        self.mid = {s: self.instruments[s].ref_price for s in symbols}
+        self.last_trades: dict[str, list[int]] = {s: [] for s in symbols}
+        self.position = {s: 0 for s in symbols}
+        self.live: dict[int, str] = {}  # order id → symbol, oldest first
+        self._by_id: dict[int, OrderRecord] = {}
+        self._early_fills: dict[int, int] = {}  # order id → first fill ns, before the ack
+        self.faults: list[FaultRecord] = []
+        self._delay_left = 0
+        self._duplicate_next = False
+        self.inflight = 0
+
+    # -- events -----------------------------------------------------------------------
+
+    async def on_event(self, event: Event) -> None:
+        now = time.monotonic_ns()
+        if isinstance(event, PrivateUpdate):
+            self.log.private.append(PrivateRecord(seq=event.seq, kind=event.kind,
+                                                  received_ns=now, data=dict(event.raw["data"])))
+            self._on_private(event, now)
+        elif isinstance(event, MarketUpdate):
+            self.log.market.append(MarketRecord(
+                channel=event.channel, seq=event.seq, kind=event.kind, epoch=event.epoch,
+                ts=event.ts, received_wall_ns=time.time_ns(), data=dict(event.data)))
+            if event.kind == "ticker":
+                symbol = event.channel.split(".", 1)[1]
+                last = event.data.get("last")
+                if last is not None and symbol in self.mid:
+                    ticks = self.instruments[symbol].price_to_ticks(last)
+                    self.mid[symbol] = ticks
+                    trail = self.last_trades[symbol]
+                    trail.append(ticks)
+                    del trail[:-3]
+
+    def _on_private(self, event: PrivateUpdate, now: int) -> None:
+        data = event.raw["data"]
+        if event.kind == "trade_executed":
+            oid = int(data["order_id"])
+            rec = self._by_id.get(oid)
+            if rec is None:
+                cid = data.get("client_order_id")
+                rec = self.log.orders.get(cid) if cid else None
+            if rec is not None:
+                if rec.first_fill_ns is None:
+                    rec.first_fill_ns = now
+            else:
+                self._early_fills.setdefault(oid, now)
+            sym = data["symbol"]
+            if sym in self.position:
+                lots = self.instruments[sym].qty_to_lots(data["qty"])
+                self.position[sym] += lots if data["side"] == "buy" else -lots
+        elif event.kind.startswith("order_"):
+            oid = int(data["order_id"])
+            if event.kind in TERMINAL:
+                self.live.pop(oid, None)
+            elif data.get("status") in ("open", "partially_filled") and oid not in self.live:
+                self.live[oid] = data["symbol"]
+
+    # -- trading ----------------------------------------------------------------------
+
+    async def trade(self, client: Client) -> None:
+        """Place orders at this agent's rate until the stop signal or the budget ends."""
+        self.client = client
+        while not self.control.stop.is_set():
+            await trio.sleep(self.rng.expovariate(self.rate) if self.rate > 0 else 1.0)
+            if self.control.stop.is_set():
+                return
+            # Refused or disconnected: recorded on the order; the market goes on.
+            with contextlib.suppress(ClientError):
+                await self._act()
+
+    async def _act(self) -> None:
+        rng = self.rng
+        symbol = rng.choice(self.trade_symbols)
+        mid = self.mid[symbol]
+        if self.role == "maker":
+            if len(self.live) >= MAX_QUOTES:
+                await self._cancel(next(iter(self.live)))
+                return
+            skew = -1 if self.position[symbol] > 0 else (1 if self.position[symbol] < 0 else 0)
+            side = rng.choice(("buy", "sell"))
+            offset = rng.randint(1, 5)
+            price = mid - offset + skew if side == "buy" else mid + offset + skew
+            await self._place(symbol, side, "limit", rng.randint(1, 5), max(1, price))
+        elif self.role == "momentum":
+            trail = self.last_trades[symbol]
+            if len(trail) >= 2 and trail[-1] != trail[-2]:
+                side = "buy" if trail[-1] > trail[-2] else "sell"
+                await self._place(symbol, side, "market", rng.randint(1, 3), None)
+            else:
+                side = rng.choice(("buy", "sell"))
+                price = mid + (-1 if side == "buy" else 1) * rng.randint(0, 3)
+                await self._place(symbol, side, "limit", rng.randint(1, 3), max(1, price),
+                                  tif=rng.choice(("gtc", "ioc")))
+        else:  # noise, reconnector
+            if self.role == "reconnector" and rng.random() < 0.05:
+                await self.drop("reconnector")
+            r = rng.random()
+            if r < 0.2 and self.live:
+                await self._cancel(rng.choice(list(self.live)))
+            elif r < 0.45:
+                await self._place(symbol, rng.choice(("buy", "sell")), "market",
+                                  rng.randint(1, 4), None)
+            else:
+                side = rng.choice(("buy", "sell"))
+                offset = rng.randint(-3, 8)  # negative: crosses the spread
+                price = mid - offset if side == "buy" else mid + offset
+                await self._place(symbol, side, "limit", rng.randint(1, 4), max(1, price),
+                                  tif=rng.choice(("gtc", "gtc", "gtc", "ioc", "fok")),
+                                  post_only=rng.random() < 0.1)
+
+    async def _place(self, symbol: str, side: str, type: str, lots: int, ticks: int | None,
+                     *, tif: str = "gtc", post_only: bool = False) -> None:
+        if not self.control.take():
+            return
+        client = self._c()
+        inst = self.instruments[symbol]
+        cid = client.new_client_order_id()
+        rec = OrderRecord(client_order_id=cid, symbol=symbol, side=side, type=type, qty=lots,
+                          price=ticks, submitted_ns=time.monotonic_ns())
+        self.log.orders[cid] = rec
+        kwargs: dict[str, Any] = {"qty": inst.qty_str(lots), "client_order_id": cid,
+                                  "tif": "ioc" if type == "market" else tif}
+        if ticks is not None:
+            kwargs["price"] = inst.price_str(ticks)
+        if post_only and type == "limit" and tif == "gtc":
+            kwargs["post_only"] = True
+        if self._delay_left > 0:
+            self._delay_left -= 1
+            await trio.sleep(self.rng.uniform(0.05, 0.2))  # the injected delay itself
+        self.inflight += 1
+        try:
+            if self._duplicate_next:
+                self._duplicate_next = False
+                result = await self._place_twice(symbol, side, type, kwargs)
+            else:
+                result = await client.place(symbol, side, type, **kwargs)
+        except ClientError as exc:
+            if exc.code != "disconnected":
+                rec.acked_ns = time.monotonic_ns()
+                rec.ok = False
+                rec.error = exc.code
+                self.control.count_ack()
+            raise
+        finally:
+            self.inflight -= 1
+        rec.acked_ns = time.monotonic_ns()
+        rec.ok = True
+        rec.order_id = int(result["order_id"])
+        self._by_id[rec.order_id] = rec
+        early = self._early_fills.pop(rec.order_id, None)
+        if early is not None and rec.first_fill_ns is None:
+            rec.first_fill_ns = early
+        self.control.count_ack()
+
+    async def _place_twice(self, symbol: str, side: str, type: str,
+                           kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The duplicate-frame fault: the same place (same client order id) sent twice
+        at once; both answers must name the same order, one of them ``duplicate``."""
+        client = self._c()
+        answers: list[dict[str, Any]] = []
+
+        async def one() -> None:
+            answers.append(await client.place(symbol, side, type, **kwargs))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+        ids = {a["order_id"] for a in answers}
+        dup = sum(1 for a in answers if a.get("duplicate"))
+        ok = len(ids) == 1 and dup == 1
+        self.faults.append(FaultRecord(
+            at_ns=time.monotonic_ns(), kind="duplicate_frames", target=self.log.user, ok=ok,
+            detail=f"same place sent twice: order ids {sorted(ids)}, {dup} marked duplicate"))
+        return answers[0]
+
+    async def _cancel(self, order_id: int) -> None:
+        self.live.pop(order_id, None)
+        try:
+            await self._c().cancel(order_id)
+        except ClientError as exc:
+            if exc.code not in ("unknown_order", "disconnected"):
+                raise
+
+    # -- faults on the client side ------------------------------------------------------
+
+    async def drop(self, why: str = "drop_client") -> None:
+        """Cut the connection without a close handshake; the SDK reconnects and resumes."""
+        await self._c().drop()
+        if why == "drop_client":
+            self.faults.append(FaultRecord(at_ns=time.monotonic_ns(), kind="drop_client",
+                                           target=self.log.user, detail="TCP stream closed"))
+
+    def delay_frames(self, n: int = 5) -> None:
+        self._delay_left = n
+        self.faults.append(FaultRecord(at_ns=time.monotonic_ns(), kind="delay_frames",
+                                       target=self.log.user,
+                                       detail=f"the next {n} places each held 50-200 ms"))
+
+    def duplicate_next(self) -> None:
+        self._duplicate_next = True
+
+
+def deposit_units(deposit: Decimal) -> int:
+    from protocol import CASH_STEP
+
+    return int(deposit / CASH_STEP)
+
+
+__all__ = ["Control", "SimAgent", "deposit_units"]
