@@ -128,6 +128,11 @@ class _Conn:
     #: still takes its seq, so the client sees the gap and resubscribes).
     chan_seq: dict[str, int] = attrs.field(factory=dict)
     login_pending: bool = False
+    #: ``resume`` requests sent to the router and not answered yet; meanwhile the
+    #: user's live events wait in ``stash`` (not in the session), so a refused
+    #: resume leaves the session exactly as it was.
+    resumes: int = 0
+    stash: list[Any] = attrs.field(factory=list)
     closed: bool = False
 
 
@@ -289,7 +294,8 @@ class Gateway:
         return True
 
     def _ask(self, conn: _Conn, request_id: Any, op: str, dest: Dest,
-             make: Callable[[ReplyTo], Any], extra: Any = None) -> None:
+             make: Callable[[ReplyTo], Any], extra: Any = None) -> bool:
+        """Send a request to the engine; False (and ``rate_limited`` answered) when busy."""
         token = next(self._tokens)
         reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
                            request_id=token)
@@ -297,6 +303,8 @@ class Gateway:
         if not self._submit(dest, make(reply_to)):
             self._pending.pop(token, None)
             self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
+            return False
+        return True
 
     # -- in ----------------------------------------------------------------------------
 
@@ -355,10 +363,11 @@ class Gateway:
             self._ask(conn, req.id, "query", Dest("account", user), lambda r: AccountQuery(
                 reply_to=r, user=user, what=req.what))
         elif isinstance(req, Resume):
-            session = self.hub.sessions[conn.id]
-            session.begin_resume(req.after_seq)
-            self._ask(conn, req.id, "resume", Dest("router"), lambda r: RouterReplay(
-                reply_to=r, user=user, after_seq=req.after_seq))
+            # The session moves only when the router accepts (see _reply): a refused
+            # resume (after_seq beyond the last seq, replay_unavailable) changes nothing.
+            if self._ask(conn, req.id, "resume", Dest("router"), lambda r: RouterReplay(
+                    reply_to=r, user=user, after_seq=req.after_seq), extra=req.after_seq):
+                conn.resumes += 1
         elif isinstance(req, Ack):
             for ce in self.hub.ack(conn.id, req.seq):
                 self._session_effect(conn, ce.effect)
@@ -421,12 +430,43 @@ class Gateway:
         if isinstance(m, Reply):
             self._reply(m)
         elif isinstance(m, Delivery):
-            for ce in self.hub.deliver(m):
-                conn = self.conns.get(ce.conn)
-                if conn is not None:
-                    self._session_effect(conn, ce.effect)
+            self._deliver(m)
         elif isinstance(m, BookDelta | PublicTrade | TickerUpdate):
             self._market(m)
+
+    def _deliver(self, m: Delivery) -> None:
+        """Fan a user's live events out to the user's sessions (``SessionHub.deliver``),
+        except that a connection with a resume in flight keeps them in its stash."""
+        for conn_id in list(self.hub.by_user.get(m.user, ())):
+            conn = self.conns.get(conn_id)
+            if conn is not None and conn.resumes:
+                conn.stash.extend(m.events)
+                if len(conn.stash) > self.hub.config.hard_bound:
+                    self.hub.close(conn_id)
+                    self._cut(conn, "slow_consumer")
+                continue
+            for eff in self.hub.sessions[conn_id].deliver(m.events):
+                if isinstance(eff, SessionDisconnect):
+                    self.hub.close(conn_id)
+                if conn is not None:
+                    self._session_effect(conn, eff)
+
+    def _resumed(self, conn: _Conn, after_seq: int | None, replay: list[Any]) -> None:
+        """A resume's answer: ``after_seq`` None when refused (the stash goes out as live)."""
+        conn.resumes -= 1
+        stash, conn.stash = conn.stash, []
+        session = self.hub.sessions[conn.id]
+        if after_seq is None:
+            effects = session.deliver(stash)
+        else:
+            # The router published everything before answering, so the replay covers
+            # the stashed events it overlaps; the session drops the duplicates.
+            session.begin_resume(after_seq)
+            effects = session.replayed([*stash, *replay], last=True)
+        for eff in effects:
+            if isinstance(eff, SessionDisconnect):
+                self.hub.close(conn.id)
+            self._session_effect(conn, eff)
 
     def _session_effect(self, conn: _Conn, effect: Any) -> None:
         if isinstance(effect, SessionSend) and effect.events:
@@ -450,11 +490,11 @@ class Gateway:
         if not reply.ok:
             if pending.op == "login":
                 conn.proto.login_failed()
-            elif pending.op == "resume":
-                self.hub.sessions[conn.id].replayed((), last=True)
             self._push(conn, ErrorResponse(id=pending.request_id,
                                            code=ErrorCode(reply.code or "internal"),
                                            message=reply.message or ""))
+            if pending.op == "resume":
+                self._resumed(conn, None, [])
             return
         result = dict(reply.result or {})
         if pending.op == "login":
@@ -473,8 +513,7 @@ class Gateway:
         elif pending.op == "resume":
             events = result.pop("events")
             self._push(conn, Response(id=pending.request_id, result=result))
-            for eff in self.hub.sessions[conn.id].replayed(events, last=True):
-                self._session_effect(conn, eff)
+            self._resumed(conn, pending.extra, events)
         else:
             self._push(conn, Response(id=pending.request_id, result=result))
 
