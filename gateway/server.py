@@ -86,6 +86,9 @@ class GatewayConfig:
     outbound_queue: int = 4096
     #: A connection that sends nothing for this long is closed (send ``ping``).
     idle_timeout_s: float = 60.0
+    #: Before a close the server decides (1008, idle 1001), the frames already queued
+    #: get this long to go out, then the close handshake this long again.
+    close_drain_s: float = 1.0
     max_consecutive_bad: int = 32
     session: SessionConfig = attrs.field(factory=SessionConfig)
 
@@ -133,7 +136,12 @@ class _Conn:
     #: resume leaves the session exactly as it was.
     resumes: int = 0
     stash: list[Any] = attrs.field(factory=list)
+    #: Set once nothing more is to be queued (the client left, or the server decided
+    #: to close: then ``close_with`` holds the code and reason).
     closed: bool = False
+    close_with: tuple[int, str] | None = None
+    reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    writer_done: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.frozen
@@ -203,7 +211,10 @@ class Gateway:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn, receive)
-                await self._reader(conn)
+                with conn.reader_scope:
+                    await self._reader(conn)
+                if conn.close_with is not None:
+                    await self._drain_and_close(conn, *conn.close_with)
                 nursery.cancel_scope.cancel()
         finally:
             self._closed(conn)
@@ -216,8 +227,8 @@ class Gateway:
                 except ConnectionClosed:
                     return
             if idle.cancelled_caught:
-                await conn.ws.aclose(1001, "idle timeout: send ping at least every "
-                                           f"{self.config.idle_timeout_s:g} s")
+                self._close(conn, 1001, "idle timeout: send ping at least every "
+                                        f"{self.config.idle_timeout_s:g} s")
                 return
             try:
                 self._on_frame(conn, data)
@@ -225,16 +236,19 @@ class Gateway:
                 log.exception("gateway: frame from connection %s failed", conn.id)
                 self._push(conn, ErrorResponse(id=None, code=ErrorCode.INTERNAL,
                                                message="the gateway failed on this frame"))
-            if conn.proto.should_close:
-                await conn.ws.aclose(POLICY_VIOLATION, "too many bad frames")
+            if conn.proto.should_close:  # after the answer to this frame was queued
+                self._close(conn, POLICY_VIOLATION, "too many bad frames")
                 return
 
     async def _writer(self, conn: _Conn, receive: trio.MemoryReceiveChannel[bytes | str]) -> None:
-        async for data in receive:
-            try:
-                await self._send_one(conn, data)
-            except ConnectionClosed:
-                return
+        try:
+            async for data in receive:
+                try:
+                    await self._send_one(conn, data)
+                except ConnectionClosed:
+                    return
+        finally:
+            conn.writer_done.set()
 
     async def _send_one(self, conn: _Conn, data: bytes | str) -> None:
         try:
@@ -278,10 +292,29 @@ class Gateway:
         return True
 
     def _cut(self, conn: _Conn, reason: str) -> None:
+        self._close(conn, POLICY_VIOLATION, reason)
+
+    def _close(self, conn: _Conn, code: int, reason: str) -> None:
+        """Decide to close ``conn``: nothing more is queued, the reader stops, and the
+        connection's task drains the queue and closes (:meth:`_drain_and_close`)."""
         if conn.closed:
             return
         conn.closed = True
-        trio.lowlevel.spawn_system_task(conn.ws.aclose, POLICY_VIOLATION, reason)
+        conn.close_with = (code, reason)
+        conn.reader_scope.cancel()
+
+    async def _drain_and_close(self, conn: _Conn, code: int, reason: str) -> None:
+        """Send what is queued (answers included), then close; each step bounded.
+
+        A client that reads nothing keeps the writer blocked: the close handshake
+        then waits for the same socket and, past the bound, the TCP stream is
+        closed without it (trio-websocket closes it when ``aclose`` is cancelled).
+        """
+        conn.send.close()  # the writer sends what is queued, then ends
+        with trio.move_on_after(self.config.close_drain_s):
+            await conn.writer_done.wait()
+        with trio.move_on_after(self.config.close_drain_s):
+            await conn.ws.aclose(code, reason)
 
     def _error(self, conn: _Conn, request_id: Any, code: ErrorCode, message: str) -> None:
         self._push(conn, ErrorResponse(id=request_id, code=code, message=message))

@@ -610,21 +610,19 @@ async def test_1008_after_consecutive_bad_frames() -> None:
             assert code(await answer(c)) == "unknown_op"
             assert code(await c.call("query", what="account")) == "not_logged_in"
             await still_works(c)
-        # Three in a row: then 1008 (the last answer is lost: see the xfail below).
+        # Three in a row: the third is still answered, then 1008.
         await send_raw(c, "{")
         assert code(await answer(c)) == "bad_frame"
         await c.send({"op": "ping", "junk": 1})
         assert code(await answer(c)) == "bad_request"
         await c.send({"op": "nope"})
-        assert (await close_code(c))[0] == 1008
+        assert code(await answer(c)) == "unknown_op"
+        assert await close_code(c) == (1008, "too many bad frames")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Gateway._reader calls ws.aclose(1008) right after _on_frame queued the answer to the "
-    "last bad frame; the writer task never sends it (the close wins the stream lock), so "
-    "the frame that triggers the 1008 gets no bad_frame answer, and pipelined answers "
-    "still in the outbound queue are dropped too"))
 async def test_the_frame_that_triggers_1008_is_still_answered() -> None:
+    """Regression: the reader closed right after queueing the answer, and the close
+    won the stream lock over the writer, so the answer was never sent."""
     async with running_gateway(GatewayConfig(max_consecutive_bad=3)) as gw, \
             client(gw, "json") as c:
         for _ in range(2):
@@ -640,6 +638,51 @@ async def test_the_frame_that_triggers_1008_is_still_answered() -> None:
     assert last is not None, "closed with 1008 without answering the third bad frame"
     assert code(last) == "bad_frame"
     assert closed[0] == 1008
+
+
+async def test_pipelined_answers_go_out_before_the_1008() -> None:
+    async with running_gateway(GatewayConfig(max_consecutive_bad=3)) as gw, \
+            client(gw, "cbor") as c:
+        frames: list[bytes | str] = [cbor2.dumps({"op": "ping", "id": i}) for i in range(20)]
+        frames += [b"\xff", cbor2.dumps([1]), cbor2.dumps({"op": "nope", "id": 99})]
+        frames += [cbor2.dumps({"op": "ping", "id": 100})]  # after the close: unanswered
+        for data in frames:  # in one go: the answers queue up behind each other
+            await send_raw(c, data)
+        got = []
+        with trio.fail_after(10), contextlib.suppress(ConnectionClosed):
+            while True:
+                got.append(await answer(c))
+        await shut(c)
+        assert [f["id"] for f in got[:20]] == list(range(20))
+        assert [f["type"] for f in got[:20]] == ["pong"] * 20
+        assert [code(f) for f in got[20:]] == ["bad_frame", "bad_frame", "unknown_op"]
+        assert got[-1]["id"] == 99
+        assert c.ws.closed is not None and c.ws.closed.code == 1008
+
+
+async def test_a_stuck_writer_delays_the_close_by_a_bounded_time() -> None:
+    """The drain before a server-side close waits ``close_drain_s`` at most.
+
+    A client whose socket takes nothing is simulated by a writer that never returns;
+    its queue fills, the connection is cut (slow_consumer) and closed all the same.
+    """
+    cfg = GatewayConfig(outbound_queue=4, close_drain_s=0.2)
+    async with running_gateway(cfg) as gw, client(gw, "json") as c:
+        await still_works(c)
+        (conn,) = gw.conns.values()
+
+        async def stuck(data: bytes | str) -> None:
+            await trio.sleep_forever()
+
+        conn.ws.send_message = stuck  # type: ignore[method-assign]
+        start = trio.current_time()
+        with contextlib.suppress(ConnectionClosed):
+            for i in range(10):  # one in the writer, 4 queued, then the queue is full
+                await c.send({"op": "ping", "id": i})
+        assert await close_code(c) == (1008, "slow_consumer")
+        assert trio.current_time() - start >= 0.15  # the queue had its chance to drain
+        async with client(gw, "json") as other:
+            await still_works(other)
 
 
 async def test_idle_timeout_closes_a_silent_connection() -> None:
