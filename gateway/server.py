@@ -81,7 +81,13 @@ PasswordCheck = Callable[[str, str], bool]
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 0
+    #: The largest frame answered normally; a larger one is answered ``bad_frame``.
     max_frame: int = 64 * 1024
+    #: Hard cap on one WebSocket message (bytes, or characters of a text message):
+    #: trio-websocket assembles a message whole before the gateway sees it, so this
+    #: bounds what a connection makes the server buffer. Past it trio-websocket
+    #: closes the connection with 1009 (message too big). None: 16 * ``max_frame``.
+    max_message: int | None = None
     #: Frames waiting for one connection's writer; past it the connection is cut.
     outbound_queue: int = 4096
     #: A connection that sends nothing for this long is closed (send ``ping``).
@@ -91,6 +97,12 @@ class GatewayConfig:
     close_drain_s: float = 1.0
     max_consecutive_bad: int = 32
     session: SessionConfig = attrs.field(factory=SessionConfig)
+
+    @property
+    def message_cap(self) -> int:
+        """The hard cap in force (never below ``max_frame``)."""
+        cap = 16 * self.max_frame if self.max_message is None else self.max_message
+        return max(cap, self.max_frame)
 
 
 #: 2025-01-01T00:00:00Z in units of 10 ms: order ids count from there.
@@ -186,7 +198,7 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 server = await nursery.start(lambda task_status: serve_websocket(
                     self._handle, self.config.host, self.config.port, ssl_context=None,
-                    handler_nursery=nursery, max_message_size=4 * self.config.max_frame,
+                    handler_nursery=nursery, max_message_size=self.config.message_cap,
                     task_status=task_status))
                 self.port = server.port
                 task_status.started(self.port)

@@ -170,11 +170,20 @@ async def test_bad_frame_oversized_keeps_the_connection() -> None:
         assert code(await answer(c)) == "bad_request"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve_websocket(max_message_size=4*max_frame): a frame over 4x max_frame is cut by "
-    "trio-websocket with close 1009 instead of answered bad_frame (PROTOCOL.md: the "
-    "connection stays open)"))
+def padded(size: int, binary: bool = False) -> bytes | str:
+    """A ping frame of exactly ``size`` bytes (CBOR) or characters (JSON)."""
+    def make(n: int) -> bytes | str:
+        return (cbor2.dumps({"op": "ping", "pad": b"x" * n}) if binary
+                else json.dumps({"op": "ping", "pad": "x" * n}))
+
+    frame = make(size - (len(make(size)) - size))  # minus the map's own overhead
+    assert len(frame) == size
+    return frame
+
+
 async def test_bad_frame_far_oversized_keeps_the_connection() -> None:
+    """Regression: trio-websocket's cap was 4 x max_frame, so a frame over it was cut
+    with 1009 instead of answered; up to the hard cap (16 x max_frame) it is answered."""
     outcome: dict[str, Any] | str
     async with running_gateway(GatewayConfig(max_frame=1024)) as gw, client(gw, "json") as c:
         await send_raw(c, json.dumps({"op": "ping", "id": 1, "pad": "x" * 5000}))
@@ -184,8 +193,36 @@ async def test_bad_frame_far_oversized_keeps_the_connection() -> None:
             except ConnectionClosed as exc:
                 outcome = f"closed with {exc.reason}"
                 await shut(c)
-    assert not isinstance(outcome, str), outcome
-    assert code(outcome) == "bad_frame"
+        assert not isinstance(outcome, str), outcome
+        assert code(outcome) == "bad_frame"
+        await still_works(c)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+async def test_past_the_hard_cap_the_connection_closes_with_1009(binary: bool) -> None:
+    """docs/protocol.md, *Limits*: bad_frame up to 16 x max_frame, then close 1009."""
+    cfg = GatewayConfig(max_frame=1024)
+    assert cfg.message_cap == 16 * 1024
+    async with running_gateway(cfg) as gw, client(gw, "cbor" if binary else "json") as c:
+        await send_raw(c, padded(1025, binary))  # just over max_frame
+        assert code(await answer(c)) == "bad_frame"
+        await send_raw(c, padded(16 * 1024, binary))  # exactly the cap: still answered
+        assert code(await answer(c)) == "bad_frame"
+        await still_works(c)
+        await send_raw(c, padded(16 * 1024 + 1, binary))
+        closed = await close_code(c)
+        assert closed[0] == 1009, closed
+        async with client(gw, "json") as other:  # only that connection
+            await still_works(other)
+
+
+async def test_the_hard_cap_is_a_server_option() -> None:
+    async with running_gateway(GatewayConfig(max_frame=1024, max_message=2048)) as gw, \
+            client(gw, "json") as c:
+        await send_raw(c, padded(2048))
+        assert code(await answer(c)) == "bad_frame"
+        await send_raw(c, padded(2049))
+        assert (await close_code(c))[0] == 1009
 
 
 # -- bad_request / unknown_op ------------------------------------------------------------
