@@ -369,15 +369,45 @@ async def test_auth_failed(gateway: Gateway) -> None:
         assert (await c.call("login", user="alice", password="pw"))["ok"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no server path produces `forbidden`: nothing in gateway/, actors/ or protocol/ "
-    "(besides the ErrorCode enum) emits ErrorCode.FORBIDDEN; every op is allowed for "
-    "every logged-in user"))
-def test_forbidden_has_a_producer() -> None:
+def test_forbidden_is_reserved_and_has_no_producer() -> None:
+    """The decision (docs/protocol.md, *Errors*): no v1 request is refused `forbidden`.
+
+    The one case a real exchange might use it for — acting on another user's order —
+    answers `unknown_order`, as for an order that does not exist (see the next test):
+    an order id tells nobody whether someone else's order exists. The code stays in
+    the enum, documented as reserved; a producer added later must change the docs.
+    """
     sources = [p for d in ("gateway", "actors") for p in (ROOT / d).rglob("*.py")]
     sources += [p for p in (ROOT / "protocol").glob("*.py") if p.name != "_errors.py"]
-    assert any("FORBIDDEN" in p.read_text() or '"forbidden"' in p.read_text()
-               for p in sources)
+    assert not [p for p in sources
+                if "FORBIDDEN" in p.read_text() or '"forbidden"' in p.read_text()]
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `forbidden`"))
+    assert "reserved" in row
+    assert ErrorCode.FORBIDDEN.value == "forbidden"
+
+
+async def test_another_users_order_is_unknown_order_indistinguishably(gateway: Gateway) -> None:
+    async with client(gateway, "json") as alice, client(gateway, "cbor") as bob:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        sell = await alice.call("place", **limit("mine", "60500.0", "0.002", side="sell"))
+        oid = sell["result"]["order_id"]
+        nobody = 123456789
+        theirs = await bob.call("cancel", order_id=oid)
+        missing = await bob.call("cancel", order_id=nobody)
+        assert code(theirs) == code(missing) == "unknown_order"
+        assert theirs["error"]["message"].replace(str(oid), "N") == \
+            missing["error"]["message"].replace(str(nobody), "N")
+        theirs = await bob.call("cancel", client_order_id="mine")
+        missing = await bob.call("cancel", client_order_id="none")
+        assert code(theirs) == code(missing) == "unknown_order"
+        assert theirs["error"]["message"].replace("mine", "X") == \
+            missing["error"]["message"].replace("none", "X")
+        # Nothing happened to alice's order.
+        orders = (await alice.call("query", what="orders"))["result"]["orders"]
+        assert [o["order_id"] for o in orders] == [oid]
+        assert not [e for e in alice.private if e["kind"] == "order_canceled"]
 
 
 # -- orders ----------------------------------------------------------------------------------
