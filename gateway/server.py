@@ -481,20 +481,23 @@ class Gateway:
 
     def _deliver(self, m: Delivery) -> None:
         """Fan a user's live events out to the user's sessions (``SessionHub.deliver``),
-        except that a connection with a resume in flight keeps them in its stash."""
+        except that a connection with a resume in flight keeps them in its stash.
+
+        A cut connection stays in the hub until ``_closed`` (its session core,
+        closed, takes nothing more), so that ``hub.close`` there still reports the
+        user's last session: the router detach and ``cancel_on_disconnect``.
+        """
         for conn_id in list(self.hub.by_user.get(m.user, ())):
             conn = self.conns.get(conn_id)
-            if conn is not None and conn.resumes:
+            if conn is None or conn.closed:
+                continue
+            if conn.resumes:
                 conn.stash.extend(m.events)
                 if len(conn.stash) > self.hub.config.hard_bound:
-                    self.hub.close(conn_id)
                     self._cut(conn, "slow_consumer")
                 continue
             for eff in self.hub.sessions[conn_id].deliver(m.events):
-                if isinstance(eff, SessionDisconnect):
-                    self.hub.close(conn_id)
-                if conn is not None:
-                    self._session_effect(conn, eff)
+                self._session_effect(conn, eff)
 
     def _resumed(self, conn: _Conn, after_seq: int | None, replay: list[Any]) -> None:
         """A resume's answer: ``after_seq`` None when refused (the stash goes out as live)."""
@@ -509,8 +512,6 @@ class Gateway:
             session.begin_resume(after_seq)
             effects = session.replayed([*stash, *replay], last=True)
         for eff in effects:
-            if isinstance(eff, SessionDisconnect):
-                self.hub.close(conn.id)
             self._session_effect(conn, eff)
 
     def _session_effect(self, conn: _Conn, effect: Any) -> None:

@@ -825,6 +825,39 @@ async def test_slow_consumer_is_cut_while_others_keep_trading() -> None:
         assert sum(e["kind"] == "order_partially_filled" for e in alice.private) == 12
 
 
+async def test_a_slow_consumer_cut_still_cancels_on_disconnect() -> None:
+    """Regression: the cut removed the session from the hub at once, so the close
+    that followed no longer saw the user's last session: no router detach, and
+    cancel_on_disconnect was skipped ("still has sessions")."""
+    # One session per user, so the second login proves the first one is gone; no rate
+    # limit, so the second session can ask until the cancel has gone through the books.
+    cfg = GatewayConfig(session=SessionConfig(window=2, hard_bound=8, max_sessions_per_user=1,
+                                              rate_per_s=1_000_000, burst=1_000_000))
+    async with running_gateway(cfg) as gw:
+        async with client(gw, "json") as lazy:
+            assert (await lazy.call("login", user="carol", password="pw",
+                                    cancel_on_disconnect=True))["ok"]
+            resting = 0
+            with contextlib.suppress(ConnectionClosed):
+                for i in range(20):  # resting orders, their events never acked
+                    r = await lazy.call("place", **limit(f"c{i}", "60500.0", "0.001",
+                                                         side="sell"))
+                    assert r["result"]["status"] == "open"
+                    resting += 1
+                while True:
+                    await lazy.frame()
+            assert lazy.ws.closed is not None
+            assert (lazy.ws.closed.code, lazy.ws.closed.reason) == (1008, "slow_consumer")
+            await shut(lazy)
+        assert resting >= 1
+        async with client(gw, "json") as back:
+            with trio.fail_after(10):
+                while not (r := await back.call("login", user="carol", password="pw"))["ok"]:
+                    assert code(r) == "too_many_sessions"  # the close is still in flight
+                while (await back.call("query", what="orders"))["result"]["orders"]:
+                    pass  # the cancel_all is on its way through the books
+
+
 async def test_frames_in_flight_after_a_slow_consumer_cut_are_harmless() -> None:
     """Regression: a frame arriving after the cut used to raise KeyError and end serve()."""
     cfg = GatewayConfig(session=SessionConfig(window=2, hard_bound=8))
