@@ -16,23 +16,55 @@ Bounds: the request queue holds ``max_pending`` requests; when it is full,
 :meth:`EngineBridge.submit` raises :class:`BridgeBusy` and the gateway answers
 ``rate_limited`` rather than queue without limit. The listen timeout (a few ms)
 is the most a request waits for the bridge thread's next pass.
+
+Recording (``BridgeOptions.record``): the bridge thread journals every engine
+input it sends, in order and with its batch boundaries, the typed engine calls
+(:class:`OpenAccounts`) between them, and the outputs it receives; at stop it
+queries every user's final account and appends a footer with the live run's
+digests (:class:`RunDigest`). ``simulations.replay`` re-feeds such a file into a
+fresh :class:`~actors.local.LocalEngine` and compares. The file format:
+
+* 8 magic bytes ``EMPREC\\r\\n``, then frames, each a 4-byte big-endian payload
+  length, the payload's 4-byte CRC-32 and the payload: one pickle (protocol 5);
+* the first frame is the header, a plain dict: ``format`` (``emporion-record``),
+  ``version``, ``gateway_id``, ``base``, ``engine`` (the :class:`EngineConfig`
+  fields, the instruments' TOML text among them), ``recovered_turns`` (what the
+  engine replayed from its journal at boot; 0 for a fresh engine, None when
+  attached), ``started_ns``;
+* then :class:`RecordedInput`, :class:`RecordedCall` and :class:`RecordedOutput`
+  frames in the order the bridge thread made them, and last a
+  :class:`RecordFooter`. A run that died leaves a torn last frame and no footer;
+  :class:`RecordReader` stops at the tear and says so.
+
+Frames are written per pass (one ``write`` and ``flush``), never per message.
+**Pickle is a trust boundary**: reading a record runs whatever the file says,
+exactly like Thespian's own transport — replay only files you recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import pickle
 import queue
+import struct
 import threading
-from collections.abc import Callable
-from typing import Any, Literal
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
 
 import attrs
 import trio
 
 from actors.boot import EngineLink, boot_engine
 from actors.host import EngineConfig
-from actors.messages import Dest
+from actors.messages import AccountQuery, Delivery, Dest, Reply, ReplyTo
 from actors.runtime import SystemConfig, start_system, stop_system
+from protocol import PublicTrade
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +81,411 @@ class BridgeStopped(Exception):  # noqa: N818
 class BridgeOptions:
     base: Literal["simpleSystemBase", "multiprocTCPBase"] = "simpleSystemBase"
     admin_port: int | None = None  # multiprocTCPBase: the booted system's admin port
-    engine: EngineConfig | None = None  # simpleSystemBase: the engine to boot in-thread
+    #: simpleSystemBase: the engine to boot in-thread; attached: only for a recording's header.
+    engine: EngineConfig | None = None
     gateway_id: str = "gw1"
     max_pending: int = 100_000
     listen_s: float = 0.002
+    #: Journal every engine input and output to this file (see the module docstring).
+    record: str | None = None
+
+
+# -- typed engine calls ---------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class OpenAccounts:
+    """Make sure each user's account host exists (a login does it before attaching).
+
+    A typed call is recorded as data; a replay knows what it did (a
+    :class:`~actors.local.LocalEngine` opens accounts on demand).
+    """
+
+    users: tuple[str, ...]
+
+
+#: The engine calls the bridge knows by type (recorded as data).
+EngineCall = OpenAccounts
+
+
+@attrs.frozen(kw_only=True)
+class OpaqueCall:
+    """Stands in a recording for an :meth:`EngineBridge.call` callable: code is not
+    data, so a replay can only skip it (with a warning)."""
+
+    name: str
+
+
+@attrs.frozen
+class _Typed:
+    call: EngineCall
+    done: threading.Event
+
+
+_Request = tuple[Dest, Any] | _Typed | Callable[[EngineLink], Any]
+
+
+# -- record frames --------------------------------------------------------------------------
+
+RECORD_FORMAT = "emporion-record"
+RECORD_VERSION = 1
+_MAGIC = b"EMPREC\r\n"
+_FRAME = struct.Struct(">II")  # payload length, CRC-32 of the payload
+#: Outputs kept in a record: what the digests read (book deltas and tickers are not).
+_RECORDED_OUTPUTS = (Reply, Delivery, PublicTrade)
+#: The ``conn`` of the bridge's own final queries (gateway connections count from 1).
+RECORD_CONN = 0
+#: What the ``balances`` digest reads per user, each an ``AccountQuery.what``.
+BALANCE_VIEWS = ("account", "positions", "orders")
+#: Digest names, in report order.
+DIGESTS = ("trades", "balances", "events")
+
+
+@attrs.frozen(kw_only=True)
+class RecordedInput:
+    """One ``EngineLink.send``: ``batches`` are the ``EngineBatch``es it made, one per
+    host in the order sent, each ``(host id, ((Dest, message), …))``."""
+
+    pass_no: int
+    wall_ns: int
+    batches: tuple[tuple[str, tuple[tuple[Dest, Any], ...]], ...]
+
+
+@attrs.frozen(kw_only=True)
+class RecordedCall:
+    """A call run on the bridge thread between two sends."""
+
+    pass_no: int
+    call: EngineCall | OpaqueCall
+
+
+@attrs.frozen(kw_only=True)
+class RecordedOutput:
+    """What one pass received (replies, deliveries, public trades), in arrival order."""
+
+    pass_no: int
+    messages: tuple[Any, ...]
+
+
+@attrs.frozen(kw_only=True)
+class RecordFooter:
+    """Written at stop: the live run's digests and what they were computed from.
+
+    ``balances`` maps each user to the final views of :data:`BALANCE_VIEWS`
+    (None when the final queries did not answer); ``error`` says why a digest is
+    missing.
+    """
+
+    digests: dict[str, str | None] = attrs.field(hash=False)
+    users: tuple[str, ...]
+    balances: dict[str, dict[str, Any]] | None = attrs.field(default=None, hash=False)
+    counts: dict[str, int] = attrs.field(factory=dict, hash=False)
+    error: str | None = None
+
+
+RecordFrame = RecordedInput | RecordedCall | RecordedOutput | RecordFooter
+
+
+class RecordError(Exception):
+    """Not a record file, an unsupported version, or a damaged frame."""
+
+
+class RecordWriter:
+    """Appends frames to a record file; :meth:`flush` writes what was buffered."""
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
+        self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._buf: list[bytes] = [_MAGIC]
+        self.frames = 0
+        self.frame(header)
+        self.flush()
+
+    def frame(self, obj: Any) -> None:
+        payload = pickle.dumps(obj, protocol=5)
+        self._buf.append(_FRAME.pack(len(payload), zlib.crc32(payload)))
+        self._buf.append(payload)
+        self.frames += 1
+
+    def flush(self) -> None:
+        if self._buf:
+            self._file.write(b"".join(self._buf))
+            self._file.flush()
+            self._buf.clear()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+
+class RecordReader:
+    """Reads a record file frame by frame (streaming).
+
+    ``header`` is read at construction; iterating yields the frames after it.
+    A torn last frame (the recording process died mid-write) ends the iteration
+    and sets ``truncated``; a frame whose checksum fails raises :class:`RecordError`.
+    Unpickling runs code from the file: only read records you made.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        self.truncated = False
+        try:
+            self.header: dict[str, Any] = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> dict[str, Any]:
+        if self._file.read(len(_MAGIC)) != _MAGIC:
+            raise RecordError(f"{self.path} is not an emporion record")
+        header = self._next()
+        if not isinstance(header, dict) or header.get("format") != RECORD_FORMAT:
+            raise RecordError(f"{self.path}: no record header")
+        if header.get("version") != RECORD_VERSION:
+            raise RecordError(f"{self.path}: record version {header.get('version')} "
+                              f"(this code reads {RECORD_VERSION})")
+        return header
+
+    def _next(self) -> Any:
+        head = self._file.read(_FRAME.size)
+        if not head:
+            return _END
+        if len(head) < _FRAME.size:
+            self.truncated = True
+            return _END
+        size, crc = _FRAME.unpack(head)
+        payload = self._file.read(size)
+        if len(payload) < size:
+            self.truncated = True
+            return _END
+        if zlib.crc32(payload) != crc:
+            raise RecordError(f"{self.path}: a damaged frame at offset "
+                              f"{self._file.tell() - size - _FRAME.size}")
+        return pickle.loads(payload)  # a trust boundary: see the module docstring
+
+    def __iter__(self) -> Iterator[RecordFrame]:
+        while True:
+            frame = self._next()
+            if frame is _END:
+                return
+            yield frame
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_END = object()
+
+
+# -- digests --------------------------------------------------------------------------------
+
+
+def _canon(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr).encode()
+
+
+def input_user(item: Any) -> str | None:
+    """The user an engine input concerns (None for e.g. a book snapshot request)."""
+    order = getattr(item, "order", None)
+    user = getattr(order, "user", None) if order is not None else getattr(item, "user", None)
+    return user if isinstance(user, str) else None
+
+
+def balance_queries(users: Iterable[str], gateway_id: str) -> list[tuple[Dest, AccountQuery]]:
+    """The final queries behind the ``balances`` digest; request ids count down from -1."""
+    out: list[tuple[Dest, AccountQuery]] = []
+    for user in users:
+        for what in BALANCE_VIEWS:
+            rid = -(len(out) + 1)
+            out.append((Dest("account", user), AccountQuery(
+                reply_to=ReplyTo(gateway=gateway_id, conn=RECORD_CONN, request_id=rid),
+                user=user, what=what)))
+    return out
+
+
+def collect_balances(queries: list[tuple[Dest, AccountQuery]],
+                     replies: Iterable[Any]) -> dict[str, dict[str, Any]] | None:
+    """The views the answers to :func:`balance_queries` carry; None if one is missing."""
+    by_id: dict[Any, Reply] = {
+        r.reply_to.request_id: r for r in replies
+        if isinstance(r, Reply) and r.reply_to.conn == RECORD_CONN}
+    views: dict[str, dict[str, Any]] = {}
+    for _, q in queries:
+        reply = by_id.get(q.reply_to.request_id)
+        if reply is None:
+            return None
+        result = reply.result if reply.ok else {"error": reply.code}
+        views.setdefault(q.user, {})[q.what] = result
+    return views
+
+
+class RunDigest:
+    """The digests of one run's outputs, the same code for the live run and a replay.
+
+    * ``trades``: every public trade as ``(symbol, trade_id, price, qty, taker_side,
+      ts, maker, taker)`` in book order (by symbol, then trade id), ``maker`` and
+      ``taker`` being ``(user, order_id)`` from the ``trade_executed`` events of
+      the users whose events this gateway received (None otherwise);
+    * ``balances``: each user's final ``account``, ``positions`` and ``orders``
+      views (:data:`BALANCE_VIEWS`), by user;
+    * ``events``: per user, the P0/P1 private events as ``(kind, data)`` in seq
+      order. P2/P3 events and the seqs themselves are left out: the router
+      conflates P2/P3 on wall-clock timer ticks in the actor engine and on the
+      messages' own times in a replay, and a conflated event takes a seq when it
+      flushes, so the numbering legitimately differs. What P2/P3 carry (account
+      and positions) is covered by ``balances``.
+
+    Each digest is the SHA-256 of the canonical JSON rows (:meth:`rows`).
+    """
+
+    def __init__(self) -> None:
+        self.trades: dict[tuple[str, int], PublicTrade] = {}
+        self.sides: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+        self.events: dict[str, dict[int, tuple[str, Any]]] = {}
+        self.balances: dict[str, dict[str, Any]] | None = None
+
+    def feed(self, messages: Iterable[Any]) -> None:
+        for m in messages:
+            if isinstance(m, PublicTrade):
+                self.trades[(m.symbol, m.trade_id)] = m
+            elif isinstance(m, Delivery):
+                lane = self.events.setdefault(m.user, {})
+                for e in m.events:
+                    if e.kind == "trade_executed":
+                        d = e.data
+                        self.sides.setdefault((str(d["symbol"]), int(d["trade_id"])), {})[
+                            str(d["liquidity"])] = (m.user, int(d["order_id"]))
+                    if e.priority <= 1:
+                        lane[e.seq] = (e.kind, e.data)
+
+    def rows(self, name: str) -> list[Any]:
+        """The canonical rows of one digest (for diffing two runs)."""
+        if name == "trades":
+            rows: list[Any] = []
+            for key in sorted(self.trades):
+                t = self.trades[key]
+                side = self.sides.get(key, {})
+                rows.append([t.symbol, t.trade_id, t.price, t.qty, t.taker_side, t.ts,
+                             side.get("maker"), side.get("taker")])
+            return rows
+        if name == "events":
+            return [[user, kind, data] for user in sorted(self.events)
+                    for _, (kind, data) in sorted(self.events[user].items())]
+        if name == "balances":
+            b = self.balances or {}
+            return [[user, b[user]] for user in sorted(b)]
+        raise ValueError(f"no digest {name!r}")
+
+    def digest(self, name: str) -> str | None:
+        if name == "balances" and self.balances is None:
+            return None
+        h = hashlib.sha256()
+        for row in self.rows(name):
+            h.update(_canon(row))
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def digests(self) -> dict[str, str | None]:
+        return {name: self.digest(name) for name in DIGESTS}
+
+    def counts(self) -> dict[str, int]:
+        return {"trades": len(self.trades),
+                "events": sum(len(lane) for lane in self.events.values()),
+                "users": len(self.balances or {})}
+
+
+class _Recorder:
+    """The bridge thread's side of a recording."""
+
+    def __init__(self, path: str, header: dict[str, Any]) -> None:
+        self.writer = RecordWriter(path, header)
+        self.digest = RunDigest()
+        self.users: dict[str, None] = {}
+        self.passes = 0
+        self.items = 0
+        self.batches = 0
+        self.outputs = 0
+        self.opaque = 0
+
+    def inputs(self, link: EngineLink, items: list[tuple[Dest, Any]]) -> None:
+        per_host: dict[str, list[tuple[Dest, Any]]] = {}
+        for dest, item in items:
+            # The same grouping EngineLink.send makes (host_of is what it calls).
+            per_host.setdefault(link.host_of(dest), []).append((dest, item))
+            user = input_user(item)
+            if user is not None:
+                self.users.setdefault(user)
+        self.items += len(items)
+        self.batches += len(per_host)
+        self.writer.frame(RecordedInput(
+            pass_no=self.passes, wall_ns=time.time_ns(),
+            batches=tuple((h, tuple(b)) for h, b in per_host.items())))
+
+    def call(self, call: EngineCall | OpaqueCall) -> None:
+        if isinstance(call, OpenAccounts):
+            for user in call.users:
+                self.users.setdefault(user)
+        else:
+            self.opaque += 1
+        self.writer.frame(RecordedCall(pass_no=self.passes, call=call))
+
+    def received(self, got: list[Any]) -> None:
+        kept = tuple(m for m in got if isinstance(m, _RECORDED_OUTPUTS))
+        if kept:
+            self.outputs += len(kept)
+            self.digest.feed(kept)
+            self.writer.frame(RecordedOutput(pass_no=self.passes, messages=kept))
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        self.writer.flush()
+
+    def finish(self, link: EngineLink | None, *, settle_s: float, error: str | None) -> None:
+        """Query the final balances (when the link still works) and write the footer."""
+        users = tuple(sorted(self.users))
+        if link is not None and error is None:
+            try:
+                self._final_balances(link, users, settle_s)
+            except Exception as exc:
+                log.exception("recording: the final balance queries failed")
+                error = f"final balance queries failed: {exc!r}"
+        self.writer.frame(RecordFooter(
+            digests=self.digest.digests(), users=users, balances=self.digest.balances,
+            counts={**self.digest.counts(), "passes": self.passes, "items": self.items,
+                    "batches": self.batches, "outputs": self.outputs, "opaque": self.opaque},
+            error=error))
+        self.writer.close()
+
+    def _final_balances(self, link: EngineLink, users: tuple[str, ...], settle_s: float) -> None:
+        # Take in what is still on its way; an embedded engine is quiescent after
+        # each send already (simpleSystemBase runs every actor to completion).
+        got = link.receive(settle_s)
+        while got:
+            self.received(got)
+            got = link.receive(settle_s)
+        queries = balance_queries(users, link.gateway_id)
+        if queries:
+            link.send(queries)
+        answers: list[Any] = []
+
+        def answered(received: list[Any]) -> bool:
+            answers[:] = received
+            return collect_balances(queries, received) is not None
+
+        try:
+            link.wait_for(answered, timeout=10.0)
+        finally:
+            self.received(answers)
+        self.digest.balances = collect_balances(queries, answers)
 
 
 class EngineBridge:
@@ -60,14 +493,13 @@ class EngineBridge:
 
     def __init__(self, options: BridgeOptions) -> None:
         self.options = options
-        self._requests: queue.Queue[tuple[Dest, Any] | Callable[[EngineLink], Any]] = (
-            queue.Queue(maxsize=options.max_pending)
-        )
+        self._requests: queue.Queue[_Request] = queue.Queue(maxsize=options.max_pending)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._idle = False
+        self._recorder: _Recorder | None = None
         self.sent_batches = 0
         self.sent_items = 0
         self.received = 0
@@ -88,8 +520,25 @@ class EngineBridge:
         except queue.Full:
             raise BridgeBusy("the engine is behind; try again") from None
 
+    def open_accounts(self, *users: str) -> threading.Event:
+        """Make sure each user's account host exists, in order with the requests
+        queued before and after; a typed call (recorded as data).
+
+        Returns:
+            An event set on the bridge thread once the accounts are open (or the
+            attempt failed and was logged).
+        """
+        done = threading.Event()
+        self._requests.put(_Typed(OpenAccounts(users=users), done))
+        return done
+
+    def open_account(self, user: str) -> threading.Event:
+        """:meth:`open_accounts` of one user (the gateway does it at login)."""
+        return self.open_accounts(user)
+
     def call(self, fn: Callable[[EngineLink], Any]) -> None:
-        """Run ``fn(link)`` on the bridge thread (e.g. to open an account)."""
+        """Run ``fn(link)`` on the bridge thread. A recording keeps only an
+        :class:`OpaqueCall` marker: prefer a typed call where there is one."""
         self._requests.put(fn)
 
     async def start(self, deliver: Callable[[list[Any]], None]) -> None:
@@ -114,39 +563,87 @@ class EngineBridge:
 
     # -- the bridge thread ---------------------------------------------------------------
 
+    def _header(self, recovered_turns: int | None) -> dict[str, Any]:
+        opts = self.options
+        assert opts.engine is not None
+        return {"format": RECORD_FORMAT, "version": RECORD_VERSION,
+                "gateway_id": opts.gateway_id, "base": opts.base,
+                "engine": attrs.asdict(opts.engine), "recovered_turns": recovered_turns,
+                "started_ns": time.time_ns()}
+
     def _run(self, token: trio.lowlevel.TrioToken, deliver: Callable[[list[Any]], None]) -> None:
         opts = self.options
         asys: Any = None
         try:
+            if opts.record is not None and opts.engine is None:
+                raise ValueError("a recording needs the engine's config (BridgeOptions.engine)")
+            recovered: int | None = None
             if opts.base == "simpleSystemBase":
                 asys = start_system(SystemConfig(base="simpleSystemBase"))
                 assert opts.engine is not None, "the embedded bridge needs an engine config"
-                boot_engine(asys, opts.engine)
+                recovered = boot_engine(asys, opts.engine).recovered_turns
             else:
                 port = opts.admin_port or 19500
                 asys = start_system(SystemConfig(base=opts.base, admin_port=port), attach=True)
+            if opts.record is not None:
+                self._recorder = _Recorder(opts.record, self._header(recovered))
             link = EngineLink(asys, opts.gateway_id)
         except BaseException as exc:
+            if self._recorder is not None:
+                self._recorder.writer.close()
             self._error = exc
             self._ready.set()
             if asys is not None and opts.base == "simpleSystemBase":
                 stop_system(asys)
             return
         self._ready.set()
+        failed: str | None = None
         try:
             while not self._stop.is_set():
                 self._pass(link, token, deliver)
         except trio.RunFinishedError:
             pass
-        except Exception:
+        except Exception as exc:
+            failed = f"the bridge failed: {exc!r}"
             log.exception("the engine bridge failed")
             raise
         finally:
             try:
-                link.close()
+                if self._recorder is not None:
+                    settle = opts.listen_s if opts.base == "simpleSystemBase" else 0.25
+                    self._recorder.finish(link, settle_s=settle, error=failed)
             finally:
-                if opts.base == "simpleSystemBase":
-                    stop_system(asys)
+                try:
+                    link.close()
+                finally:
+                    if opts.base == "simpleSystemBase":
+                        stop_system(asys)
+
+    def _send(self, link: EngineLink, items: list[tuple[Dest, Any]]) -> None:
+        if self._recorder is not None:
+            self._recorder.inputs(link, items)
+        self.sent_batches += link.send(items)
+        self.sent_items += len(items)
+
+    def _call(self, link: EngineLink, req: _Typed | Callable[[EngineLink], Any]) -> None:
+        rec = self._recorder
+        if isinstance(req, _Typed):
+            if rec is not None:
+                rec.call(req.call)
+            try:
+                for user in req.call.users:
+                    link.open_account(user)
+            except Exception:
+                log.exception("opening accounts failed")
+            finally:
+                req.done.set()
+            return
+        if rec is not None:
+            rec.call(OpaqueCall(name=getattr(req, "__qualname__", repr(req))))
+        try:
+            req(link)
+        except Exception:
+            log.exception("an engine call failed")
 
     def _pass(self, link: EngineLink, token: trio.lowlevel.TrioToken,
               deliver: Callable[[list[Any]], None]) -> None:
@@ -166,22 +663,21 @@ class EngineBridge:
                 break
             finally:
                 first = False
-            if callable(req):
-                if items:
-                    self.sent_batches += link.send(items)
-                    self.sent_items += len(items)
-                    items = []
-                try:
-                    req(link)
-                except Exception:
-                    log.exception("an engine call failed")
-            else:
+            if isinstance(req, tuple):
                 items.append(req)
+            else:
+                if items:
+                    self._send(link, items)
+                    items = []
+                self._call(link, req)
         if items:
-            self.sent_batches += link.send(items)
-            self.sent_items += len(items)
+            self._send(link, items)
         got = link.receive(self.options.listen_s)
         self._idle = not got and not items
+        if self._recorder is not None:
+            if got:
+                self._recorder.received(got)
+            self._recorder.end_pass()
         if got:
             self.received += len(got)
             trio.from_thread.run_sync(deliver, got, trio_token=token)
