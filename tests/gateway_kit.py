@@ -65,9 +65,13 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(gw_config: GatewayConfig | None = None) -> AsyncIterator[Gateway]:
-    """An embedded engine and its gateway on a free port; users in USERS, password "pw"."""
-    bridge = EngineBridge(BridgeOptions(engine=config()))
+async def running_gateway(gw_config: GatewayConfig | None = None, *,
+                          record: str | None = None) -> AsyncIterator[Gateway]:
+    """An embedded engine and its gateway on a free port; users in USERS, password "pw".
+
+    ``record``: journal the bridge's engine traffic to this file (BridgeOptions.record).
+    """
+    bridge = EngineBridge(BridgeOptions(engine=config(), record=record))
     gw = Gateway(bridge, load_instruments(None), lambda u, p: p == "pw",
                  gw_config or GatewayConfig(port=0))
     async with trio.open_nursery() as nursery:
