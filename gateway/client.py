@@ -88,7 +88,8 @@ class Client:
 
     def __init__(self, url: str, user: str, password: str, *, encoding: str = "cbor",
                  reconnect: bool = True, event_buffer: int = 10_000,
-                 ack_every: int = 100, retries: int = 3) -> None:
+                 ack_every: int = 100, retries: int = 3,
+                 resume_from: int | None = None) -> None:
         self.url = url
         self.user = user
         self._password = password
@@ -96,7 +97,11 @@ class Client:
         self.reconnect = reconnect
         self.ack_every = ack_every
         self.retries = retries
-        self.last_seq = 0
+        #: ``resume_from``: replay the private events after this seq on the first login
+        #: too (0: the user's whole retained stream, as far as the replay log reaches),
+        #: not only after reconnects. None: start with what happens from now on.
+        self.last_seq = resume_from or 0
+        self._resume_first = resume_from is not None
         self.reconnects = 0
         self.session: int | None = None
         self._ids = itertools.count(1)
@@ -115,6 +120,9 @@ class Client:
         self.skipped: set[int] = set()
         self.duplicates_dropped = 0
         self._epochs: dict[str, int] = {}
+        #: Private events that arrived ahead of a gap (live events overtaking the
+        #: resume's replay after a reconnect), by seq.
+        self._held: dict[int, dict[str, Any]] = {}
 
     # -- requests ---------------------------------------------------------------------
 
@@ -233,7 +241,7 @@ class Client:
                     self._ws = ws
                     nursery.start_soon(self._reader, ws, nursery.cancel_scope)
                     try:
-                        await self._login(ws, resume=not first)
+                        await self._login(ws, resume=not first, replay=self._resume_first)
                     except ClientError as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
@@ -248,6 +256,11 @@ class Client:
                         with trio.move_on_after(1) as cleanup:
                             cleanup.shield = True
                             await ws.aclose()
+                            # When the peer went away first, trio-websocket leaves the
+                            # TCP stream to its reader task, which our cancel may have
+                            # ended first: close it here (idempotent), never leak it.
+                            with contextlib.suppress(Exception):
+                                await ws._stream.aclose()
             except BaseExceptionGroup as group:
                 failure = _unwrap(group)
             except (OSError, HandshakeError, ConnectionClosed) as exc:
@@ -263,16 +276,56 @@ class Client:
             await trio.sleep(backoff)  # reconnect backoff, not a wait for an event
             backoff = min(backoff * 2, 2.0)
 
-    async def _login(self, ws: WebSocketConnection, *, resume: bool) -> None:
+    async def _login(self, ws: WebSocketConnection, *, resume: bool, replay: bool) -> None:
         login = await self._request_on(ws, "login", user=self.user, password=self._password)
         self.session = login.get("session")
-        if resume:
-            self.reconnects += 1
-            await self._request_on(ws, "resume", after_seq=self.last_seq)
+        # Live events start after the login's last_seq and may arrive before the resume's
+        # replay: they wait in the hold buffer until the replay fills the gap below them.
+        live_from = int(login.get("last_seq", 0))
+        if not (resume or replay):
+            self.last_seq = max(self.last_seq, live_from)
+            await self._release()
+        if resume or replay:
+            if resume:
+                self.reconnects += 1
+            try:
+                await self._request_on(ws, "resume", after_seq=self.last_seq)
+            except ClientError as exc:
+                if exc.code != "replay_unavailable":
+                    raise
+                # The replay log no longer reaches back: say so, and go on from the
+                # login's position (the events in between are lost to this client).
+                lost = (self.last_seq, live_from)
+                self.last_seq = max(self.last_seq, live_from)
+                await self._send_events.send(NoticeUpdate(kind="replay_unavailable", data={
+                    "after_seq": lost[0], "live_from": lost[1]}))
+                await self._release()
             if self._subscriptions:
                 chans = sorted(self._subscriptions)
                 self._new_epoch(chans)
                 await self._request_on(ws, "subscribe", channels=chans)
+
+    async def _release(self) -> None:
+        """Hand out held events while the next one in seq order is there (seqs the
+        server announced as skipped count as there), so the stream stays gapless."""
+        while self._held:
+            nxt = self.last_seq + 1
+            while nxt in self.skipped and nxt not in self._held:
+                nxt += 1
+            e = self._held.pop(nxt, None)
+            if e is None:
+                stale = [s for s in self._held if s <= self.last_seq]
+                for s in stale:
+                    del self._held[s]
+                    self.duplicates_dropped += 1
+                if not stale:
+                    return
+                continue
+            self.last_seq = nxt
+            await self._send_events.send(PrivateUpdate(
+                seq=e["seq"], kind=e["kind"], priority=e["priority"], ts=e["ts"],
+                data=event_data(e["kind"], e["data"]), raw=e))
+            self._unacked += 1
 
     def _new_epoch(self, channels: Iterable[str]) -> None:
         for channel in channels:
@@ -315,14 +368,11 @@ class Client:
         elif kind == "private":
             self.skipped.update(frame.get("skipped", ()))
             for e in frame.get("events", ()):
-                if e["seq"] <= self.last_seq:
+                if e["seq"] <= self.last_seq or e["seq"] in self._held:
                     self.duplicates_dropped += 1
                     continue  # already handed out (a replay overlapping live delivery)
-                self.last_seq = e["seq"]
-                await self._send_events.send(PrivateUpdate(
-                    seq=e["seq"], kind=e["kind"], priority=e["priority"], ts=e["ts"],
-                    data=event_data(e["kind"], e["data"]), raw=e))
-                self._unacked += 1
+                self._held[e["seq"]] = e
+            await self._release()
             if self._unacked >= self.ack_every:
                 self._unacked = 0
                 with contextlib.suppress(ClientError):

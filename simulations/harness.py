@@ -360,7 +360,7 @@ class AgentGroup:
             async with contextlib.AsyncExitStack() as stack:
                 async with limiter:
                     client = await stack.enter_async_context(
-                        open_client(spec.url, user, spec.password, retries=8))
+                        open_client(spec.url, user, spec.password, retries=8, resume_from=0))
                     await client.subscribe([f"ticker.{s}" for s in spec.scenario.symbols])
                 self._n_connected += 1
                 if self._n_connected == len(self.agents):
@@ -461,8 +461,12 @@ async def query_final(client: Any, instruments: Mapping[str, Instrument]) -> Use
         inst = instruments.get(p["symbol"])
         if inst is not None:
             pos[p["symbol"]] = _lots(inst, p["long_qty"]) - _lots(inst, p["short_qty"])
+    # A final resume: its to_seq is the engine's last seq for the user (and any event
+    # still missing comes with it, through the client's gap-free hand-out).
+    last = await client.request("resume", after_seq=client.last_seq)
     return UserFinal(user=client.user, account=acc, positions=pos,
-                     open_orders={int(o["order_id"]): o for o in orders})
+                     open_orders={int(o["order_id"]): o for o in orders},
+                     last_seq=int(last["to_seq"]))
 
 
 def _cash(text: str) -> int:

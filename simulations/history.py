@@ -81,6 +81,9 @@ class AgentLog:
     market: list[MarketRecord] = attrs.field(factory=list)
     reconnects: int = 0
     deposit: int = 0  # minor units deposited for this user before the run
+    #: The seq the agent's stream must start at: 1 when it resumed from 0 at its first
+    #: login (the harness's agents do), else the login's ``last_seq + 1``.
+    first_seq: int = 1
 
 
 @attrs.define(kw_only=True)
@@ -107,6 +110,9 @@ class UserFinal:
     positions: dict[str, int]
     #: The open orders (``query orders``): order_id → the wire map.
     open_orders: dict[int, dict[str, Any]]
+    #: The engine's last private seq for the user at the end (a final ``resume``'s
+    #: ``to_seq``); None when unknown. The agent's stream must reach it.
+    last_seq: int | None = None
 
 
 @attrs.define(kw_only=True)

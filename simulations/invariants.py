@@ -237,13 +237,11 @@ def check_private_seqs_gapless(history: History, instruments: Mapping[str, Instr
 
     Proves: per agent, the seqs received (in receipt order strictly increasing)
     together with the seqs announced as ``skipped`` (conflated) are exactly
-    ``s..n``, each once, where ``n`` is the highest seq seen and ``s`` the
-    lowest (normally 1). A stream may start after 1: a session starts at the
-    user's last seq at login, so events before the agent's first login (the
-    deposit's ``account_update``) are never sent to it, and the history does not
-    record that login seq; such late starts are counted, not failed. Hence a loss
-    of the first events after login, or after the last seq an agent saw, is
-    outside what the history can show.
+    ``s..n``, each once, where ``s`` is the agent's ``first_seq`` (1: the
+    harness's agents resume from 0 at their first login, so they see the
+    deposit's ``account_update`` too) and ``n`` the engine's last seq for the user
+    at the end (``UserFinal.last_seq``; the highest seq seen when unknown) — so a
+    loss at the start or at the tail of a stream fails as well.
     """
     del instruments
     name = "private_seqs_gapless"
@@ -268,11 +266,19 @@ def check_private_seqs_gapless(history: History, instruments: Mapping[str, Instr
             dup_total += len(dups)
             violations.append(f"{user}: duplicate seqs {dups[:5]}"
                               + (f" (+{len(dups) - 5})" if len(dups) > 5 else ""))
-        n = max(counts, default=0)
-        start = min((s for s in counts if s >= 1), default=1)
-        if start > 1:
+        start = agent.first_seq
+        final = history.final.users.get(user)
+        n = max(counts, default=start - 1)
+        if final is not None and final.last_seq is not None:
+            if n > final.last_seq:
+                violations.append(f"{user}: saw seq {n} beyond the engine's last seq "
+                                  f"{final.last_seq}")
+            n = max(n, final.last_seq)
+        early = sorted(s for s in counts if s < start)
+        if early:
             late_starts += 1
-            before_login += start - 1
+            before_login += len(early)
+            violations.append(f"{user}: seqs {early[:5]} before its first seq {start}")
         missing = [s for s in range(start, n + 1) if s not in counts]
         if missing:
             missing_total += len(missing)
@@ -281,9 +287,6 @@ def check_private_seqs_gapless(history: History, instruments: Mapping[str, Instr
                               + f" of {start}..{n}")
     summary = (f"{events} private events and {skipped_total} skipped seqs "
                f"over {len(history.agents)} agents")
-    if late_starts:
-        summary += (f"; {late_starts} streams start after seq 1 ({before_login} seqs "
-                    "before login, not expected)")
     return _verdict(name, violations, summary, {
         "agents": len(history.agents), "events": events, "skipped": skipped_total,
         "missing": missing_total, "duplicates": dup_total, "out_of_order": disorder,

@@ -502,20 +502,31 @@ def test_missing_final_state_fails_cash_and_orders() -> None:
     assert "alice: no final state, its open orders are unknown" in failed["orders_accounted"]
 
 
-def test_stream_starting_after_login_is_counted_not_failed() -> None:
-    # The deposit's account_update (seq 1) happened before alice's login.
+def test_a_stream_must_start_at_its_first_seq() -> None:
+    # alice's seq 1 (the deposit's account_update) never reached her.
     h = valid_history()
     del h.agents["alice"].private[0]
-    h.agents["alice"].private[0].data = _order(1, "a-1", "sell", "limit", "60000.0", "0.010",
-                                               "0.000", "0.010", "open")
-    h.agents["alice"].private[0].kind = "order_accepted"
     check = check_private_seqs_gapless(h, INSTRUMENTS)
-    assert check.passed, check.detail
-    assert check.figures["late_starts"] == 1
-    assert "1 streams start after seq 1 (1 seqs before login, not expected)" in check.detail
-    assert not _failed(h)
-    del h.agents["alice"].private[2]  # seq 4 lost after the late start
+    assert not check.passed
+    assert "alice: missing seqs [1] of 1..6" in check.detail
+    # An agent that logged in without resuming from 0 starts at the login's seq + 1.
+    h.agents["alice"].first_seq = 2
+    assert check_private_seqs_gapless(h, INSTRUMENTS).passed
+    del h.agents["alice"].private[2]  # seq 4 lost after the start
     assert "alice: missing seqs [4] of 2..6" in check_private_seqs_gapless(h, INSTRUMENTS).detail
+
+
+def test_a_lost_tail_fails_against_the_engines_last_seq() -> None:
+    h = valid_history()
+    last = h.agents["alice"].private[-1].seq
+    h.final.users["alice"].last_seq = last + 2  # the engine numbered two more
+    check = check_private_seqs_gapless(h, INSTRUMENTS)
+    assert not check.passed
+    assert f"missing seqs [{last + 1}, {last + 2}]" in check.detail
+    h.final.users["alice"].last_seq = last - 1  # the agent saw more than the engine has
+    assert "beyond the engine's last seq" in check_private_seqs_gapless(h, INSTRUMENTS).detail
+    h.final.users["alice"].last_seq = last
+    assert check_private_seqs_gapless(h, INSTRUMENTS).passed
 
 
 @pytest.mark.parametrize(("spans", "trade_id", "excused"), [

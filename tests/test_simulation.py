@@ -1,0 +1,92 @@
+"""The simulation harness end to end (real gateway, real sockets) and its scenarios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+from rich.console import Console
+
+from simulations.harness import SimOptions, simulate
+from simulations.scenario import (
+    ENGINE_FAULTS,
+    FAULT_KINDS,
+    ScenarioError,
+    builtin_names,
+    load_scenario,
+    parse_scenario,
+)
+
+
+def test_the_shipped_scenarios_load() -> None:
+    assert builtin_names() == ["basic", "faults", "stress"]
+    faults = load_scenario("faults")
+    kinds = {f.kind for f in faults.faults}
+    # Each actor kind is killed at least once, plus client drops and an engine restart.
+    assert {"kill_book", "kill_account", "kill_router", "kill_session", "drop_client",
+            "restart_engine"} <= kinds
+    assert load_scenario("stress").agents == 1000
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[run]\nagents = 0\n", "agents"),
+    ("[run]\nagents = 5\nseconds = -1\n", "seconds"),
+    ("[run]\nbogus = 1\n", "bogus"),
+    ("[mix]\nwizard = 1\n", "wizard"),
+    ("[[faults]]\nat = 1\nkind = 'meteor'\n", "meteor"),
+    ("[[faults]]\nat = -2\nkind = 'kill_book'\n", "at"),
+    ("[run]\ndeposit = 'lots'\n", "deposit"),
+    ("not toml [", "TOML"),
+])
+def test_bad_scenarios_name_the_field(text: str, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(text, name="t")
+
+
+def test_unknown_scenario_lists_the_shipped_ones() -> None:
+    with pytest.raises(ScenarioError, match="basic, faults, stress"):
+        load_scenario("nope")
+
+
+def test_roles_follow_the_mix_deterministically() -> None:
+    sc = parse_scenario("[run]\nagents = 10\n[mix]\nmaker = 1\nnoise = 1\n", name="t")
+    roles = sc.roles()
+    assert roles.count("maker") == 5 and roles.count("noise") == 5
+    assert roles == sc.roles()
+    assert roles[:2] == ["maker", "noise"]  # interleaved: any prefix has the mix
+
+
+async def test_a_short_simulation_with_every_fault_passes_every_invariant(
+        tmp_path: Path) -> None:
+    sc = load_scenario("faults")
+    # Compress the schedule: 50 agents, a few seconds, one fault of each kind.
+    faults = tuple(attrs.evolve(f, at=0.5 + 0.35 * i) for i, f in enumerate(sc.faults))
+    sc = attrs.evolve(sc, agents=50, seconds=5.0, faults=faults)
+    assert {f.kind for f in sc.faults} == set(FAULT_KINDS)
+    with open(tmp_path / "console.txt", "w") as out:
+        result = await simulate(SimOptions(scenario=sc, report_dir=tmp_path / "report",
+                                           data_dir=tmp_path / "data", live=False),
+                                Console(file=out))
+    failed = {c.name: c.detail for c in result.checks if not c.passed}
+    assert not failed, failed
+    assert len(result.checks) >= 7
+    h = result.history
+    assert len(h.agents) == 50
+    # Every engine fault happened and was recovered from.
+    done = {f.kind for f in h.faults if f.ok}
+    assert set(ENGINE_FAULTS) <= done, h.faults
+    assert result.report["host_restarts"] == {
+        k: 1 for k in result.report["host_restarts"]}  # each killed host came back once
+    assert len(result.report["host_restarts"]) == 3  # a book, an account, the router
+    assert result.report["engine_restarts"] == 1
+    assert result.report["reconnects"] >= 50  # the engine restart reconnected everyone
+    # Real trading happened around the faults.
+    assert result.report["trades"] > 10
+    assert result.report["orders_acked"] > 100
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["passed"] is True
+    assert set(report["latency_ms"]) >= {"submit_to_ack", "submit_to_fill"}
+    for chart in ("latency.png", "throughput.png", "mid_price.png"):
+        assert (tmp_path / "report" / chart).read_bytes().startswith(b"\x89PNG")
