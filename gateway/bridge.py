@@ -337,12 +337,17 @@ class RunDigest:
       the users whose events this gateway received (None otherwise);
     * ``balances``: each user's final ``account``, ``positions`` and ``orders``
       views (:data:`BALANCE_VIEWS`), by user;
-    * ``events``: per user, the P0/P1 private events as ``(kind, data)`` in seq
-      order. P2/P3 events and the seqs themselves are left out: the router
-      conflates P2/P3 on wall-clock timer ticks in the actor engine and on the
-      messages' own times in a replay, and a conflated event takes a seq when it
-      flushes, so the numbering legitimately differs. What P2/P3 carry (account
-      and positions) is covered by ``balances``.
+    * ``events``: per user and symbol, the P0/P1 private events as ``(kind,
+      data)`` in seq order. P2/P3 events and the seqs themselves are left out:
+      the router conflates P2/P3 on wall-clock timer ticks in the actor engine
+      and on the messages' own times in a replay, and a conflated event takes a
+      seq when it flushes, so the numbering legitimately differs; what P2/P3
+      carry (account and positions) is covered by ``balances``. The interleaving
+      of one user's streams of different books is left out too: it is the order
+      the book hosts ran in, which a host fault changes (Thespian re-queues a
+      failed handler's message behind the others) and concurrent processes do
+      not fix. Anything that order decides shows anyway: a risk check that went
+      the other way changes the order's own stream and the balances.
 
     Each digest is the SHA-256 of the canonical JSON rows (:meth:`rows`).
     """
@@ -378,8 +383,14 @@ class RunDigest:
                              side.get("maker"), side.get("taker")])
             return rows
         if name == "events":
-            return [[user, kind, data] for user in sorted(self.events)
-                    for _, (kind, data) in sorted(self.events[user].items())]
+            rows = []
+            for user in sorted(self.events):
+                streams: dict[str, list[Any]] = {}
+                for _, (kind, data) in sorted(self.events[user].items()):
+                    symbol = str(data.get("symbol", ""))
+                    streams.setdefault(symbol, []).append([user, symbol, kind, data])
+                rows += [row for symbol in sorted(streams) for row in streams[symbol]]
+            return rows
         if name == "balances":
             b = self.balances or {}
             return [[user, b[user]] for user in sorted(b)]

@@ -34,19 +34,23 @@ that clock passes it (``LocalEngine.run``).
 * ``balances`` — each user's final ``account``, ``positions`` and ``orders``
   views: queried from the live engine by the bridge at stop, through the same
   ``AccountQuery`` on the replayed one;
-* ``events`` — per user, the P0/P1 private events as ``(kind, data)`` in seq
-  order.
+* ``events`` — per user and symbol, the P0/P1 private events as ``(kind,
+  data)`` in seq order.
 
 **What may legitimately differ, and is therefore left out:** P2/P3 events
 (``account_update``, ``position_update``, ``system_notice``) are conflated by
 the router on wall-clock timer ticks live and on message times here, and a
 conflated event takes its seq when it flushes — so their number, their order
 relative to P0/P1 events and every seq can differ; their content is covered by
-``balances``. Book deltas and tickers are published per host turn, which the
-round-based ``LocalEngine`` groups differently. Engine faults (a killed or
-raising host, injected through an opaque call) have no counterpart in a
-replay: a restarted host's ``resync`` notice is P3 and left out, but anything
-lost or reordered by the fault shows as a mismatch, as it should.
+``balances``. How one user's streams of different books interleave is the
+order the book hosts ran in: a raising host's batch is re-queued behind the
+others by Thespian, so an injected fault legitimately changes it (measured: a
+``raise_once`` on a book). Book deltas and tickers are published per host
+turn, which the round-based ``LocalEngine`` groups differently. Engine faults
+(a killed or raising host, injected through an opaque call) have no
+counterpart in a replay: a restarted host's ``resync`` notice is P3 and left
+out, but a fault that lost, duplicated or changed anything the engine
+promises shows as a mismatch, as it should.
 
 **Where the proof does not reach** (the result's ``notes`` say so when it
 applies): an engine that started from a non-empty journal (the replay starts
