@@ -106,14 +106,16 @@ class SimAgent(Strategy):
                 channel=event.channel, seq=event.seq, kind=event.kind, epoch=event.epoch,
                 ts=event.ts, received_wall_ns=time.time_ns(), data=dict(event.data)))
             if event.kind == "ticker":
-                symbol = event.channel.split(".", 1)[1]
-                last = event.data.get("last")
-                if last is not None and symbol in self.mid:
-                    ticks = self.instruments[symbol].price_to_ticks(last)
-                    self.mid[symbol] = ticks
-                    trail = self.last_trades[symbol]
-                    trail.append(ticks)
-                    del trail[:-3]
+                self.on_price(event.channel.split(".", 1)[1], event.data.get("last"))
+
+    def on_price(self, symbol: str, last: str | None) -> None:
+        """A ticker's last trade price (from this agent's subscription or a shared feed)."""
+        if last is not None and symbol in self.mid:
+            ticks = self.instruments[symbol].price_to_ticks(last)
+            self.mid[symbol] = ticks
+            trail = self.last_trades[symbol]
+            trail.append(ticks)
+            del trail[:-3]
 
     def _on_private(self, event: PrivateUpdate, now: int) -> None:
         data = event.raw["data"]

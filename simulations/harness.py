@@ -63,7 +63,7 @@ from actors.exchange import ExchangeStatus, ExchangeStatusQuery
 from actors.host import EngineConfig, HostFault
 from actors.messages import AccountDeposit, Dest
 from gateway.bridge import BridgeOptions, EngineBridge
-from gateway.client import ClientError, open_client
+from gateway.client import ClientError, MarketUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
 from protocol import CASH_STEP, Instrument, RemoteProtocolError
 from simulations.agents import Control, SimAgent, deposit_units
@@ -335,6 +335,8 @@ class AgentGroup:
     async def run(self) -> GroupResult:
         limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
         async with trio.open_nursery() as nursery:
+            if self.spec.scenario.market_data == "shared" and self.agents:
+                await nursery.start(self._feed)
             for agent in self.agents:
                 nursery.start_soon(self._agent, agent, limiter)
             nursery.start_soon(self._client_faults)
@@ -349,9 +351,32 @@ class AgentGroup:
             if self.agents:
                 await self.finished.wait()
             self.release.set()
+            nursery.cancel_scope.cancel()  # the shared feed, and the clients' connections
         return GroupResult(logs=[a.log for a in self.agents],
                            faults=[f for a in self.agents for f in a.faults],
                            finals=self.finals, settled=self.settled, errors=self.errors)
+
+    async def _feed(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The shared market-data connection of this group (``market_data = "shared"``):
+        it takes the tickers once and hands each price to every agent. It logs in as
+        the group's first agent (a second session of that user) and its frames go into
+        that agent's market log, the only ticker subscription there."""
+        spec = self.spec
+        first = self.agents[0]
+        async with open_client(spec.url, first.log.user, spec.password, retries=8,
+                               event_buffer=100_000) as feed:
+            await feed.subscribe([f"ticker.{s}" for s in spec.scenario.symbols])
+            task_status.started()
+            async for ev in feed.events():
+                if isinstance(ev, MarketUpdate):
+                    first.log.market.append(MarketRecord(
+                        channel=ev.channel, seq=ev.seq, kind=ev.kind, epoch=ev.epoch,
+                        ts=ev.ts, received_wall_ns=time.time_ns(), data=dict(ev.data)))
+                    if ev.kind == "ticker":
+                        symbol = ev.channel.split(".", 1)[1]
+                        last = ev.data.get("last")
+                        for agent in self.agents:
+                            agent.on_price(symbol, last)
 
     async def _agent(self, agent: SimAgent, limiter: trio.CapacityLimiter) -> None:
         spec = self.spec
@@ -361,7 +386,8 @@ class AgentGroup:
                 async with limiter:
                     client = await stack.enter_async_context(
                         open_client(spec.url, user, spec.password, retries=8, resume_from=0))
-                    await client.subscribe([f"ticker.{s}" for s in spec.scenario.symbols])
+                    if spec.scenario.market_data == "agent":
+                        await client.subscribe([f"ticker.{s}" for s in spec.scenario.symbols])
                 self._n_connected += 1
                 if self._n_connected == len(self.agents):
                     self.connected.set()
@@ -780,8 +806,6 @@ class _Run:
             self.monitor_client = c
             await c.subscribe(channels)
             self.monitor_ready.set()
-            from gateway.client import MarketUpdate
-
             async for ev in c.events():
                 if isinstance(ev, MarketUpdate):
                     self.history.monitor.append(MarketRecord(

@@ -9,6 +9,7 @@ A scenario is a TOML file (see ``simulations/scenarios/`` for the shipped
     seed = 1
     symbols = ["BTC-PERP", "ETH-PERP"]
     deposit = "1000000"  # quote currency per agent
+    market_data = "agent"  # or "shared": one ticker feed per client process
 
     [mix]                # relative weights of the roles
     maker = 3
@@ -65,6 +66,11 @@ class Scenario:
     seed: int = 1
     symbols: tuple[str, ...] = ("BTC-PERP", "ETH-PERP")
     deposit: Decimal = Decimal(1_000_000)
+    #: ``agent``: every agent subscribes to the tickers itself. ``shared``: one feed
+    #: connection per client process subscribes and hands prices to its agents —
+    #: how a trading firm runs many order-entry sessions (1,000 agents each taking
+    #: every ticker would make the load generator, not the exchange, the bottleneck).
+    market_data: str = "agent"
     mix: Mapping[str, float] = attrs.field(factory=lambda: {"maker": 3, "noise": 4,
                                                             "momentum": 2, "reconnector": 1})
     rates: Mapping[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATES))
@@ -133,7 +139,7 @@ def parse_scenario(text: str, *, name: str = "custom") -> Scenario:
         raise ScenarioError(f"scenario {name}: unknown section(s) {sorted(unknown)}")
     run = dict(raw.get("run", {}))
     fields: dict[str, Any] = {"name": name}
-    for key in ("agents", "seconds", "orders", "seed", "symbols", "deposit"):
+    for key in ("agents", "seconds", "orders", "seed", "symbols", "deposit", "market_data"):
         if key in run:
             fields[key] = run.pop(key)
     if run:
@@ -170,6 +176,8 @@ def validate(s: Scenario) -> Scenario:
     need(isinstance(s.seed, int), f"seed must be an integer, not {s.seed!r}")
     need(isinstance(s.symbols, list | tuple) and len(s.symbols) > 0
          and all(isinstance(x, str) for x in s.symbols), "symbols must be a list of symbols")
+    need(s.market_data in ("agent", "shared"),
+         f"market_data must be 'agent' or 'shared', not {s.market_data!r}")
     try:
         deposit = Decimal(str(s.deposit))
     except InvalidOperation:
