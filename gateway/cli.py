@@ -258,6 +258,14 @@ def _simulate(args: argparse.Namespace) -> int:
     return run_simulation(options)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from simulations.replay import main as replay_main
+
+    return replay_main(args.file, Console())
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--admin-port", type=int, default=None,
@@ -331,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--instruments", default=None, help="instrument registry TOML file")
     sim.add_argument("--no-live", action="store_true", help="no live view, summary at the end")
     sim.set_defaults(func=_simulate)
+
+    rep = sub.add_parser(
+        "replay",
+        help="re-feed a recording (simulate/run --record FILE) into a fresh in-process "
+             "engine on a virtual clock and compare the trades, balances and events digests")
+    rep.add_argument("file", help="the record file")
+    rep.set_defaults(func=_replay)
 
     gwp = sub.add_parser("gateway",
                          help="a WebSocket gateway attached to a booted engine (emporion boot)")

@@ -37,7 +37,7 @@ from gateway.client import (
     Strategy,
 )
 from protocol import Instrument
-from simulations.history import AgentLog, FaultRecord, MarketRecord, OrderRecord, PrivateRecord
+from simulations.history import AgentLog, FaultRecord, MarketRecord, PlacedOrder, PrivateRecord
 
 TERMINAL = frozenset({"order_filled", "order_canceled", "order_expired", "order_rejected"})
 MAX_QUOTES = 6
@@ -86,7 +86,7 @@ class SimAgent(Strategy):
         self.last_trades: dict[str, list[int]] = {s: [] for s in symbols}
         self.position = {s: 0 for s in symbols}
         self.live: dict[int, str] = {}  # order id → symbol, oldest first
-        self._by_id: dict[int, OrderRecord] = {}
+        self._by_id: dict[int, PlacedOrder] = {}
         self._early_fills: dict[int, int] = {}  # order id → first fill ns, before the ack
         self.faults: list[FaultRecord] = []
         self._delay_left = 0
@@ -201,7 +201,7 @@ class SimAgent(Strategy):
         client = self._c()
         inst = self.instruments[symbol]
         cid = client.new_client_order_id()
-        rec = OrderRecord(client_order_id=cid, symbol=symbol, side=side, type=type, qty=lots,
+        rec = PlacedOrder(client_order_id=cid, symbol=symbol, side=side, type=type, qty=lots,
                           price=ticks, submitted_ns=time.monotonic_ns())
         self.log.orders[cid] = rec
         kwargs: dict[str, Any] = {"qty": inst.qty_str(lots), "client_order_id": cid,

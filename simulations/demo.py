@@ -54,7 +54,7 @@ class DemoStats:
 
 
 @attrs.frozen
-class Check:
+class DemoCheck:
     name: str
     passed: bool
     detail: str
@@ -145,30 +145,30 @@ class Demo:
 
     # -- invariants ------------------------------------------------------------------
 
-    def checks(self) -> list[Check]:
+    def checks(self) -> list[DemoCheck]:
         eng = self.engine
         ledgers = [eng.account(u).ledger for u in self.users]
         marks = {s: self.stats.last.get(s, i.ref_price) for s, i in self.instruments.items()}
         total = sum(led.cash + led.fees_paid + sum(
             led.unrealized(s, marks[s]) for s in self.instruments) for led in ledgers)
-        out = [Check(
+        out = [DemoCheck(
             "cash + fees + unrealized conserved",
             total == self.deposits,
             f"{cash_str(total)} vs deposits {cash_str(self.deposits)}",
         )]
         nets = {s: sum(led.position(s)[0] for led in ledgers) for s in self.instruments}
-        out.append(Check("net position per symbol is zero", all(v == 0 for v in nets.values()),
+        out.append(DemoCheck("net position per symbol is zero", all(v == 0 for v in nets.values()),
                          ", ".join(f"{s}={v}" for s, v in nets.items())))
         crossed = [
             s for s, d in eng.books.items()
             if d.book.best_bid() is not None and d.book.best_ask() is not None
             and d.book.best_bid() >= d.book.best_ask()  # type: ignore[operator]
         ]
-        out.append(Check("no book is crossed", not crossed, ", ".join(crossed) or "all ok"))
+        out.append(DemoCheck("no book is crossed", not crossed, ", ".join(crossed) or "all ok"))
         gaps = [u for u in self.users
                 if self.delivered.get(u, []) != list(range(1, eng.router.router.last_seq(u) + 1))]
         n_events = sum(len(v) for v in self.delivered.values())
-        out.append(Check("private seqs gapless, no duplicates", not gaps,
+        out.append(DemoCheck("private seqs gapless, no duplicates", not gaps,
                          f"{n_events} events to {len(self.delivered)} users"
                          + (f"; broken: {gaps[:5]}" if gaps else "")))
         mismatched = []
@@ -177,7 +177,7 @@ class Demo:
             book_open = {o.order_id for d in eng.books.values() for o in d.book.open_orders(u)}
             if ledger_open != book_open:
                 mismatched.append(u)
-        out.append(Check("every order accounted for (ledger == books)", not mismatched,
+        out.append(DemoCheck("every order accounted for (ledger == books)", not mismatched,
                          f"{self.stats.orders} orders" + (f"; {mismatched[:5]}" if mismatched
                                                          else "")))
         return out

@@ -21,7 +21,7 @@ import attrs
 
 
 @attrs.define(kw_only=True)
-class OrderRecord:
+class PlacedOrder:
     """One ``place`` an agent sent, keyed by its client order id."""
 
     client_order_id: str
@@ -71,7 +71,7 @@ class AgentLog:
 
     user: str
     role: str  # "maker" / "noise" / "momentum" / "reconnector" / ...
-    orders: dict[str, OrderRecord] = attrs.field(factory=dict)  # by client_order_id
+    orders: dict[str, PlacedOrder] = attrs.field(factory=dict)  # by client_order_id
     private: list[PrivateRecord] = attrs.field(factory=list)
     #: Seqs a ``private`` frame announced as ``skipped`` (P2/P3 conflation).
     skipped: set[int] = attrs.field(factory=set)
@@ -149,7 +149,7 @@ class History:
     #: Throughput samples: (monotonic ns, cumulative orders acknowledged).
     progress: list[tuple[int, int]] = attrs.field(factory=list)
 
-    def all_orders(self) -> list[tuple[str, OrderRecord]]:
+    def all_orders(self) -> list[tuple[str, PlacedOrder]]:
         return [(a.user, o) for a in self.agents.values() for o in a.orders.values()]
 
 
@@ -160,7 +160,7 @@ __all__ = [
     "FinalState",
     "History",
     "MarketRecord",
-    "OrderRecord",
+    "PlacedOrder",
     "PrivateRecord",
     "UserFinal",
 ]

@@ -19,7 +19,7 @@ from simulations.history import (
     FinalState,
     History,
     MarketRecord,
-    OrderRecord,
+    PlacedOrder,
     PrivateRecord,
     UserFinal,
 )
@@ -107,7 +107,7 @@ def valid_history() -> History:
     """Alice rests a sell of 0.010 BTC; Bob's market buy takes 0.004 of it (trade 1);
     Bob places and cancels a bid; one of Bob's places is refused. Everything agrees."""
     alice = AgentLog(user="alice", role="maker", deposit=DEPOSIT)
-    alice.orders["a-1"] = OrderRecord(
+    alice.orders["a-1"] = PlacedOrder(
         client_order_id="a-1", symbol=BTC, side="sell", type="limit", qty=10, price=600000,
         submitted_ns=1, acked_ns=2, ok=True, order_id=1, first_fill_ns=5)
     alice.private = _events(
@@ -123,13 +123,13 @@ def valid_history() -> History:
     alice.market = [_trade(1)]
 
     bob = AgentLog(user="bob", role="noise", deposit=DEPOSIT, reconnects=1)
-    bob.orders["b-1"] = OrderRecord(
+    bob.orders["b-1"] = PlacedOrder(
         client_order_id="b-1", symbol=BTC, side="buy", type="market", qty=4, price=None,
         submitted_ns=3, acked_ns=4, ok=True, order_id=2, first_fill_ns=5)
-    bob.orders["b-2"] = OrderRecord(
+    bob.orders["b-2"] = PlacedOrder(
         client_order_id="b-2", symbol=BTC, side="buy", type="limit", qty=1, price=599900,
         submitted_ns=6, acked_ns=7, ok=True, order_id=3)
-    bob.orders["b-3"] = OrderRecord(
+    bob.orders["b-3"] = PlacedOrder(
         client_order_id="b-3", symbol=BTC, side="buy", type="limit", qty=100_000,
         price=599900, submitted_ns=8, acked_ns=9, ok=False, error="insufficient_funds")
     bob.private = _events(

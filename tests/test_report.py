@@ -11,7 +11,7 @@ import attrs
 import pytest
 from rich.console import Console
 
-from simulations.history import AgentLog, FaultRecord, History, MarketRecord, OrderRecord
+from simulations.history import AgentLog, FaultRecord, History, MarketRecord, PlacedOrder
 from simulations.report import (
     MEASURES,
     STATS,
@@ -42,9 +42,9 @@ class FakeCheck:
 
 
 def order(i: int, *, at_ms: int, ack_ms: int | None, fill_ms: int | None = None,
-          ok: bool = True) -> OrderRecord:
+          ok: bool = True) -> PlacedOrder:
     sub = T0 + at_ms * MS
-    return OrderRecord(
+    return PlacedOrder(
         client_order_id=f"c{i}", symbol="BTC-PERP", side="buy" if i % 2 else "sell",
         type="limit", qty=1, price=600_000, submitted_ns=sub,
         acked_ns=None if ack_ms is None else sub + ack_ms * MS,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 from rich.console import Console
 
 from simulations.harness import SimOptions, simulate
@@ -90,3 +91,18 @@ async def test_a_short_simulation_with_every_fault_passes_every_invariant(
     assert set(report["latency_ms"]) >= {"submit_to_ack", "submit_to_fill"}
     for chart in ("latency.png", "throughput.png", "mid_price.png"):
         assert (tmp_path / "report" / chart).read_bytes().startswith(b"\x89PNG")
+
+
+async def test_a_recorded_simulation_replays_to_the_same_digests(tmp_path: Path) -> None:
+    from simulations.replay import replay
+
+    sc = attrs.evolve(load_scenario("basic"), agents=12, seconds=2.0)
+    record = tmp_path / "run.rec"
+    with open(tmp_path / "console.txt", "w") as out:
+        result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data",
+                                           record=record, live=False), Console(file=out))
+    assert result.passed
+    replayed = await trio.to_thread.run_sync(replay, record)
+    assert replayed.ok, replayed.differences
+    assert set(replayed.matched) == {"trades", "balances", "events"}
+    assert replayed.counts["trades"] == result.report["trades"] > 0
