@@ -748,7 +748,7 @@ async def gateway(users: list[str], *, deposit: bool,
             await nursery.start(gw.serve)
             million = int(1_000_000 / CASH_STEP)
             for u in users:
-                bridge.call(lambda link, u=u: link.open_account(u))
+                bridge.open_account(u)
                 if deposit:
                     await submit(bridge, BridgeBusy, Dest("account", u), AccountDeposit(
                         reply_to=None, user=u, amount=million, ts=time.time_ns()))

@@ -166,7 +166,7 @@ async def run_exchange(options: RunOptions, instruments: Mapping[str, Instrument
         url = f"ws://{options.host}:{gw.port}/v1"
         funding = [(u, FUNDING) for u in demo + bots] + list(options.deposits)
         for user, amount in funding:
-            bridge.call(lambda link, u=user: link.open_account(u))  # type: ignore[misc]
+            bridge.open_account(user)
             if amount > 0 and not _funded(options.data_dir, user):
                 bridge.submit(Dest("account", user), AccountDeposit(
                     reply_to=None, user=user, amount=amount, ts=time.time_ns()))

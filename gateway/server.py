@@ -440,7 +440,7 @@ class Gateway:
                             f"{req.user} already has {limit} sessions")
                 return
             conn.cancel_on_disconnect = req.cancel_on_disconnect
-            self.bridge.call(lambda link: link.open_account(req.user))
+            self.bridge.open_account(req.user)
             self._ask(conn, req.id, "login", Dest("router"), lambda r: RouterAttach(
                 user=req.user, gateway=self.bridge.options.gateway_id, reply_to=r),
                 extra=req.user)

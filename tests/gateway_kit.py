@@ -77,7 +77,7 @@ async def running_gateway(gw_config: GatewayConfig | None = None, *,
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.serve)
         for user in USERS:
-            bridge.call(lambda link, u=user: link.open_account(u))
+            bridge.open_account(user)
             bridge.submit(Dest("account", user),
                           AccountDeposit(reply_to=None, user=user, amount=MILLION, ts=1))
         yield gw
