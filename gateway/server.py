@@ -186,6 +186,9 @@ class Gateway:
         self._order_ids = OrderIds(time.time_ns())
         self._last_price: dict[str, int] = {}
         self.port = 0
+        #: channel → the connections subscribed to it (market fan-out without a
+        #: scan of every connection per event).
+        self._subscribers: dict[str, dict[int, _Conn]] = {}
         self.frames_out = 0
         self.trades = 0
 
@@ -277,6 +280,8 @@ class Gateway:
     def _closed(self, conn: _Conn) -> None:
         conn.closed = True
         self.conns.pop(conn.id, None)
+        for ch in conn.subs:
+            self._subscribers.get(ch, {}).pop(conn.id, None)
         user = conn.proto.user
         last = self.hub.close(conn.id)
         if last is not None:
@@ -382,6 +387,8 @@ class Gateway:
         elif isinstance(req, Unsubscribe):
             removed = self.hub.sessions[conn.id].unsubscribe(req.channels)
             conn.subs.difference_update(removed)
+            for ch in removed:
+                self._subscribers.get(ch, {}).pop(conn.id, None)
             conn.waiting_snapshot.difference_update(removed)
             self._push(conn, Response(id=req.id, result={"channels": list(removed)}))
         elif isinstance(req, Query) and req.what == "instruments":
@@ -460,6 +467,7 @@ class Gateway:
                 self._ask(conn, None, "snapshot", Dest("book", symbol), make, extra=ch)
             else:
                 conn.subs.add(ch)
+                self._subscribers.setdefault(ch, {})[conn.id] = conn
 
     # -- from the engine -----------------------------------------------------------------
 
@@ -568,6 +576,7 @@ class Gateway:
             return  # unsubscribed meanwhile
         conn.waiting_snapshot.discard(channel)
         conn.subs.add(channel)
+        self._subscribers.setdefault(channel, {})[conn.id] = conn
         inst = self.instruments[result["symbol"]]
         conn.chan_seq[channel] = 0  # a (re)subscription starts the channel afresh
         self._push_market(conn, channel, "snapshot", result["ts"], {
@@ -602,5 +611,5 @@ class Gateway:
 
             data = {"last": px(ev.last), "best_bid": px(ev.best_bid),
                     "best_ask": px(ev.best_ask), "volume_24h": inst.qty_str(ev.volume_24h)}
-        for conn in [c for c in self.conns.values() if channel in c.subs]:
+        for conn in list(self._subscribers.get(channel, {}).values()):
             self._push_market(conn, channel, kind, ev.ts, data)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import trio
+import trio.testing
 from gateway_kit import client, running_gateway
 
 from gateway.server import Gateway
@@ -140,3 +142,30 @@ def test_order_ids_are_unique_and_exact_in_json() -> None:
     assert max(got) < 2**53
     later = OrderIds(time.time_ns() + 10**9)
     assert later.next() > got[0]
+
+
+async def test_market_fan_out_reaches_exactly_the_subscribers() -> None:
+    async with running_gateway() as gw:
+        async with client(gw, "json") as sub, client(gw, "cbor") as other, \
+                client(gw, "json") as alice, client(gw, "json") as bob:
+            assert (await sub.call("subscribe", channels=["trades.BTC-PERP"]))["ok"]
+            assert (await other.call("subscribe", channels=["trades.BTC-PERP"]))["ok"]
+            assert (await other.call("unsubscribe", channels=["trades.BTC-PERP"]))["ok"]
+            await alice.call("login", user="alice", password="pw")
+            await bob.call("login", user="bob", password="pw")
+            await alice.call("place", client_order_id="s1", symbol="BTC-PERP", side="sell",
+                             type="limit", qty="0.001", price="60000.0")
+            await bob.call("place", client_order_id="b1", symbol="BTC-PERP", side="buy",
+                           type="market", qty="0.001")
+            while not sub.market:
+                await sub.frame()
+            assert sub.market[0]["channel"] == "trades.BTC-PERP"
+            assert len(gw._subscribers["trades.BTC-PERP"]) == 1
+            # The trade went out before the pong: the unsubscribed one got no market frame.
+            assert (await other.call("ping"))["type"] == "pong"
+            assert not other.market
+        # Closed connections leave the index.
+        with trio.fail_after(10):
+            while gw.conns:
+                await trio.testing.wait_all_tasks_blocked()
+        assert not any(gw._subscribers.values())
