@@ -73,6 +73,12 @@ class EngineConfig:
     replay_capacity: int = 10_000
     conflation_window_ns: int = 100_000_000
     account_shards: int = 0
+    #: ``turn``: each host commits its journal every turn before it sends anything.
+    #: ``pass``: hosts of one thread write into one transaction that the embedded
+    #: bridge commits (``flush_shared``) before a pass's messages leave the process —
+    #: only for ``simpleSystemBase``, where the bridge thread runs every host.
+    group_commit: str = attrs.field(default="turn",
+                                    validator=attrs.validators.in_(("turn", "pass")))
 
     def instruments(self) -> dict[str, Instrument]:
         return parse_instruments(self.instruments_toml)
@@ -238,7 +244,7 @@ class Host(RuntimeActor):
             self.journal = Journal(":memory:", fsync="off")
         else:
             self.journal = Journal.open(Path(msg.config.data_dir), fsync=msg.config.fsync,
-                                        share=True)
+                                        share=True, defer=msg.config.group_commit == "pass")
         if self.kind == "book":
             self.desks[self.key] = BookDesk(self.instruments[self.key])
         elif self.kind == "router":

@@ -45,6 +45,18 @@ What survives what (``fsync`` policy, chosen at open):
     a process crash (its frames are in the OS page cache); a power loss may
     lose any number of recent commits and may corrupt the file.
 
+Group commit per pass (``defer=True``, shared connections only): the embedded
+engine runs every host on the gateway's bridge thread, and nothing a host
+emits leaves the process until the bridge hands a pass's messages to the
+gateway. There, :meth:`Journal.commit` writes the turn into one transaction
+that stays open on the shared connection (each turn in its own savepoint, so a
+failed turn rolls back alone) and :func:`flush_shared` — called by the bridge
+before anything reaches a client — commits the whole pass at once, fsyncing
+per the policy counted in passes. Write-ahead still holds where it matters:
+no reply or event leaves the process before the inputs behind it are
+committed, and a crash loses only a pass nobody saw. Readers on the same
+connection (a restarted host's recovery) see the pass's writes.
+
 Integrity and recovery: SQLite's own WAL frame checksums already roll a torn
 transaction back to the last complete commit. The per-row checksums catch what
 slips past that (a damaged page, a bug, a hand edit). :meth:`Journal.recover`
@@ -67,6 +79,7 @@ holds no lock); the staged turn is per object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -92,6 +105,7 @@ __all__ = [
     "JournalStatistics",
     "Recovery",
     "Snapshot",
+    "flush_shared",
 ]
 
 FILE_NAME: Final = "journal.sqlite3"
@@ -144,8 +158,47 @@ _SELECT_SNAPSHOTS: Final = (
 _REGISTER_STREAM: Final = "INSERT OR IGNORE INTO streams (name, base) VALUES (?, 0)"
 
 
-#: Shared connections: (real path, pid, thread id) -> [connection, users].
+#: Shared connections: (real path, pid, thread id) ->
+#: [connection, users, fsync policy, sync interval, passes since the last fsync].
 _SHARED: dict[tuple[str, int, int], list[Any]] = {}
+
+
+def flush_shared() -> int:
+    """Commit the open pass of every deferring journal of this process and thread
+    (see *Group commit per pass*); returns how many connections committed.
+
+    Raises:
+        JournalError: a commit failed (the pass is rolled back).
+    """
+    me = (os.getpid(), threading.get_ident())
+    done = 0
+    for key, entry in list(_SHARED.items()):
+        conn = entry[0]
+        if key[1:] != me or not conn.in_transaction:
+            continue
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise JournalError(f"journal pass commit failed: {exc}") from exc
+        done += 1
+        policy, interval = entry[2], entry[3]
+        entry[4] += 1
+        if policy == "batch" and interval > 0 and entry[4] >= interval:
+            entry[4] = 0
+            _fsync_wal(key[0])
+    return done
+
+
+def _fsync_wal(path: str) -> None:
+    """fsync the WAL file: every commit in it becomes durable (``batch`` policy)."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path + "-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class JournalError(Exception):
@@ -309,6 +362,7 @@ class Journal:
         sync_interval: int = DEFAULT_SYNC_INTERVAL,
         busy_timeout: float = 5.0,
         share: bool = False,
+        defer: bool = False,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, not {fsync!r}")
@@ -343,11 +397,13 @@ class Journal:
                 raise
             if share and self.path != ":memory:":
                 key = (os.path.realpath(self.path), os.getpid(), threading.get_ident())
-                _SHARED[key] = [conn, 1]
+                _SHARED[key] = [conn, 1, fsync, sync_interval, 0]
                 self._share_key = key
         else:
             conn = _SHARED[self._share_key][0]
         self._conn: sqlite3.Connection | None = conn
+        #: Group commit per pass: only for a shared connection (see the module doc).
+        self.defer = defer and self._share_key is not None
         # Committed last offset per stream (loaded lazily), and the staged turn.
         self._last: dict[str, int] = {}
         self._registered: set[str] = set()
@@ -371,6 +427,7 @@ class Journal:
         sync_interval: int = DEFAULT_SYNC_INTERVAL,
         busy_timeout: float = 5.0,
         share: bool = False,
+        defer: bool = False,
     ) -> Journal:
         """Open (creating if needed) ``data_dir/journal.sqlite3``.
 
@@ -379,6 +436,8 @@ class Journal:
             fsync: The fsync policy: ``"always"``, ``"batch"`` or ``"off"``.
             sync_interval: Under ``batch``, every this-many-th commit fsyncs.
             busy_timeout: Seconds to wait for another process's write lock.
+            share: Share one connection with the journals of this process and thread.
+            defer: With ``share``: group commit per pass (:func:`flush_shared`).
 
         Returns:
             The open journal.
@@ -387,12 +446,20 @@ class Journal:
         data_dir.mkdir(parents=True, exist_ok=True)
         return cls(
             data_dir / FILE_NAME, fsync=fsync, sync_interval=sync_interval,
-            busy_timeout=busy_timeout, share=share,
+            busy_timeout=busy_timeout, share=share, defer=defer,
         )
 
     def _setup(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA journal_mode=WAL")  # a no-op (stays "memory") for :memory:
         conn.execute(f"PRAGMA synchronous={self._base_synchronous()}")
+        if self.path != ":memory:" and os.path.exists(self.path):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                # An existing journal: no write lock needed to open it (a deferring
+                # pass of this thread may hold that lock until the bridge flushes).
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() == "wal":
+                    return
+        conn.execute("PRAGMA journal_mode=WAL")  # a no-op (stays "memory") for :memory:
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -518,6 +585,9 @@ class Journal:
         db = self._db
         if not (self._rows or self._snapshots or self._compactions):
             return
+        if self.defer:
+            self._write_deferred(db)
+            return
         sync_now = (
             self.fsync == "batch"
             and self.sync_interval > 0
@@ -564,6 +634,45 @@ class Journal:
             self._since_sync = 0
         else:
             self._since_sync += 1
+        self._registered.update(self._staged_last)
+        self._last.update(self._staged_last)
+        self._discard_staged()
+
+    def _write_deferred(self, db: sqlite3.Connection) -> None:
+        """Write the staged turn into the pass's open transaction, in a savepoint."""
+        try:
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+            db.execute("SAVEPOINT journal_turn")
+            try:
+                touched = self._staged_last.keys() - self._registered
+                if touched:
+                    db.executemany(_REGISTER_STREAM, [(s,) for s in touched])
+                if self._rows:
+                    db.executemany(_INSERT_RECORD, self._rows)
+                if self._snapshots:
+                    db.executemany(_INSERT_SNAPSHOT, self._snapshots)
+                for stream, keep_after in self._compactions.items():
+                    self._apply_compaction(db, stream, keep_after)
+            except BaseException:
+                # This turn only: the pass's earlier turns (other hosts') stay.
+                db.execute("ROLLBACK TO journal_turn")
+                raise
+            finally:
+                db.execute("RELEASE journal_turn")
+        except BaseException as exc:
+            for stream in self._staged_last:
+                self._last.pop(stream, None)
+            staged = len(self._rows)
+            self._discard_staged()
+            if isinstance(exc, sqlite3.Error):
+                raise JournalError(
+                    f"journal write failed, {staged} staged records discarded: {exc}"
+                ) from exc
+            raise
+        self._commits += 1
+        self._records += len(self._rows)
+        self._snapshot_count += len(self._snapshots)
         self._registered.update(self._staged_last)
         self._last.update(self._staged_last)
         self._discard_staged()
@@ -860,6 +969,8 @@ class Journal:
             if entry[1] > 0:
                 return  # other journals of this thread still use the connection
             del _SHARED[self._share_key]
+            if conn.in_transaction:  # the open pass of deferring journals: keep it
+                conn.execute("COMMIT")
         try:
             # PASSIVE never waits on other processes; the last connection to close
             # checkpoints fully anyway. The checkpoint fsyncs unless the policy is off.

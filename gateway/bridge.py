@@ -62,6 +62,7 @@ import trio
 
 from actors.boot import EngineLink, boot_engine
 from actors.host import EngineConfig
+from actors.journal import flush_shared
 from actors.messages import AccountQuery, Delivery, Dest, Reply, ReplyTo
 from actors.runtime import SystemConfig, start_system, stop_system
 from protocol import PublicTrade
@@ -592,7 +593,11 @@ class EngineBridge:
             if opts.base == "simpleSystemBase":
                 asys = start_system(SystemConfig(base="simpleSystemBase"))
                 assert opts.engine is not None, "the embedded bridge needs an engine config"
-                recovered = boot_engine(asys, opts.engine).recovered_turns
+                # Every host runs on this thread: group commit per pass (flush_shared
+                # below, before anything leaves the process) instead of per host turn.
+                engine = attrs.evolve(opts.engine, group_commit="pass")
+                recovered = boot_engine(asys, engine).recovered_turns
+                flush_shared()
             else:
                 port = opts.admin_port or 19500
                 asys = start_system(SystemConfig(base=opts.base, admin_port=port), attach=True)
@@ -685,6 +690,10 @@ class EngineBridge:
             self._send(link, items)
         got = link.receive(self.options.listen_s)
         self._idle = not got and not items
+        # Write-ahead at the process edge: the pass's journal writes are committed
+        # before any reply or event it produced reaches the gateway (a failure
+        # here stops the bridge; nothing of the pass is delivered).
+        flush_shared()
         if self._recorder is not None:
             if got:
                 self._recorder.received(got)

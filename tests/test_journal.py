@@ -574,3 +574,76 @@ def test_journals_of_one_thread_can_share_a_connection(tmp_path: Path) -> None:
     assert not [key for key in _SHARED if key[0].startswith(str(tmp_path.resolve()))]
     with Journal.open(tmp_path) as c:
         assert [r for _, r in c.read("host:a")] == ["a1"]
+
+
+def _other_reader(tmp_path: Path, stream: str) -> list[Any]:
+    with Journal.open(tmp_path) as other:  # its own connection: sees committed data only
+        return [r for _, r in other.read(stream)]
+
+
+def test_deferred_journals_commit_once_per_pass(tmp_path: Path) -> None:
+    from actors.journal import flush_shared
+
+    a = Journal.open(tmp_path, share=True, defer=True)
+    b = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        a.append("host:a", ["a1"])
+        a.commit()
+        b.append("host:b", ["b1"])
+        b.commit()
+        # Written into the pass's transaction: this connection sees it (a restarted
+        # host's recovery reads through it), another connection does not yet.
+        assert [r for _, r in b.read("host:a")] == ["a1"]
+        assert b.last_offset("host:b") == 1
+        assert _other_reader(tmp_path, "host:a") == []
+        assert flush_shared() == 1
+        assert _other_reader(tmp_path, "host:a") == ["a1"]
+        assert _other_reader(tmp_path, "host:b") == ["b1"]
+        assert flush_shared() == 0  # nothing open: nothing to do
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_failed_deferred_turn_rolls_back_alone(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import actors.journal as journal_module
+    from actors.journal import flush_shared
+
+    a = Journal.open(tmp_path, share=True, defer=True)
+    b = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        a.append("host:a", ["a1"])
+        a.commit()
+        b.append("host:b", ["b1"])
+        monkeypatch.setattr(journal_module, "_INSERT_RECORD", "INSERT INTO nowhere VALUES (?)")
+        with pytest.raises(JournalError):
+            b.commit()
+        monkeypatch.undo()
+        b.append("host:b", ["b1 again"])
+        b.commit()
+        flush_shared()
+        assert _other_reader(tmp_path, "host:a") == ["a1"]  # the earlier turn stayed
+        assert _other_reader(tmp_path, "host:b") == ["b1 again"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_closing_the_last_deferred_journal_commits_the_pass(tmp_path: Path) -> None:
+    a = Journal.open(tmp_path, share=True, defer=True)
+    b = Journal.open(tmp_path, share=True, defer=True)
+    a.append("host:a", ["a1"])
+    a.commit()
+    a.close()  # another journal still holds the connection: the pass stays open
+    assert _other_reader(tmp_path, "host:a") == []
+    b.close()  # the last one: commits what the pass wrote
+    assert _other_reader(tmp_path, "host:a") == ["a1"]
+
+
+def test_defer_needs_a_shared_connection(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, defer=True) as j:  # not shared: commits per turn
+        assert not j.defer
+        j.append("s", ["x"])
+        j.commit()
+        assert _other_reader(tmp_path, "s") == ["x"]
