@@ -44,6 +44,14 @@ here, with the reasons taken from Thespian's own source:
   its starter; every actor it forks shares its session id.
   :func:`running_system` records that session and, on exit, shuts down, waits
   for the session to empty and kill -9s only processes of *that* session.
+* **Logging.** In every multiprocess actor process Thespian replaces
+  ``logging.root`` (and the logger manager) by a forwarder to its logger
+  process, which writes :attr:`SystemConfig.log_file`. Loggers made before
+  that - every ``logging.getLogger(__name__)`` of a module the starting
+  process had imported, e.g. ``actors.exchange`` - still hang under the old
+  root, so their records went to the inherited stderr, not to the log file.
+  :class:`RuntimeActor` re-parents them onto the forwarder on its first
+  message (:func:`adopt_module_loggers`).
 """
 
 # Thespian dispatches on camelCase names (receiveMessage, receiveMsg_<Class>).
@@ -52,6 +60,7 @@ here, with the reasons taken from Thespian's own source:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -89,6 +98,7 @@ __all__ = [
     "RuntimeWhoAreYou",
     "SystemConfig",
     "TrackedSystem",
+    "adopt_module_loggers",
     "free_port",
     "lift_rate_throttle",
     "listening_sockets",
@@ -282,6 +292,40 @@ def lift_rate_throttle(limit: int | None = None, actor: Any = None) -> int:
     if governor is not None and getattr(governor, "_maxRate", None) != value:
         manager._governer = RateThrottle(value)  # type: ignore[union-attr]
     return value
+
+
+#: The logger manager of this process as imported (inherited by forked actors).
+_IMPORT_LOG_MANAGER: Final = logging.Logger.manager
+
+
+def adopt_module_loggers() -> int:
+    """Re-parent loggers made before Thespian replaced this process's root logger.
+
+    Thespian's actor processes swap ``logging.root`` and ``Logger.manager``
+    for a forwarder to the system's logger; loggers that already existed (the
+    module-level ``logging.getLogger(__name__)`` of every module imported
+    before the fork) keep the old root as their parent and never reach the
+    forwarder. A no-op where the root was not replaced (``simpleSystemBase``,
+    external processes).
+
+    Returns:
+        How many loggers were re-parented.
+    """
+    old = _IMPORT_LOG_MANAGER
+    if logging.Logger.manager is old or old.root is logging.root:
+        return 0
+    moved = 0
+    for logger in list(old.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and logger.parent is old.root:
+            logger.parent = logging.root
+            moved += 1
+    for logger in list(old.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            logger.manager = logging.Logger.manager
+            cache = getattr(logger, "_cache", None)
+            if isinstance(cache, dict):
+                cache.clear()  # effective levels were cached along the old chain
+    return moved
 
 
 _BIND_STATE: dict[str, str | None] = {"address": None}
@@ -741,6 +785,7 @@ class RuntimeActor(ActorTypeDispatcher):  # type: ignore[misc]
         return super().receiveMessage(message, sender)
 
     def _runtime_prepare(self) -> None:
+        adopt_module_loggers()
         manager = getattr(self, "_myRef", None)
         capabilities = getattr(manager, "capabilities", None) or {}
         limit = capabilities.get(RATE_THROTTLE_CAPABILITY)
