@@ -22,6 +22,7 @@ from actors.exchange import (
     EXCHANGE_NAME,
     Exchange,
     ExchangeBoot,
+    ExchangeBootFailed,
     ExchangeDirectoryQuery,
     ExchangeOpenAccount,
     ExchangeReady,
@@ -38,9 +39,19 @@ class EngineError(RuntimeError):
 
 
 def boot_engine(asys: Any, config: EngineConfig, *, timeout: float = 60.0) -> ExchangeReady:
-    """Create the Exchange (global name) and boot it; returns when every host is ready."""
+    """Create the Exchange (global name) and boot it; returns when every host is ready.
+
+    Raises:
+        EngineError: The Exchange reported that a host (or the journal) cannot
+            start (:class:`~actors.exchange.ExchangeBootFailed`, at once), or
+            nothing answered within ``timeout`` seconds.
+    """
     exchange = asys.createActor(Exchange, globalName=EXCHANGE_NAME)
     ready = asys.ask(exchange, ExchangeBoot(config=config), timedelta(seconds=timeout))
+    if isinstance(ready, ExchangeBootFailed):
+        raise EngineError(ready.describe())
+    if ready is None:
+        raise EngineError(f"not every host reported ready within {timeout:g} s")
     if not isinstance(ready, ExchangeReady):
         raise EngineError(f"the exchange did not boot: {ready!r}")
     return ready

@@ -14,6 +14,24 @@ the new host replays its journal stream before it takes new messages (its
 its last turn's outputs and sends a sequenced ``resync`` notice to the users
 whose state it holds. Every other host then resends what the dead one had not
 acknowledged.
+
+Journal preparation: before it creates any host, the Exchange opens the
+journal once itself (creating the file, switching it to WAL and creating the
+schema) and closes it. Hosts must never be the first to open a fresh journal
+concurrently: switching a new SQLite file to WAL needs a read->write lock
+upgrade, and SQLite answers a contended upgrade with ``SQLITE_BUSY`` at once -
+``busy_timeout`` is not consulted, since waiting could deadlock - so under
+load several hosts' ``HostInit`` failed with "database is locked". Opening a
+journal that is already WAL with its schema needs no lock upgrade (no write
+lock at all, see ``Journal._setup``).
+
+A host that cannot start: Thespian retries a failing message once, then
+returns it to the sender as a ``PoisonMessage``. For a :class:`HostInit` the
+Exchange then replaces the host by a fresh process (up to
+:data:`HOST_START_ATTEMPTS` processes in all - re-running a half-done
+``HostInit`` in the same process is not idempotent); when the last one fails
+too, a boot in progress is answered with :class:`ExchangeBootFailed` naming the
+host and the error, instead of leaving the booter waiting for its timeout.
 """
 
 # ruff: noqa: N802
@@ -21,10 +39,12 @@ acknowledged.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sqlite3
+from pathlib import Path
+from typing import Any, Final
 
 import attrs
-from thespian.actors import ActorExitRequest
+from thespian.actors import ActorExitRequest, PoisonMessage
 
 from actors.host import (
     Directory,
@@ -36,12 +56,16 @@ from actors.host import (
     HostReady,
     account_host_id,
 )
+from actors.journal import Journal, JournalError
 from actors.messages import Dest
 from actors.runtime import RuntimeActor
 
 log = logging.getLogger(__name__)
 
 EXCHANGE_NAME = "emporion-exchange"
+#: Host processes the Exchange tries for one start of a host (each gets
+#: Thespian's two tries at its ``HostInit``) before it gives up on it.
+HOST_START_ATTEMPTS: Final = 3
 
 
 @attrs.frozen(kw_only=True)
@@ -53,6 +77,26 @@ class ExchangeBoot:
 class ExchangeReady:
     directory: Directory
     recovered_turns: int
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeBootFailed:
+    """The answer to :class:`ExchangeBoot` when the engine cannot start.
+
+    Attributes:
+        host_id: The host that failed to start, or ``""`` when the Exchange
+            itself could not prepare the journal.
+        reason: The error (the last line of its traceback).
+    """
+
+    host_id: str
+    reason: str
+
+    def describe(self) -> str:
+        if not self.host_id:
+            return self.reason
+        return (f"host {self.host_id} failed to start in {HOST_START_ATTEMPTS} processes: "
+                f"{self.reason}")
 
 
 @attrs.frozen(kw_only=True)
@@ -104,19 +148,38 @@ class Exchange(RuntimeActor):
         self.directory = Directory()
         self.kinds: dict[str, tuple[str, str]] = {}  # host id → (kind, key)
         self.restarts: dict[str, int] = {}
-        self._booter: Any = None
+        self._booters: list[Any] = []
+        self._boot_failed: ExchangeBootFailed | None = None
         self._awaiting: set[str] = set()
+        # host id -> processes that failed its current start (reset when it is ready)
+        self._start_failures: dict[str, int] = {}
         self._recovered = 0
         self._stopping = False
 
     # -- boot -------------------------------------------------------------------------
 
     def receiveMsg_ExchangeBoot(self, msg: ExchangeBoot, sender: Any) -> None:
+        if self._boot_failed is not None:
+            self.send(sender, self._boot_failed)
+            return
         if self.config is not None:
-            self.send(sender, ExchangeReady(directory=self.directory, recovered_turns=0))
+            if self._awaiting:
+                self._booters.append(sender)  # answered together with the first booter
+            else:
+                self.send(sender, ExchangeReady(directory=self.directory, recovered_turns=0))
             return
         self.config = msg.config
-        self._booter = sender
+        try:
+            streams = self._prepare_journal()
+        except (JournalError, OSError, sqlite3.Error) as exc:
+            failed = ExchangeBootFailed(host_id="", reason=(
+                f"cannot open the journal in {msg.config.data_dir}: "
+                f"{type(exc).__name__}: {exc}"))
+            log.error("%s", failed.reason)
+            self._boot_failed = failed
+            self.send(sender, failed)
+            return
+        self._booters = [sender]
         instruments = msg.config.instruments()
         hosts: dict[str, Any] = {}
         books = {}
@@ -131,28 +194,31 @@ class Exchange(RuntimeActor):
         self.directory = Directory(hosts=hosts, books=books, router="router",
                                    account_shards=shards, exchange=self.myAddress)
         # Recover the one-user account hosts a previous run created (same data dir).
-        for user in self._known_users():
-            hid = f"account:{user}"
-            self.kinds[hid] = ("account", user)
-            hosts[hid] = self.createActor(Host)
-            self.directory.accounts[user] = hid
+        if not msg.config.account_shards:
+            for stream in streams:
+                if not stream.startswith("host:account:"):
+                    continue
+                user = stream.removeprefix("host:account:")
+                hid = f"account:{user}"
+                self.kinds[hid] = ("account", user)
+                hosts[hid] = self.createActor(Host)
+                self.directory.accounts[user] = hid
         self._awaiting = set(self.kinds)
         for hid in self.kinds:
             self._init(hid, restarted=False)
 
-    def _known_users(self) -> list[str]:
+    def _prepare_journal(self) -> list[str]:
+        """Open (creating) the journal once, before any host does; returns its streams.
+
+        Leaves the file in WAL mode with its schema, so the hosts that open it
+        concurrently next never need the lock upgrade SQLite refuses without
+        waiting (see the module docstring).
+        """
         assert self.config is not None
-        if self.config.data_dir is None or self.config.account_shards:
+        if self.config.data_dir is None:
             return []
-        from pathlib import Path
-
-        from actors.journal import FILE_NAME, Journal
-
-        if not (Path(self.config.data_dir) / FILE_NAME).exists():
-            return []
-        with Journal.open(Path(self.config.data_dir), fsync="off") as journal:
-            return [s.removeprefix("host:account:") for s in journal.streams()
-                    if s.startswith("host:account:")]
+        with Journal.open(Path(self.config.data_dir), fsync=self.config.fsync) as journal:
+            return journal.streams()
 
     def _init(self, host_id: str, *, restarted: bool) -> None:
         assert self.config is not None
@@ -164,13 +230,44 @@ class Exchange(RuntimeActor):
     def receiveMsg_HostReady(self, msg: HostReady, sender: Any) -> None:
         if msg.discarded:
             log.warning("host %s discarded a torn journal tail: %s", msg.host_id, msg.discarded)
+        self._start_failures.pop(msg.host_id, None)
         if msg.host_id in self._awaiting:
             self._awaiting.discard(msg.host_id)
             self._recovered += msg.recovered_turns
-            if not self._awaiting and self._booter is not None:
-                self.send(self._booter, ExchangeReady(directory=self.directory,
-                                                      recovered_turns=self._recovered))
-                self._booter = None
+            if not self._awaiting:
+                ready = ExchangeReady(directory=self.directory, recovered_turns=self._recovered)
+                for booter in self._booters:
+                    self.send(booter, ready)
+                self._booters = []
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
+        """A host failed its :class:`HostInit` twice: start it anew, or give up on it."""
+        init = msg.poisonMessage
+        if not isinstance(init, HostInit) or self._stopping:
+            return
+        hid = init.host_id
+        if self.directory.hosts.get(hid) != sender:
+            return  # from a host process that was already replaced
+        failures = self._start_failures.get(hid, 0) + 1
+        self._start_failures[hid] = failures
+        reason = _last_line(msg.details) or "its HostInit failed"
+        if failures < HOST_START_ATTEMPTS:
+            log.warning("host %s failed to start (%s); starting it in a new process "
+                        "(attempt %d of %d)", hid, reason, failures + 1, HOST_START_ATTEMPTS)
+            self.send(sender, ActorExitRequest())
+            self.directory.hosts[hid] = self.createActor(Host)
+            self._init(hid, restarted=init.restarted)
+            # Peers may have sent to the failed process: they resend to the new one.
+            self._broadcast(restarted=(hid,))
+            return
+        log.error("host %s failed to start in %d processes, giving up: %s",
+                  hid, failures, reason)
+        if hid in self._awaiting and self._booters:
+            failed = ExchangeBootFailed(host_id=hid, reason=reason)
+            self._boot_failed = failed
+            for booter in self._booters:
+                self.send(booter, failed)
+            self._booters = []
 
     # -- directory ----------------------------------------------------------------------
 
@@ -256,10 +353,18 @@ class Exchange(RuntimeActor):
         self._stopping = True
 
 
+def _last_line(details: Any) -> str:
+    """The last non-empty line of a traceback text (the exception itself), if any."""
+    lines = [line.strip() for line in str(details or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 __all__ = [
     "EXCHANGE_NAME",
+    "HOST_START_ATTEMPTS",
     "Exchange",
     "ExchangeBoot",
+    "ExchangeBootFailed",
     "ExchangeDirectoryQuery",
     "ExchangeOpenAccount",
     "ExchangeReady",

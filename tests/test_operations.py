@@ -11,23 +11,30 @@ import json
 import os
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_kit import Trader
+from engine_kit import Trader, config
 
-from actors.boot import EngineLink
+from actors.boot import EngineError, EngineLink, boot_engine, exchange_address
+from actors.exchange import HOST_START_ATTEMPTS, ExchangeStatus, ExchangeStatusQuery
+from actors.host import Host, HostInit
+from actors.journal import FILE_NAME as JOURNAL_FILE
+from actors.journal import Journal
 from actors.operations import ENGINE_FILE, detach_handle, read_engine_file
 from actors.runtime import (
     SystemConfig,
     free_port,
     listening_sockets,
     process_session,
+    running_system,
     session_pids,
     start_system,
 )
@@ -35,6 +42,10 @@ from protocol import CASH_STEP
 
 CLI = [sys.executable, "-m", "gateway.cli"]
 MILLION = int(1_000_000 / CASH_STEP)
+#: ``boot --timeout`` in these tests; every wait on a boot is longer, so a boot
+#: that fails shows its own error message rather than a subprocess timeout.
+BOOT_TIMEOUT = 60
+BOOT_WAIT = BOOT_TIMEOUT + 30
 
 
 class Engines:
@@ -53,7 +64,8 @@ class Engines:
 
     def boot(self, *extra: str) -> dict[str, Any]:
         done = self.run("boot", "--admin-port", str(self.port), "--data-dir",
-                        str(self.data_dir), "--json", *extra)
+                        str(self.data_dir), "--json", "--timeout", str(BOOT_TIMEOUT), *extra,
+                        timeout=BOOT_WAIT)
         assert done.returncode == 0, done.stderr
         report: dict[str, Any] = json.loads(done.stdout)
         self.sessions.add(report["session"])
@@ -94,7 +106,7 @@ def engines(tmp_path: Path) -> Iterator[Engines]:
         e.cleanup()
 
 
-def _ready_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+def _ready_line(proc: subprocess.Popen[str], timeout: float = BOOT_WAIT) -> str:
     """The first stdout line of ``proc`` (fails if it exits or stays silent)."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -192,7 +204,7 @@ def test_a_second_boot_recovers_the_journal(engines: Engines) -> None:
 
     # Another placement would start the journaled accounts empty: refused up front.
     wrong = engines.run("boot", "--admin-port", str(engines.port), "--data-dir",
-                        str(engines.data_dir))
+                        str(engines.data_dir), "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_WAIT)
     assert wrong.returncode == 1 and "--account-shards" in wrong.stderr, wrong
     assert not listening_sockets(engines.port)
 
@@ -206,7 +218,7 @@ def test_a_second_boot_recovers_the_journal(engines: Engines) -> None:
 
 def test_a_foreground_engine_stops_cleanly_on_sigterm(engines: Engines) -> None:
     proc = engines.popen("boot", "--foreground", "--admin-port", str(engines.port),
-                         "--data-dir", str(engines.data_dir))
+                         "--data-dir", str(engines.data_dir), "--timeout", str(BOOT_TIMEOUT))
     line = _ready_line(proc)
     assert line.startswith("emporion engine ready: multiprocTCPBase"), line
     record = read_engine_file(engines.data_dir)
@@ -223,7 +235,7 @@ def test_a_foreground_engine_stops_cleanly_on_sigterm(engines: Engines) -> None:
 
 def test_an_embedded_engine_runs_in_the_foreground(engines: Engines) -> None:
     proc = engines.popen("boot", "--base", "simpleSystemBase", "--data-dir",
-                         str(engines.data_dir))
+                         str(engines.data_dir), "--timeout", str(BOOT_TIMEOUT))
     line = _ready_line(proc)
     assert line.startswith("emporion engine ready: simpleSystemBase, embedded"), line
     status = engines.run("status", "--data-dir", str(engines.data_dir))
@@ -232,3 +244,134 @@ def test_an_embedded_engine_runs_in_the_foreground(engines: Engines) -> None:
     assert done.returncode == 0 and done.stdout.startswith("stopped"), done
     assert proc.wait(timeout=30) == 0
     assert not (engines.data_dir / ENGINE_FILE).exists()
+
+
+# -- a boot on a fresh data directory; hosts that cannot start ----------------------------
+
+
+@contextlib.contextmanager
+def _writer_holding_the_lock(path: Path, seconds: float) -> Iterator[None]:
+    """Another connection holds the journal's write lock for ``seconds``."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(seconds, other.execute, ("COMMIT",))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
+        other.close()
+
+
+def test_only_an_initialised_journal_opens_beside_a_busy_writer(tmp_path: Path) -> None:
+    """Why the Exchange prepares the journal before it starts any host.
+
+    Switching a *fresh* SQLite file to WAL upgrades a read lock to a write lock,
+    and SQLite refuses a contended upgrade at once - the busy timeout is not
+    consulted - which is how hosts starting together on a new data directory
+    failed their HostInit with "database is locked" (twice: a hung boot). A
+    journal already in WAL mode with its schema opens while a writer holds the lock.
+    """
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with _writer_holding_the_lock(fresh / JOURNAL_FILE, 0.5):
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            Journal.open(fresh, busy_timeout=5.0)
+        assert time.monotonic() - started < 2.0  # refused, not waited for
+
+    prepared = tmp_path / "prepared"
+    Journal.open(prepared).close()
+    with (_writer_holding_the_lock(prepared / JOURNAL_FILE, 0.3),
+          Journal.open(prepared, busy_timeout=5.0) as journal):
+        assert journal.streams() == []
+
+
+def test_the_exchange_prepares_the_journal_before_any_host_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    headers: dict[str, bytes] = {}
+    original = Host.receiveMsg_HostInit
+
+    def spy(self: Host, msg: HostInit, sender: Any) -> None:
+        path = tmp_path / JOURNAL_FILE
+        # Bytes 18-19 of an SQLite file are 2, 2 once it is in WAL mode.
+        headers[msg.host_id] = path.read_bytes()[18:20] if path.exists() else b""
+        original(self, msg, sender)
+
+    monkeypatch.setattr(Host, "receiveMsg_HostInit", spy)
+    with running_system("simpleSystemBase") as asys:
+        ready = boot_engine(asys, config(tmp_path, account_shards=2), timeout=30)
+    assert set(headers) == set(ready.directory.hosts)
+    assert set(headers.values()) == {b"\x02\x02"}, headers
+
+
+def test_a_host_that_fails_to_start_is_started_in_a_new_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routers: list[Host] = []  # the router actors, in the order they got a HostInit
+    original = Host.receiveMsg_HostInit
+
+    def flaky(self: Host, msg: HostInit, sender: Any) -> None:
+        if msg.host_id == "router":
+            if self not in routers:
+                routers.append(self)
+            if self is routers[0]:  # every try of the first router actor fails
+                raise sqlite3.OperationalError("database is locked")
+        original(self, msg, sender)
+
+    monkeypatch.setattr(Host, "receiveMsg_HostInit", flaky)
+    with running_system("simpleSystemBase") as asys:
+        boot_engine(asys, config(tmp_path, account_shards=2), timeout=30)
+        assert len(routers) == 2
+        status = asys.ask(exchange_address(asys), ExchangeStatusQuery(), 10)
+        assert isinstance(status, ExchangeStatus)
+        assert {h: r for h, _, r in status.hosts}["router"] == 0  # not a restart
+        link = EngineLink(asys, "ops-test")
+        t = Trader(link)
+        link.attach("alice")
+        assert t.deposit("alice", MILLION).ok  # through the router started anew
+        link.close()
+
+
+def test_a_host_that_never_starts_fails_the_boot_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Host, msg: HostInit, sender: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Host, "receiveMsg_HostInit", broken)
+    with running_system("simpleSystemBase") as asys:
+        started = time.monotonic()
+        with pytest.raises(EngineError, match=f"failed to start in {HOST_START_ATTEMPTS} "
+                           "processes: .*disk I/O error"):
+            boot_engine(asys, config(tmp_path), timeout=60)
+        assert time.monotonic() - started < 30
+        with pytest.raises(EngineError, match="disk I/O error"):  # and stays failed
+            boot_engine(asys, config(tmp_path), timeout=60)
+
+
+def test_boot_reports_a_corrupted_journal_instead_of_timing_out(engines: Engines) -> None:
+    stream = "host:book:BTC-PERP"
+    with Journal.open(engines.data_dir) as journal:
+        for i in range(3):
+            with journal.turn():
+                journal.append(stream, [f"turn {i}"])
+    raw = sqlite3.connect(engines.data_dir / JOURNAL_FILE)
+    raw.execute("DELETE FROM records WHERE stream = ? AND seq = 2", (stream,))  # a hole
+    raw.commit()
+    raw.close()
+
+    started = time.monotonic()
+    done = engines.run("boot", "--admin-port", str(engines.port), "--data-dir",
+                       str(engines.data_dir), "--account-shards", "2",
+                       "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_WAIT)
+    assert time.monotonic() - started < BOOT_TIMEOUT / 2
+    assert done.returncode == 1, done
+    assert "host book:BTC-PERP failed to start" in done.stderr, done.stderr
+    assert "JournalCorrupted" in done.stderr and "offset 2" in done.stderr, done.stderr
+    assert not listening_sockets(engines.port)
+    assert not (engines.data_dir / ENGINE_FILE).exists()
+    # The Exchange's own account of it is in the actor log (not lost on stderr).
+    log = (engines.data_dir / "logs" / "actors.log").read_text()
+    assert "actors.exchange host book:BTC-PERP failed to start" in log, log[-2000:]
