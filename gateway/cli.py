@@ -244,6 +244,8 @@ def _simulate(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"emporion simulate: {exc}", file=sys.stderr)
         return 2
+    if args.processes is None:
+        args.processes = 0 if scenario.agents <= 100 else 1
     if args.processes < 0:
         print("emporion simulate: --processes must be >= 0", file=sys.stderr)
         return 2
@@ -325,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=None, help="RNG seed (overrides the scenario)")
     sim.add_argument("--report", default="sim-report",
                      help="report directory: report.json, report.md, charts (default ./sim-report)")
-    sim.add_argument("--processes", type=int, default=0,
-                     help="client processes for the agents (0: in this process; default 0)")
+    sim.add_argument("--processes", type=int, default=None,
+                     help="client processes for the agents (0: in this process; default: "
+                          "0 up to 100 agents, else 1, so the load uses the other core)")
     sim.add_argument("--url", default=None,
                      help="attach to a running gateway (e.g. `emporion run --agents 0 "
                           "--demo-users N`) instead of booting one; agents log in as "

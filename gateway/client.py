@@ -89,7 +89,7 @@ class Client:
     def __init__(self, url: str, user: str, password: str, *, encoding: str = "cbor",
                  reconnect: bool = True, event_buffer: int = 10_000,
                  ack_every: int = 100, retries: int = 3,
-                 resume_from: int | None = None) -> None:
+                 resume_from: int | None = None, heartbeat_s: float | None = 15.0) -> None:
         self.url = url
         self.user = user
         self._password = password
@@ -102,6 +102,10 @@ class Client:
         #: not only after reconnects. None: start with what happens from now on.
         self.last_seq = resume_from or 0
         self._resume_first = resume_from is not None
+        #: Send a ``ping`` when nothing was sent for this long, so the gateway's idle
+        #: timeout (60 s by default) never closes a quiet or waiting client.
+        self.heartbeat_s = heartbeat_s
+        self._last_sent = time.monotonic()
         self.reconnects = 0
         self.session: int | None = None
         self._ids = itertools.count(1)
@@ -168,6 +172,7 @@ class Client:
 
     async def _send(self, ws: WebSocketConnection, msg: dict[str, Any]) -> None:
         try:
+            self._last_sent = time.monotonic()
             await ws.send_message(cbor2.dumps(msg) if self.encoding == "cbor" else json.dumps(msg))
         except ConnectionClosed:
             raise ClientError("disconnected", "the connection closed") from None
@@ -251,6 +256,8 @@ class Client:
                             first = False
                             task_status.started()
                         backoff = 0.05
+                        if self.heartbeat_s is not None:
+                            nursery.start_soon(self._heartbeat, ws, self.heartbeat_s)
                         await trio.sleep_forever()
                     finally:
                         with trio.move_on_after(1) as cleanup:
@@ -326,6 +333,19 @@ class Client:
                 seq=e["seq"], kind=e["kind"], priority=e["priority"], ts=e["ts"],
                 data=event_data(e["kind"], e["data"]), raw=e))
             self._unacked += 1
+
+    async def _heartbeat(self, ws: WebSocketConnection, every: float) -> None:
+        """Ping when the connection was quiet for ``every`` seconds (the answer is not
+        awaited: any frame from the client resets the gateway's idle timer)."""
+        while True:
+            quiet = time.monotonic() - self._last_sent
+            if quiet >= every:
+                try:
+                    await self._send(ws, {"op": "ping", "id": f"hb{next(self._ids)}"})
+                except ClientError:
+                    return  # the reader notices the close and reconnects
+                quiet = 0.0
+            await trio.sleep(every - quiet)  # a timer: the next heartbeat is due then
 
     def _new_epoch(self, channels: Iterable[str]) -> None:
         for channel in channels:

@@ -334,7 +334,7 @@ class AgentGroup:
     async def run(self) -> GroupResult:
         limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
         async with trio.open_nursery() as nursery:
-            if self.spec.scenario.market_data == "shared" and self.agents:
+            if self.spec.scenario.feed() == "shared" and self.agents:
                 await nursery.start(self._feed)
             for agent in self.agents:
                 nursery.start_soon(self._agent, agent, limiter)
@@ -385,7 +385,7 @@ class AgentGroup:
                 async with limiter:
                     client = await stack.enter_async_context(
                         open_client(spec.url, user, spec.password, retries=8, resume_from=0))
-                    if spec.scenario.market_data == "agent":
+                    if spec.scenario.feed() == "agent":
                         await client.subscribe([f"ticker.{s}" for s in spec.scenario.symbols])
                 self._n_connected += 1
                 if self._n_connected == len(self.agents):
@@ -569,7 +569,7 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
     history = History(seed=sc.seed, scenario=sc.name, started_ns=time.monotonic_ns(),
                       instruments={s: (str(instruments[s].tick), str(instruments[s].lot))
                                    for s in sc.symbols})
-    extra: dict[str, Any] = {"processes": options.processes}
+    extra: dict[str, Any] = {"processes": options.processes, "market_data": sc.feed()}
     clock_offset = time.time_ns() - time.monotonic_ns()  # wall ↔ monotonic, for the charts
     with contextlib.ExitStack() as stack:
         data_dir = options.data_dir

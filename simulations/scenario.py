@@ -9,7 +9,8 @@ A scenario is a TOML file (see ``simulations/scenarios/`` for the shipped
     seed = 1
     symbols = ["BTC-PERP", "ETH-PERP"]
     deposit = "1000000"  # quote currency per agent
-    market_data = "agent"  # or "shared": one ticker feed per client process
+    market_data = "auto"  # "agent", "shared" (one ticker feed per client process);
+                          # auto: shared above 100 agents
 
     [mix]                # relative weights of the roles
     maker = 3
@@ -70,7 +71,13 @@ class Scenario:
     #: connection per client process subscribes and hands prices to its agents —
     #: how a trading firm runs many order-entry sessions (1,000 agents each taking
     #: every ticker would make the load generator, not the exchange, the bottleneck).
-    market_data: str = "agent"
+    market_data: str = "auto"
+
+    def feed(self) -> str:
+        """The effective market-data mode: ``auto`` is ``shared`` above 100 agents."""
+        if self.market_data == "auto":
+            return "shared" if self.agents > 100 else "agent"
+        return self.market_data
     mix: Mapping[str, float] = attrs.field(factory=lambda: {"maker": 3, "noise": 4,
                                                             "momentum": 2, "reconnector": 1})
     rates: Mapping[str, float] = attrs.field(factory=lambda: dict(DEFAULT_RATES))
@@ -176,8 +183,8 @@ def validate(s: Scenario) -> Scenario:
     need(isinstance(s.seed, int), f"seed must be an integer, not {s.seed!r}")
     need(isinstance(s.symbols, list | tuple) and len(s.symbols) > 0
          and all(isinstance(x, str) for x in s.symbols), "symbols must be a list of symbols")
-    need(s.market_data in ("agent", "shared"),
-         f"market_data must be 'agent' or 'shared', not {s.market_data!r}")
+    need(s.market_data in ("agent", "shared", "auto"),
+         f"market_data must be 'agent', 'shared' or 'auto', not {s.market_data!r}")
     try:
         deposit = Decimal(str(s.deposit))
     except InvalidOperation:

@@ -146,3 +146,21 @@ async def test_live_events_overtaking_the_replay_wait_for_it() -> None:
     assert got == [33, 34, 35, 36, 38]
     assert c.last_seq == 38
     assert c.duplicates_dropped == 2
+
+
+async def test_heartbeats_keep_a_quiet_client_past_the_idle_timeout() -> None:
+    from gateway.server import GatewayConfig
+
+    async with running_gateway(GatewayConfig(port=0, idle_timeout_s=0.5)) as gw:
+        url = f"ws://127.0.0.1:{gw.port}/v1"
+        async with open_client(url, "alice", "pw", heartbeat_s=0.1) as beating, \
+                open_client(url, "bob", "pw", heartbeat_s=None) as silent:
+            # Without heartbeats the gateway closes the quiet connection (1001) and
+            # the SDK reconnects; wait for that to happen.
+            with trio.fail_after(10):
+                while silent.reconnects == 0:
+                    await trio.sleep(0.05)  # poll the counter the reconnect bumps
+            # Over the same span (more than one idle timeout) the beating one stayed.
+            assert beating.reconnects == 0
+            await beating.ping()
+            assert beating.reconnects == 0
