@@ -129,6 +129,15 @@ def test_latency_figures() -> None:
     assert fill["count"] == 5
     assert fill["p50"] == approx(30.0)
     assert fill["max"] == approx(50.0)
+    assert lat["market_submit_to_fill"]["count"] == 0  # all of them limit orders
+    h = make_history()
+    filled = [o for _, o in h.all_orders() if o.first_fill_ns is not None]
+    filled[0].type = "market"  # the 10 ms one
+    taker = latency_summary(h)["market_submit_to_fill"]
+    assert taker["count"] == 1
+    first_fill = filled[0].first_fill_ns
+    assert first_fill is not None
+    assert taker["max"] == approx((first_fill - filled[0].submitted_ns) / 1e6)
     mkt = lat["market_publish_to_receive"]  # monitor 2, 2, 0, 1, 1, 1 and the agent's 4
     assert mkt["count"] == 7
     assert mkt["p50"] == approx(1.0)
