@@ -135,6 +135,11 @@ def fault_target(scenario: Scenario, index: int, spec: FaultSpec, users: list[st
 # -- the embedded exchange -----------------------------------------------------------------
 
 
+async def _abort_quietly(stream: Any) -> None:
+    with contextlib.suppress(Exception):
+        await stream.aclose()
+
+
 async def call_on_bridge(bridge: EngineBridge, fn: Callable[[Any], Any],
                          timeout: float = 30.0) -> Any:
     """Run ``fn(link)`` on the bridge thread and return its result (or raise its error)."""
@@ -255,7 +260,8 @@ class EmbeddedExchange:
         for conn in list(self.gw.conns.values()):
             if conn.proto.user == user and not conn.closed:
                 # No close handshake: the transport under the WebSocket goes away.
-                trio.lowlevel.spawn_system_task(conn.ws._stream.aclose)
+                # (A system task must not raise: that would end the whole trio run.)
+                trio.lowlevel.spawn_system_task(_abort_quietly, conn.ws._stream)
                 killed += 1
         return killed
 
@@ -625,7 +631,6 @@ class _Run:
         self.extra: dict[str, Any] = {}
         self.control = Control(budget=sc.orders)
         self.monitor_ready = trio.Event()
-        self.monitor_stop = trio.Event()
         self.monitor_client: Any = None
         self._shared: list[Any] = []
 
