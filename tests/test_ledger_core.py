@@ -23,6 +23,7 @@ from actors.cores.ledger import (
     OrderInput,
     OrderState,
     next_order_state,
+    units_formatter,
 )
 from protocol import (
     CancelRejected,
@@ -37,6 +38,7 @@ from protocol import (
     OrderRejected,
     RemoteProtocolError,
     UserEvent,
+    from_units,
     parse_instruments,
 )
 
@@ -1124,3 +1126,21 @@ def test_system_notice_takes_the_next_event_id() -> None:
     assert notice.event_id == first.event_id + 1
     assert notice.data == {"kind": "resync", "message": "account restarted"}
     assert notice.priority == 3
+
+
+# -- decimal strings: the ledger's integer formatter is protocol.from_units -----------------
+
+_STEPS = ["0.0001", "0.1", "0.001", "0.01", "0.25", "1", "50", "5E+1", "0.10", "2.5", "1E-8"]
+
+
+@settings(max_examples=300)
+@given(
+    step=st.sampled_from(_STEPS),
+    units=st.one_of(
+        st.integers(-10**6, 10**6),
+        st.integers(-10**30, 10**30),
+        st.sampled_from([0, 1, -1, 9, 10, -10, 10**26, 10**27 - 1, 10**27, -(10**27)]),
+    ),
+)
+def test_units_formatter_is_from_units(step: str, units: int) -> None:
+    assert units_formatter(Decimal(step))(units) == from_units(units, Decimal(step))

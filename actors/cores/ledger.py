@@ -60,7 +60,7 @@ Decisions (the contract of this module):
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Final
@@ -68,6 +68,7 @@ from typing import Final
 import attrs
 
 from protocol import (
+    CASH_STEP,
     PPM,
     CancelRejected,
     ErrorCode,
@@ -81,7 +82,7 @@ from protocol import (
     OrderRejected,
     RemoteProtocolError,
     UserEvent,
-    cash_str,
+    from_units,
     ratio_to_str,
 )
 
@@ -184,6 +185,61 @@ def next_order_state(order_id: int, state: OrderState, event: OrderInput) -> Ord
         raise IllegalTransition(order_id, state, event) from None
 
 
+# -- decimal strings ----------------------------------------------------------------------
+
+#: Beyond this many digits ``Decimal`` arithmetic (28 significant digits) would round:
+#: leave such values to :func:`protocol.from_units`, which does exactly that.
+_EXACT_DIGITS_LIMIT: Final = 10**27
+
+_FORMATTERS: dict[Decimal, Callable[[int], str]] = {}
+
+
+def units_formatter(step: Decimal) -> Callable[[int], str]:
+    """A function rendering ``units`` of ``step`` exactly as :func:`protocol.from_units`
+    does, with integer arithmetic (``Decimal`` formatting was ~12 % of an engine turn).
+
+    ``units * step`` is ``units * m * 10**e`` for the normalized step ``m·10**e``, so
+    its plain string with ``-e`` decimals is the integer ``units * m`` with a point
+    inserted. Memoized per step.
+    """
+    known = _FORMATTERS.get(step)
+    if known is not None:
+        return known
+    _, digits, exponent = step.normalize().as_tuple()
+    assert isinstance(exponent, int)
+    mantissa = int("".join(map(str, digits)))
+    if exponent >= 0:
+        mantissa *= 10**exponent
+    places = max(0, -exponent)
+
+    def fmt(units: int) -> str:
+        value = units * mantissa
+        if not -_EXACT_DIGITS_LIMIT < value < _EXACT_DIGITS_LIMIT:
+            return from_units(units, step)
+        if places == 0:
+            return str(value)
+        if value < 0:
+            text = str(-value).rjust(places + 1, "0")
+            return f"-{text[:-places]}.{text[-places:]}"
+        text = str(value).rjust(places + 1, "0")
+        return f"{text[:-places]}.{text[-places:]}"
+
+    _FORMATTERS[step] = fmt
+    return fmt
+
+
+#: Integer minor units → wire money string (``protocol.cash_str``, integer arithmetic).
+cash_str: Final = units_formatter(CASH_STEP)
+
+
+def _price_str(instrument: Instrument, ticks: int) -> str:
+    return units_formatter(instrument.tick)(ticks)
+
+
+def _qty_str(instrument: Instrument, lots: int) -> str:
+    return units_formatter(instrument.lot)(lots)
+
+
 # -- records ------------------------------------------------------------------------------
 
 
@@ -227,16 +283,17 @@ class OrderRecord:
 
 def order_to_wire(record: OrderRecord, instrument: Instrument) -> dict[str, object]:
     """The wire map of an order (order events, ``query orders``)."""
+    qty_str = units_formatter(instrument.lot)
     return {
         "order_id": record.order_id,
         "client_order_id": record.client_order_id,
         "symbol": record.symbol,
         "side": record.side,
         "type": record.order_type,
-        "price": None if record.price is None else instrument.price_str(record.price),
-        "qty": instrument.qty_str(record.qty),
-        "filled_qty": instrument.qty_str(record.filled_qty),
-        "remaining_qty": instrument.qty_str(record.remaining_qty),
+        "price": None if record.price is None else _price_str(instrument, record.price),
+        "qty": qty_str(record.qty),
+        "filled_qty": qty_str(record.filled_qty),
+        "remaining_qty": qty_str(record.qty - record.filled_qty),
         "status": record.status.value,
         "tif": record.tif,
     }
@@ -808,8 +865,8 @@ class Ledger:
                     "client_order_id": rec.client_order_id,
                     "symbol": ev.symbol,
                     "side": rec.side,
-                    "price": inst.price_str(ev.price),
-                    "qty": inst.qty_str(ev.qty),
+                    "price": _price_str(inst, ev.price),
+                    "qty": _qty_str(inst, ev.qty),
                     "fee": cash_str(fee),
                     "liquidity": liquidity,
                     "realized_pnl": cash_str(realized),
@@ -897,8 +954,8 @@ class Ledger:
         long_qty, short_qty = max(pos.qty, 0), max(-pos.qty, 0)
         return {
             "symbol": symbol,
-            "long_qty": inst.qty_str(long_qty),
-            "short_qty": inst.qty_str(short_qty),
+            "long_qty": _qty_str(inst, long_qty),
+            "short_qty": _qty_str(inst, short_qty),
             "long_avg_price": _avg_price_str(inst, pos.cost if long_qty else 0, long_qty),
             "short_avg_price": _avg_price_str(inst, pos.cost if short_qty else 0, short_qty),
             "unrealized_pnl": cash_str(_unrealized(inst, pos, self._mark_of(symbol, marks))),
