@@ -20,6 +20,13 @@ Figures:
    the orders is inside the measured span. Ceiling: a bare blast of the same
    number of messages (``N / batch``), each a tuple of the same 100 items, from
    outside to one :class:`~actors.runtime.RuntimeSink`.
+   ``actors.simple.group_commit_pass.orders_per_s``: the same under simpleSystemBase
+   with ``group_commit="pass"``, as the embedded gateway bridge runs the engine:
+   every host writes its turns into one open transaction and the driver commits it
+   (:func:`~actors.journal.flush_shared`) after each ``receive``, before any Reply
+   counts — write-ahead at the process edge, as the bridge does before delivering.
+   ``actors.simple.orders_per_s`` stays the per-turn commit figure (multiprocTCPBase's
+   policy, also the default of :class:`~actors.host.EngineConfig`).
 2. ``actors.tcp.batching_lift``: under multiprocTCPBase, orders/s at 100 orders
    per ``send`` over orders/s at one order per ``send`` (one message each).
 3. ``actors.<base>.hop_median``: an ``AccountQuery`` to one account host and its
@@ -36,8 +43,9 @@ shard host; under multiprocTCPBase ``--tcp-shards`` (default 2) account shard
 hosts, as the multi-process deployment prescribes.
 
 Usage: ``python bench/actors.py [--quick] [--orders N] [--unbatched N] [--only simple|tcp]
-[--profile]`` (``--profile`` runs only the simpleSystemBase order run under
-cProfile and prints the top functions by cumulative and own time to stderr).
+[--profile [--group-commit turn|pass]]`` (``--profile`` runs only the simpleSystemBase
+order run under cProfile and prints the top functions by cumulative and own time to
+stderr).
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from actors.boot import EngineLink, boot_engine
 from actors.host import EngineConfig
+from actors.journal import flush_shared
 from actors.messages import (
     AccountDeposit,
     AccountPlace,
@@ -188,34 +197,45 @@ class Tally:
                 self.market += 1
 
 
-def engine_config(data_dir: str, fsync: str, shards: int) -> EngineConfig:
+def engine_config(
+    data_dir: str, fsync: str, shards: int, group_commit: str = "turn"
+) -> EngineConfig:
     return EngineConfig(
         instruments_toml=(ROOT / "protocol" / "instruments.toml").read_text(),
         data_dir=data_dir,
         fsync=fsync,
         account_shards=shards,
+        group_commit=group_commit,
     )
 
 
-def pump(link: EngineLink, tally: Tally) -> None:
+def pump(link: EngineLink, tally: Tally, *, flush: bool = False) -> None:
     """Take what is there; block (up to 0.5 s) only when nothing is.
 
     Under simpleSystemBase a ``listen`` with a timeout sleeps until the next
     pending wakeup (the router's conflation timer) whenever no send is pending,
     even with replies already waiting - so look without waiting first.
+
+    ``flush``: the engine runs with ``group_commit="pass"``; commit the pass's
+    journal writes (:func:`~actors.journal.flush_shared`) before anything received
+    counts, exactly where the embedded gateway bridge commits before delivering.
     """
     got = link.receive(0.0)
     if not got:
         got = link.receive(0.5)
+    if flush:
+        flush_shared()
     tally.take(got)
 
 
-def wait_replies(link: EngineLink, tally: Tally, ids: set[int], what: str) -> None:
+def wait_replies(
+    link: EngineLink, tally: Tally, ids: set[int], what: str, *, flush: bool = False
+) -> None:
     deadline = time.monotonic() + PHASE_TIMEOUT
     while not ids <= tally.replies.keys():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: {len(ids - tally.replies.keys())} replies missing")
-        pump(link, tally)
+        pump(link, tally, flush=flush)
 
 
 class Engine:
@@ -223,6 +243,9 @@ class Engine:
 
     def __init__(self, asys: Any, config: EngineConfig, population: Sequence[str]) -> None:
         boot_engine(asys, config)
+        self.flush = config.group_commit == "pass"
+        if self.flush:
+            flush_shared()
         self.link = EngineLink(asys, GATEWAY, timeout=ASK)
         self.tally = Tally()
         self.population = list(population)
@@ -243,7 +266,7 @@ class Engine:
                 )
             )
         self.link.send(deposits)
-        wait_replies(self.link, self.tally, ids, "deposits")
+        wait_replies(self.link, self.tally, ids, "deposits", flush=self.flush)
         bad = [r for i, r in self.tally.replies.items() if i in ids and not r.ok]
         if bad:
             raise RuntimeError(f"deposits refused: {bad[:3]!r}")
@@ -253,7 +276,7 @@ class Engine:
         return ReplyTo(gateway=GATEWAY, conn=1, request_id=rid)
 
     def pump(self) -> None:
-        pump(self.link, self.tally)
+        pump(self.link, self.tally, flush=self.flush)
 
     def barrier(self) -> None:
         """A RouterAttach with a reply: the router answers after what it got before."""
@@ -268,7 +291,7 @@ class Engine:
                 )
             ]
         )
-        wait_replies(self.link, self.tally, {rid}, "router barrier")
+        wait_replies(self.link, self.tally, {rid}, "router barrier", flush=self.flush)
 
     def run_orders(self, batches: list[list[Item]], window: int) -> dict[str, Any]:
         """Send ``batches`` (one ``send`` call each) keeping at most ``window`` orders
@@ -327,7 +350,10 @@ class Engine:
         """Median µs of an AccountQuery to one account host and its Reply."""
         user = self.population[0]
         link, tally = self.link, self.tally
-        tally.take(link.receive(0.0))  # drain late deliveries (conflation timer)
+        late = link.receive(0.0)  # drain late deliveries (conflation timer)
+        if self.flush:
+            flush_shared()
+        tally.take(late)
         samples = []
         for _ in range(rounds + 1):
             rid = next(self.request_ids)
@@ -351,13 +377,15 @@ def engine(
     fsync: str = "batch",
     shards: int = 0,
     logs: str | None = None,
+    group_commit: str = "turn",
 ) -> Iterator[Engine]:
     """A fresh actor system, a fresh journal directory, a booted and populated engine."""
     with (
         tempfile.TemporaryDirectory(prefix="emporion-bench-") as data_dir,
         running_system(system, log_dir=logs) as asys,
     ):
-        eng = Engine(asys, engine_config(data_dir, fsync, shards), population)
+        config = engine_config(data_dir, fsync, shards, group_commit)
+        eng = Engine(asys, config, population)
         try:
             yield eng
         finally:
@@ -438,6 +466,12 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="only profile the simpleSystemBase order run (stats to stderr)",
     )
+    ap.add_argument(
+        "--group-commit",
+        choices=("turn", "pass"),
+        default="turn",
+        help="the journal's group commit for --profile",
+    )
     args = ap.parse_args(argv)
     n = args.orders or (1_500 if args.quick else 10_000)
     n_single = args.unbatched or (100 if args.quick else 1_000)
@@ -449,7 +483,9 @@ def main(argv: list[str]) -> int:
     simple = SystemConfig(base="simpleSystemBase")
 
     if args.profile:
-        with engine(simple, population, shards=args.simple_shards) as eng:
+        with engine(
+            simple, population, shards=args.simple_shards, group_commit=args.group_commit
+        ) as eng:
             prof = cProfile.Profile()
             prof.enable()
             result = eng.run_orders(batches, window)
@@ -495,8 +531,23 @@ def run_simple(
         bare_simple,
         target=15_000,
         detail=per_policy["batch"],
-        note=f"journal fsync=batch; ceiling: bare blast of {len(batches)} messages "
-        f"of {args.batch} items to one sink",
+        note=f"journal fsync=batch, group_commit=turn (a commit per host turn); ceiling: "
+        f"bare blast of {len(batches)} messages of {args.batch} items to one sink",
+    )
+    # The embedded deployment as it runs: every host on one thread, journal writes
+    # of a pass in one transaction, committed before anything received counts.
+    with engine(simple, population, shards=args.simple_shards, group_commit="pass") as eng:
+        passed = eng.run_orders(batches, window)
+    compared(
+        "actors.simple.group_commit_pass.orders_per_s",
+        orders_per_s(passed),
+        "orders/s",
+        bare_simple,
+        target=15_000,
+        detail=passed,
+        note="journal fsync=batch, group_commit=pass: the embedded bridge's commit per "
+        "pass (flush_shared after each receive, before replies count) instead of per "
+        "host turn; same orders and ceiling as actors.simple.orders_per_s",
     )
     compared(
         "actors.simple.hop_median",
