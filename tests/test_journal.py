@@ -648,3 +648,37 @@ def test_defer_needs_a_shared_connection(tmp_path: Path) -> None:
         j.append("s", ["x"])
         j.commit()
         assert _other_reader(tmp_path, "s") == ["x"]
+
+
+def test_a_journal_with_the_earlier_without_rowid_tables_still_works(tmp_path: Path) -> None:
+    # Journals written before records/snapshots became rowid tables keep working.
+    db = _raw(tmp_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    for table, blob in (("records", "payload"), ("snapshots", "state")):
+        db.execute(
+            f"CREATE TABLE {table} (stream TEXT NOT NULL, seq INTEGER NOT NULL,"
+            f" {blob} BLOB NOT NULL, checksum BLOB NOT NULL, PRIMARY KEY (stream, seq))"
+            " WITHOUT ROWID"
+        )
+    db.execute(
+        "CREATE TABLE streams (name TEXT PRIMARY KEY, base INTEGER NOT NULL DEFAULT 0)"
+        " WITHOUT ROWID"
+    )
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    orders = _orders(1, 6)
+    with Journal.open(tmp_path) as j:
+        with j.turn():
+            j.append(BOOK, orders[:3])
+            j.snapshot(BOOK, 3, JournalTestState(orders=tuple(orders[:3])))
+        with j.turn():
+            j.append(BOOK, orders[3:])
+    with Journal.open(tmp_path) as j:
+        rec = j.recover(BOOK)
+        assert rec.snapshot == Snapshot(3, JournalTestState(orders=tuple(orders[:3])))
+        assert rec.records == list(enumerate(orders[3:], start=4))
+        assert list(j.read(BOOK)) == list(enumerate(orders, start=1))
+    kinds = _raw(tmp_path).execute(
+        "SELECT sql LIKE '%WITHOUT ROWID' FROM sqlite_master WHERE name = 'records'"
+    ).fetchone()
+    assert kinds == (1,)
