@@ -422,6 +422,9 @@ class Journal:
         self._records = 0
         self._snapshot_count = 0
         self._synced = 0
+        #: Payload bytes of every record staged by :meth:`append` since this object
+        #: was opened (committed or not): a writer paces its snapshots by it.
+        self.appended_bytes = 0
 
     @classmethod
     def open(
@@ -512,16 +515,19 @@ class Journal:
         """
         last = self._next_base(stream)
         rows: list[tuple[str, int, bytes, bytes]] = []
+        size = 0
         for record in records:
             last += 1
             payload = pickle.dumps(record, protocol=PICKLE_PROTOCOL)
+            size += len(payload)
             rows.append((stream, last, payload, _checksum(_RECORD_PERSON, stream, last, payload)))
         if rows:
             self._rows.extend(rows)
             self._staged_last[stream] = last
+            self.appended_bytes += size
         return last
 
-    def snapshot(self, stream: str, offset: int, state: object) -> None:
+    def snapshot(self, stream: str, offset: int, state: object) -> int:
         """Stage a snapshot of the stream's state as of ``offset``, for the current turn.
 
         A snapshot at an offset that already has one replaces it.
@@ -531,6 +537,9 @@ class Journal:
             offset: Every record up to this one (staged or committed) is reflected in
                 ``state``; at most the stream's staged last offset.
             state: The actor's state (pickled now, so later mutation does not leak in).
+
+        Returns:
+            The size of the pickled state in bytes (a writer may pace its snapshots by it).
 
         Raises:
             ValueError: A bad stream name or an offset outside the stream.
@@ -546,6 +555,7 @@ class Journal:
         checksum = _checksum(_SNAPSHOT_PERSON, stream, offset, data)
         self._snapshots.append((stream, offset, data, checksum))
         self._staged_last.setdefault(stream, last)
+        return len(data)
 
     def compact(self, stream: str, keep_after: int) -> None:
         """Stage the deletion of the records up to ``keep_after``, for the current turn.

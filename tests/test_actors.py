@@ -182,3 +182,44 @@ def test_unknown_fault_modes_are_ignored(mode: str) -> None:
         t.link.asys.tell(t.link.directory.hosts["router"], HostFault(mode=mode))
         t.link.attach("alice")
         assert t.deposit("alice", 1).ok
+
+
+@pytest.mark.parametrize("factor", [1, 10**9])
+def test_hosts_recover_from_snapshots_paced_by_journal_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, factor: int
+) -> None:
+    import actors.host
+
+    monkeypatch.setattr(actors.host, "SNAPSHOT_EVERY", 2)
+    monkeypatch.setattr(actors.host, "SNAPSHOT_BYTES_FACTOR", factor)
+    with engine(BASE, tmp_path) as t:
+        _cross(t)
+        for i in range(4):
+            assert t.place("alice", f"a{i + 2}", "sell", 600010 + i, 1).ok
+            assert t.place("bob", f"b{i + 2}", "buy", 600030, 1).ok
+        t.wait_events("alice", 6)
+        state = {u: (t.query(u, "account"), t.query(u, "positions"), t.query(u, "orders"))
+                 for u in ("alice", "bob")}
+        seqs = {u: inspect(t.link, "router")[""].router.last_seq(u) for u in ("alice", "bob")}
+        db = sqlite3.connect(tmp_path / "journal.sqlite3")
+        counts = dict(db.execute("SELECT stream, count(*) FROM snapshots GROUP BY stream"))
+        db.close()
+        if factor == 1:
+            # A snapshot costs about its records' bytes: hosts snapshot again and again.
+            assert counts["host:router"] > 1
+            assert counts["host:account:alice"] > 1
+        else:
+            # Never enough records to pay for another snapshot: only the first one.
+            assert counts["host:router"] == 1
+            assert counts["host:account:alice"] == 1
+        t.link.refresh()
+        for host in ("account:alice", "account:bob", "router", "book:BTC-PERP"):
+            t.link.asys.tell(t.link.directory.hosts[host], HostFault(mode="exit"))
+            t.pump()
+            t.link.refresh()
+        for u in ("alice", "bob"):
+            assert (t.query(u, "account"), t.query(u, "positions"), t.query(u, "orders")) \
+                == state[u]
+        router = inspect(t.link, "router")[""].router
+        # Each restart notified the users (resync), after the seqs they had.
+        assert all(router.last_seq(u) > seqs[u] for u in ("alice", "bob"))
