@@ -80,16 +80,19 @@ holds no lock); the staged turn is per object.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import hashlib
+import io
+import operator
 import os
 import pickle
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 
@@ -194,6 +197,76 @@ def flush_shared() -> int:
             entry[4] = 0
             _fsync_wal(key[0])
     return done
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+#: The reducer of an object that keeps pickle's own way (``__reduce_ex__``).
+def _own_reduce(obj: Any) -> Any:
+    return obj.__reduce_ex__(PICKLE_PROTOCOL)
+
+
+def _attrs_restore(cls: type, names: tuple[str, ...], values: tuple[Any, ...]) -> Any:
+    """Unpickle what :class:`_Reducers` pickled: set the fields as attrs' own
+    ``__setstate__`` does (no ``__init__``, no validators)."""
+    obj: Any = object.__new__(cls)
+    for name, value in zip(names, values, strict=True):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def _is_plain_attrs(cls: type) -> bool:
+    """A slotted attrs class that pickles the attrs way (no reduce or state of its own)."""
+    if not attrs.has(cls) or "__slots__" not in cls.__dict__:
+        return False
+    if cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__:
+        return False
+    own = (getattr(cls, "__getstate__", None), getattr(cls, "__setstate__", None))
+    return all("slots_" in getattr(f, "__qualname__", "") for f in own)
+
+
+class _Reducers(dict[type, Callable[[Any], Any]]):
+    """The journal pickler's dispatch table, filled per class on first sight.
+
+    A slotted attrs class (every engine message and most core state) pickles by
+    default through attrs' ``__getstate__``, a Python dict comprehension per object
+    (~9 % of the engine thread in bench/actors.py, py-spy). Here it pickles as
+    ``_attrs_restore(cls, field names, field values)``: the values come from one C
+    ``attrgetter`` call, and the class and the names tuple are memoized once per
+    pickle. Loading sets the same attributes attrs' ``__setstate__`` would, and
+    records pickled the default way still load. Other classes keep their own reduce.
+    """
+
+    def __missing__(self, cls: type) -> Callable[[Any], Any]:
+        if issubclass(cls, type):
+            raise KeyError(cls)  # a class with a metaclass: pickle saves it by name
+        registered = copyreg.dispatch_table.get(cls)
+        reducer: Callable[[Any], Any] = _own_reduce if registered is None else registered
+        if registered is None and _is_plain_attrs(cls):
+            names = tuple(a.name for a in attrs.fields(cast(Any, cls)))
+            if len(names) > 1:
+                values = operator.attrgetter(*names)
+
+                def reducer(obj: Any) -> Any:
+                    return _attrs_restore, (cls, names, values(obj))
+            elif names:
+                name = names[0]
+
+                def reducer(obj: Any) -> Any:
+                    return _attrs_restore, (cls, names, (getattr(obj, name),))
+        self[cls] = reducer
+        return reducer
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = _Reducers()
+
+
+def _dumps(obj: object) -> bytes:
+    """Pickle ``obj`` (protocol 5) with the journal's compact attrs encoding."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, PICKLE_PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 def _fsync_wal(path: str) -> None:
@@ -518,7 +591,7 @@ class Journal:
         size = 0
         for record in records:
             last += 1
-            payload = pickle.dumps(record, protocol=PICKLE_PROTOCOL)
+            payload = _dumps(record)
             size += len(payload)
             rows.append((stream, last, payload, _checksum(_RECORD_PERSON, stream, last, payload)))
         if rows:
@@ -551,7 +624,7 @@ class Journal:
             raise ValueError(
                 f"snapshot offset {offset} of {stream!r} outside [{base}, {last}]"
             )
-        data = pickle.dumps(state, protocol=PICKLE_PROTOCOL)
+        data = _dumps(state)
         checksum = _checksum(_SNAPSHOT_PERSON, stream, offset, data)
         self._snapshots.append((stream, offset, data, checksum))
         self._staged_last.setdefault(stream, last)

@@ -682,3 +682,53 @@ def test_a_journal_with_the_earlier_without_rowid_tables_still_works(tmp_path: P
         "SELECT sql LIKE '%WITHOUT ROWID' FROM sqlite_master WHERE name = 'records'"
     ).fetchone()
     assert kinds == (1,)
+
+
+@attrs.frozen
+class JournalTestReduced:
+    value: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JournalTestReduced, (self.value * 1,))
+
+
+@attrs.define
+class JournalTestMutable:
+    items: list[int]
+    one: JournalTestVanishing | None = None
+
+
+def test_records_pickle_attrs_compactly_and_old_pickles_still_load(tmp_path: Path) -> None:
+    import enum
+    from decimal import Decimal
+
+    from actors import journal as journal_module
+    from actors.cores.ledger import OrderState
+
+    record = (
+        _orders(1, 2),
+        JournalTestReduced(7),
+        JournalTestMutable(items=[1, 2], one=JournalTestVanishing(3)),
+        Decimal("0.1"),
+        JournalTestOrder,  # a class: pickled by name
+        enum.Enum,  # a class with a metaclass
+        OrderState.OPEN,
+    )
+    compact = journal_module._dumps(record)
+    assert b"_attrs_restore" in compact
+    assert pickle.loads(compact) == record
+    # A field-by-field encoding: no attrs __getstate__ dicts, field names once.
+    assert compact.count(b"order_id") == 1
+    with Journal.open(tmp_path) as j:
+        with j.turn():
+            j.append(BOOK, [record[:5]])
+        # A record pickled the default (attrs __getstate__) way, as older journals hold.
+        old = pickle.dumps(_orders(3, 1), protocol=5)
+        from actors.journal import _RECORD_PERSON, _checksum
+
+        j._db.execute(
+            "INSERT INTO records VALUES (?, ?, ?, ?)",
+            (BOOK, 2, old, _checksum(_RECORD_PERSON, BOOK, 2, old)),
+        )
+    with Journal.open(tmp_path) as j:
+        assert j.recover(BOOK).records == [(1, record[:5]), (2, _orders(3, 1))]
