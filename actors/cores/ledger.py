@@ -60,10 +60,11 @@ Decisions (the contract of this module):
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -299,6 +300,19 @@ def order_to_wire(record: OrderRecord, instrument: Instrument) -> dict[str, obje
     }
 
 
+_RECORD_FIELDS: Final = tuple(a.name for a in attrs.fields(OrderRecord))
+_record_values: Final = operator.attrgetter(*_RECORD_FIELDS)
+
+
+def _replace(record: OrderRecord, **changes: object) -> OrderRecord:
+    """``attrs.evolve`` for :class:`OrderRecord`: the same ``__init__`` call, but the
+    values come from one C ``attrgetter`` call instead of evolve's per-field Python
+    loop (evolve was ~4 % of the engine thread in bench/actors.py, py-spy)."""
+    values: dict[str, Any] = dict(zip(_RECORD_FIELDS, _record_values(record), strict=True))
+    values.update(changes)
+    return OrderRecord(**values)
+
+
 @attrs.frozen(kw_only=True)
 class _Position:
     qty: int = 0  # signed net lots
@@ -315,6 +329,13 @@ class _Balances:
     frozen: int = 0
     fees_paid: int = 0
     realized_pnl: int = 0
+
+
+def _replace_balances(bal: _Balances, **changes: int) -> _Balances:
+    values = {"cash": bal.cash, "frozen": bal.frozen, "fees_paid": bal.fees_paid,
+              "realized_pnl": bal.realized_pnl}
+    values.update(changes)
+    return _Balances(**values)
 
 
 class DuplicateOrder(Exception):  # noqa: N818 - a normal outcome, not an error
@@ -612,7 +633,7 @@ class Ledger:
 
     def _move_cash(self, delta: int, ts: int) -> list[UserEvent]:
         _check_ts(ts)
-        bal = attrs.evolve(self._bal, cash=self._bal.cash + delta)
+        bal = _replace_balances(self._bal, cash=self._bal.cash + delta)
         em = _Emitter(self.user, self._next_event_id, ts)
         em.add("account_update", self._account_data(bal, self._positions, self._marks), "account")
         self._bal = bal
@@ -699,7 +720,7 @@ class Ledger:
         self._orders[record.order_id] = record
         self._by_client_id[record.client_order_id] = record.order_id
         self._live[record.order_id] = None
-        self._bal = attrs.evolve(self._bal, frozen=self._bal.frozen + required)
+        self._bal = _replace_balances(self._bal, frozen=self._bal.frozen + required)
         return []
 
     # -- book events ---------------------------------------------------------------------
@@ -740,7 +761,7 @@ class Ledger:
         return self._close(rec, event, kind, ev.ts, reason=ev.reason)
 
     def _on_accepted(self, rec: OrderRecord, ev: OrderAccepted) -> list[UserEvent]:
-        new = attrs.evolve(rec, status=next_order_state(rec.order_id, rec.status, _I.ACCEPT))
+        new = _replace(rec, status=next_order_state(rec.order_id, rec.status, _I.ACCEPT))
         em = _Emitter(self.user, self._next_event_id, ev.ts)
         em.add("order_accepted", order_to_wire(new, self._instruments[new.symbol]))
         self._orders[new.order_id] = new
@@ -759,8 +780,8 @@ class Ledger:
     ) -> list[UserEvent]:
         """Reject, cancel or expire: release everything still frozen for the order."""
         state = next_order_state(rec.order_id, rec.status, event)
-        new = attrs.evolve(rec, status=state, frozen_remaining=0, code=code, reason=reason)
-        bal = attrs.evolve(self._bal, frozen=self._bal.frozen - rec.frozen_remaining)
+        new = _replace(rec, status=state, frozen_remaining=0, code=code, reason=reason)
+        bal = _replace_balances(self._bal, frozen=self._bal.frozen - rec.frozen_remaining)
         data = order_to_wire(new, self._instruments[new.symbol])
         if code:
             data["code"] = code
@@ -849,7 +870,7 @@ class Ledger:
                 fees_paid=bal.fees_paid + fee,
                 realized_pnl=bal.realized_pnl + realized,
             )
-            new = attrs.evolve(
+            new = _replace(
                 rec,
                 status=state,
                 filled_qty=rec.filled_qty + ev.qty,
