@@ -67,6 +67,19 @@ _BOOK_ANSWERS = (OrderAccepted, OrderRejected, Fill, OrderCanceled, OrderExpired
 TRADES_KEPT = 1000
 
 
+#: One ``Dest("account", user)`` per user, shared: a turn's outputs to an account
+#: then repeat one object, which the receiver's journal record pickles once
+#: (pickle memoizes by identity) instead of once per fill.
+_ACCOUNT_DESTS: dict[str, Dest] = {}
+
+
+def account_dest(user: str) -> Dest:
+    dest = _ACCOUNT_DESTS.get(user)
+    if dest is None:
+        dest = _ACCOUNT_DESTS[user] = Dest("account", user)
+    return dest
+
+
 def _error(reply_to: ReplyTo | None, code: str, message: str) -> list[Out]:
     if reply_to is None:
         return []
@@ -112,13 +125,13 @@ class BookDesk:
         market = Dest("market", self.symbol)
         for ev in events:
             if isinstance(ev, Fill):
-                out.append((Dest("account", ev.maker_user), ev))
+                out.append((account_dest(ev.maker_user), ev))
                 if ev.taker_user != ev.maker_user:
-                    out.append((Dest("account", ev.taker_user), ev))
+                    out.append((account_dest(ev.taker_user), ev))
             elif isinstance(ev, BookDelta | PublicTrade | TickerUpdate):
                 out.append((market, ev))
             else:
-                out.append((Dest("account", ev.user), ev))
+                out.append((account_dest(ev.user), ev))
         return out
 
 
