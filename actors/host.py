@@ -58,11 +58,13 @@ log = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 2_000
 #: …and only once the records journaled since the last snapshot add up to at least
 #: this many times its size. A snapshot pickles the host's whole state: the router's
-#: replay logs grow to megabytes (1.7 → 5 MB over a 10,000-order bench, ~0.1-0.3 s
-#: each, 9-12 % of the engine's time every 2,000 turns), so pacing by bytes keeps
-#: snapshots at most about as costly as the records themselves, while recovery
-#: replays at most that many bytes of records on top of loading the snapshot.
-SNAPSHOT_BYTES_FACTOR = 1
+#: replay logs grow to megabytes (13 MB after 30,000 bench orders) and pickle ~4x
+#: slower per byte than records. Measured (bench/actors.py workload, group_commit
+#: pass, 30,000 orders): snapshot CPU 2.7-4.5 s of 13-14 s at factor 1 (every
+#: 2,000 turns before: more), 0.9-2.5 s at 4; the router's restart and recovery
+#: after that run took 4.0 s at factor 1 and 4.5 s at 4 (replay of at most about
+#: four snapshots' worth of record bytes on top of loading the snapshot).
+SNAPSHOT_BYTES_FACTOR = 4
 
 Desk = AccountDesk | BookDesk | RouterDesk
 
