@@ -148,6 +148,10 @@ def test_an_unpicklable_record_stages_nothing(journal: Journal) -> None:
         journal.append(BOOK, ["fine", lambda: None])
     assert journal.statistics().staged_records == 0
     assert journal.append(BOOK, ["fine"]) == 1
+    # The journal's reused pickler starts afresh after the failed record.
+    assert journal.append(BOOK, [_orders(1, 2)]) == 2
+    journal.commit()
+    assert list(journal.read(BOOK)) == [(1, "fine"), (2, _orders(1, 2))]
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
