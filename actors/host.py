@@ -47,7 +47,7 @@ import attrs
 
 from actors.cores.router import RouterTimer
 from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
-from actors.journal import Journal
+from actors.journal import Journal, JournalError
 from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
 from actors.runtime import RuntimeActor
 from protocol import ErrorCode, Instrument, parse_instruments
@@ -181,7 +181,8 @@ class AccountResync:
 @attrs.frozen(kw_only=True)
 class HostFault:
     """Fault injection: ``raise_once`` (the next batch handler raises after applying,
-    before its commit), ``exit`` (stop at once: no flush, memory discarded)."""
+    before its commit), ``commit_fails`` (the next journal commit fails), ``exit``
+    (stop at once: no flush, memory discarded)."""
 
     mode: str
 
@@ -235,6 +236,7 @@ class Host(RuntimeActor):
         self._inflight: tuple[EngineBatch, list[Out], Any] | None = None
         self._early: dict[str, dict[int, tuple[EngineBatch, Any]]] = {}
         self._fault: str | None = None
+        self._dead = False
         self._timer_at: int | None = None
         self.turns = 0
         self.items = 0
@@ -381,6 +383,8 @@ class Host(RuntimeActor):
         return out
 
     def receiveMsg_EngineBatch(self, batch: EngineBatch, sender: Any) -> None:
+        if self._dead:
+            return  # stopping (see _die): not acked, so the sender resends it
         assert self.journal is not None
         if self._inflight is not None:
             # Thespian re-runs a handler that raised, with the same message: the turn
@@ -388,6 +392,8 @@ class Host(RuntimeActor):
             done, outs, done_sender = self._inflight
             self._finish(done, outs, done_sender)
             self._drain(done.origin)
+            if self._dead:
+                return
         if not batch.seq:
             self._turn(batch, sender)
             return
@@ -406,7 +412,7 @@ class Host(RuntimeActor):
     def _drain(self, origin: str) -> None:
         """Apply held batches of ``origin`` that are now next in line."""
         early = self._early.get(origin)
-        while early:
+        while early and not self._dead:
             nxt = early.pop(self.in_last.get(origin, 0) + 1, None)
             if nxt is None:
                 break
@@ -432,7 +438,19 @@ class Host(RuntimeActor):
             self._snap_size = self.journal.snapshot(
                 self.stream, offset, (self.desks, self.out_seq, self.in_last))
             self._snap_turn, self._snap_bytes = self.turns, self.journal.appended_bytes
-        self.journal.commit()
+        try:
+            if self._fault == "commit_fails":
+                self._fault = None
+                raise JournalError(f"{self.host_id}: injected commit failure")
+            self.journal.commit()
+        except Exception:
+            # The turn is applied in memory but not durable: its outputs must never
+            # leave (write-ahead), and a re-run by Thespian would find nothing staged
+            # and send them anyway. Die instead; the journal rebuilds the host.
+            log.exception("%s: journal commit failed; the host stops and is rebuilt",
+                          self.host_id)
+            self._die()
+            return
         self._inflight = None
         if batch.seq:
             self._ack(batch.origin, sender)
@@ -547,16 +565,24 @@ class Host(RuntimeActor):
     def receiveMsg_HostFault(self, msg: HostFault, sender: Any) -> None:
         if msg.mode == "exit":
             # Die without flushing anything: staged journal records and memory are lost.
-            # close() discards the staged turn without committing it and releases this
-            # host's hold on a shared connection (a leaked hold kept the file open).
-            from thespian.actors import ActorExitRequest
-
-            if self.journal is not None:
-                self.journal.close()
-            self.journal = None
-            self.send(self.myAddress, ActorExitRequest())
+            self._die()
             return
         self._fault = msg.mode
+
+    def _die(self) -> None:
+        """Stop at once: the staged turn is discarded (close() does not commit it and
+        releases this host's hold on a shared connection), nothing more is sent, and
+        whatever is still queued for this host is dropped — none of it was acked, so
+        the senders' outboxes resend it to the host the Exchange re-creates from the
+        journal."""
+        from thespian.actors import ActorExitRequest
+
+        if self.journal is not None:
+            self.journal.close()
+        self.journal = None
+        self._inflight = None
+        self._dead = True
+        self.send(self.myAddress, ActorExitRequest())
 
     def receiveMsg_HostStatsQuery(self, msg: HostStatsQuery, sender: Any) -> None:
         self.send(sender, HostStats(

@@ -223,3 +223,29 @@ def test_hosts_recover_from_snapshots_paced_by_journal_bytes(
         router = inspect(t.link, "router")[""].router
         # Each restart notified the users (resync), after the seqs they had.
         assert all(router.last_seq(u) > seqs[u] for u in ("alice", "bob"))
+
+
+def test_a_failed_commit_sends_nothing_and_the_host_is_rebuilt(tmp_path: Path) -> None:
+    # Write-ahead: a turn whose journal commit fails must not emit (a Thespian re-run
+    # used to find nothing staged and send the outputs anyway). The book dies
+    # instead; the account's unacked batch is resent to the re-created book, which
+    # applies it once.
+    with engine(BASE, tmp_path) as t:
+        _cross(t)  # alice rests 2 lots at 600010
+        t.wait_events("alice", 6)
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="commit_fails"))
+        reply = t.place("bob", "b2", "buy", 600010, 2)
+        assert reply.ok and reply.result is not None
+        assert reply.result["status"] == "filled"
+        alice = t.wait_events("alice", 11)
+        trades = [e for e in alice if e.kind == "trade_executed"]
+        assert len(trades) == 2  # the first cross and b2's fill: once, not twice
+        book = inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book
+        assert book.depth() == ([], [])
+        assert t.seqs("alice") == list(range(1, len(t.seqs("alice")) + 1))
+        # And the fill is durable: a book rebuilt from the journal agrees.
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
+        t.pump()
+        assert inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book.depth() == ([], [])
