@@ -392,7 +392,7 @@ class Host(RuntimeActor):
             done, outs, done_sender = self._inflight
             self._finish(done, outs, done_sender)
             self._drain(done.origin)
-            if self._dead:
+            if self._stopping():  # _finish may have stopped the host (see _die)
                 return
         if not batch.seq:
             self._turn(batch, sender)
@@ -568,6 +568,9 @@ class Host(RuntimeActor):
             self._die()
             return
         self._fault = msg.mode
+
+    def _stopping(self) -> bool:
+        return self._dead
 
     def _die(self) -> None:
         """Stop at once: the staged turn is discarded (close() does not commit it and
