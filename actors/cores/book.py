@@ -96,6 +96,8 @@ _remaining = itemgetter(0)
 _public = itemgetter(1, 0, 2, 3, 4, 13)
 #: Band caches (last price -> band) are forgotten past this size.
 _BANDS_KEPT = 1024
+#: A side's spare levels are forgotten past this many.
+_SPARES_KEPT = 64
 
 
 class _Side:
@@ -107,18 +109,28 @@ class _Side:
     market flush to the level's total before the first change.
     """
 
-    __slots__ = ("best", "changed", "levels", "sign")
+    __slots__ = ("best", "changed", "levels", "sign", "spare")
 
     def __init__(self, sign: int) -> None:
         self.sign = sign
         self.levels = SortedDict()  # sign * price -> _Level
         self.best: int | None = None
         self.changed: dict[int, int] = {}
+        # Emptied levels kept for reuse, by key: the top of the book empties and
+        # refills the same few prices all the time, and a level reused is not a
+        # new object for the collector to traverse (with its queue).
+        self.spare: dict[int, _Level] = {}
 
     def drop(self, key: int) -> None:
         """Remove the (empty) level at ``key``."""
         levels = self.levels
-        del levels[key]
+        level = levels.pop(key)
+        level.queue.clear()
+        level.dead = 0
+        spare = self.spare
+        if len(spare) >= _SPARES_KEPT:
+            spare.clear()
+        spare[key] = level
         if key == self.best:
             self.best = levels.peekitem(0)[0] if levels else None
 
@@ -163,6 +175,18 @@ class _Level:
 _GONE = _Level(_Side(1), 0, 0)
 #: The total of a level.
 _total = attrgetter("total")
+
+
+def _compact(queue: deque[_Entry]) -> None:
+    """Drop the dead entries of ``queue``, in place.
+
+    In place rather than a new deque: an old deque is not traversed by the
+    collector's young-generation passes; a new one holding a level's
+    thousand entries would be, entry by entry, each likely out of cache.
+    """
+    live = list(filter(_remaining, queue))
+    queue.clear()
+    queue.extend(live)
 
 
 @attrs.frozen(kw_only=True)
@@ -255,6 +279,7 @@ class OrderBook:
             state["_status"] = status
             state["_open"] = state["symbol"] if status == "open" else None
             for side in (state["_bids"], state["_asks"]):
+                side.spare = {}
                 for level in side.levels.values():
                     for entry in level.queue:
                         if len(entry) == 6:
@@ -341,7 +366,9 @@ class OrderBook:
         levels = own.levels
         level = levels.get(key)
         if level is None:
-            level = _Level(own, key, price)
+            level = own.spare.pop(key, None)
+            if level is None:
+                level = _Level(own, key, price)
             levels[key] = level
             own_best = own.best
             if own_best is None or key < own_best:
@@ -407,7 +434,7 @@ class OrderBook:
             if dead >= _COMPACT_AT:
                 queue = level.queue
                 if dead * 2 > len(queue):
-                    level.queue = deque(filter(_remaining, queue))
+                    _compact(queue)
                     dead = 0
             level.dead = dead
         return [
@@ -757,6 +784,6 @@ class OrderBook:
         if dead >= _COMPACT_AT:
             queue = level.queue
             if dead * 2 > len(queue):
-                level.queue = deque(filter(_remaining, queue))
+                _compact(queue)
                 dead = 0
         level.dead = dead
