@@ -8,7 +8,6 @@ per-command view of market data. The batching tests drive a plain
 
 from __future__ import annotations
 
-import base64
 import pickle
 import random
 from collections.abc import Sequence
@@ -629,70 +628,6 @@ def test_the_book_pickles_and_carries_on_identically(book: OrderBook) -> None:
     tail = [new("a", "buy", None, 6, order_id=77_777), new("b", "sell", REF - 3, 9, order_id=77_778)]
     assert [copy.submit(c) for c in tail] == [book.submit(c) for c in tail]
 
-
-
-# A book pickled by the core of 15dbb8c (the layout journal snapshots of that
-# version hold): _FIXTURE_COMMANDS, ending with a market buy whose trade was not
-# flushed yet, and order 2 cancelled in the middle of its level (a dead entry).
-_FIXTURE_COMMANDS = [
-    new("a", "sell", REF + 1, 3, order_id=1, ts=T0 + 1),
-    new("b", "sell", REF + 1, 4, order_id=2, ts=T0 + 2),
-    new("a", "sell", REF + 1, 5, order_id=3, ts=T0 + 3),
-    new("c", "buy", REF - 1, 2, order_id=4, ts=T0 + 4),
-    new("c", "buy", REF - 2, 6, order_id=5, ts=T0 + 5),
-    cancel(2, "b", ts=T0 + 6),
-    new("b", "buy", None, 1, order_id=7, tif="ioc", ts=T0 + 7),
-]
-_OLD_LAYOUT_SNAPSHOT = base64.b64decode(
-    "gAWVQwYAAAAAAACMEWFjdG9ycy5jb3Jlcy5ib29rlIwJT3JkZXJCb29rlJOUKYGUfZQojAppbnN0cnVtZW50lIwV"
-    "cHJvdG9jb2wuX2luc3RydW1lbnRzlIwKSW5zdHJ1bWVudJSTlCmBlH2UKIwGc3ltYm9slIwIQlRDLVBFUlCUjARr"
-    "aW5klIwJcGVycGV0dWFslIwFcXVvdGWUjARVU0RUlIwEdGlja5SMB2RlY2ltYWyUjAdEZWNpbWFslJOUjAMwLjGU"
-    "hZRSlIwDbG90lGgUjAUwLjAwMZSFlFKUjAptdWx0aXBsaWVylGgUjAExlIWUUpSMCm1hcmdpbl9wcG2UTVDDjA1t"
-    "YWtlcl9mZWVfcHBtlEvIjA10YWtlcl9mZWVfcHBtlE30AYwJcmVmX3ByaWNllErAJwkAjAhiYW5kX3BwbZRKoIYB"
-    "AIwOcG9zaXRpb25fbGltaXSUSqCGAQCMBnN0YXR1c5SMBG9wZW6UjBJ2YWx1ZV9wZXJfdGlja19sb3SUSwF1YmgL"
-    "aAxoJmgnjA1uZXh0X3RyYWRlX2lklEsCjAVfYmlkc5RoAIwFX1NpZGWUk5QpgZROfZQojARiZXN0lEpB2Pb/jAdj"
-    "aGFuZ2VklH2UKEpB2Pb/SwBKQtj2/0sAdYwGbGV2ZWxzlIwbc29ydGVkY29udGFpbmVycy5zb3J0ZWRkaWN0lIwK"
-    "U29ydGVkRGljdJSTlE59lChKQdj2/2gAjAZfTGV2ZWyUk5QpgZROfZQojARkZWFklEsAjANrZXmUSkHY9v+MBXBy"
-    "aWNllEq/JwkAjAVxdWV1ZZSMC2NvbGxlY3Rpb25zlIwFZGVxdWWUk5QpUpRdlChLAksEjAFjlIwCYzSUaDmMEnBy"
-    "b3RvY29sLl9jb21tYW5kc5SMCE5ld09yZGVylJOUKYGUfZQojAhvcmRlcl9pZJRLBIwEdXNlcpRoRIwPY2xpZW50"
-    "X29yZGVyX2lklGhFaAuMCEJUQy1QRVJQlIwEc2lkZZSMA2J1eZSMCm9yZGVyX3R5cGWUjAVsaW1pdJRoPUq/JwkA"
-    "jANxdHmUSwKMA3RpZpSMA2d0Y5SMCXBvc3Rfb25seZSJjAJ0c5SKCAQAKjb+nJcXdWJlYWhPaC2MBXRvdGFslEsC"
-    "dYaUYkpC2Pb/aDgpgZROfZQoaDtLAGg8SkLY9v9oPUq+JwkAaD5oQSlSlF2UKEsGSwVoRIwCYzWUaFpoSCmBlH2U"
-    "KGhLSwVoTGhEaE1oXmgLaE5oT2hQaFFoUmg9Sr4nCQBoU0sGaFRoVWhWiWhXiggFACo2/pyXF3ViZWFoT2gtaFhL"
-    "BnWGlGJ1hpRSlIwEc2lnbpRK/////3WGlGKMBV9hc2tzlGgsKYGUTn2UKGgvSsEnCQBoMH2USsEnCQBLAHNoMmg1"
-    "Tn2USsEnCQBoOCmBlE59lChoO0sBaDxKwScJAGg9SsEnCQBoPmhBKVKUKF2UKEsCSwGMAWGUjAJjMZRoa2hIKYGU"
-    "fZQoaEtLAWhMaG9oTWhwaAtoTmhPjARzZWxslGhRaFJoPUrBJwkAaFNLA2hUaFVoVoloV4oIAQAqNv6clxd1YmVd"
-    "lChLAEsCjAFilIwCYzKUaGtoSCmBlH2UKGhLSwJoTGh1aE1odmgLaE5oT2hzaFFoUmg9SsEnCQBoU0sEaFRoVWhW"
-    "iWhXiggCACo2/pyXF3ViZV2UKEsFSwNob4wCYzOUaGtoSCmBlH2UKGhLSwNoTGhvaE1oemgLaE5oT2hzaFFoUmg9"
-    "SsEnCQBoU0sFaFRoVWhWiWhXiggDACo2/pyXF3ViZWVoT2hnaFhLB3WGlGJzhpRSlGhkSwF1hpRijAdfb3JkZXJz"
-    "lH2UKEsBaG5LA2h5SwRoQ0sFaF11jAhfYnlfdXNlcpR9lChob32UKEsBaG5LA2h5dWhEfZQoSwRoQ0sFaF11dYwF"
-    "X2xhc3SUSsEnCQCMCF9iYW5kX2xvlEphPQgAjAhfYmFuZF9oaZRKIRIKAIwHX3ZvbHVtZZRoQSlSlIoIBwAqNv6c"
-    "lxdLAYaUYYwLX3ZvbHVtZV9zdW2USwGMB190cmFkZXOUXZRoRowLUHVibGljVHJhZGWUk5QoaAxLAUrBJwkASwFo"
-    "UIoIBwAqNv6clxd0lIGUYYwEX3RvcJROToaUdWIu"
-)
-
-
-def test_a_snapshot_of_the_previous_layout_restores_and_carries_on(btc: Instrument) -> None:
-    old = pickle.loads(_OLD_LAYOUT_SNAPSHOT)
-    fresh = OrderBook(btc)
-    for cmd in _FIXTURE_COMMANDS:
-        fresh.submit(cmd) if isinstance(cmd, NewOrder) else fresh.cancel(cmd)
-    assert state(old) == state(fresh)
-    assert (old.status, old.band(), len(old)) == (fresh.status, fresh.band(), len(fresh))
-    assert old.flush_market(T0 + 8) == fresh.flush_market(T0 + 8)  # the pending trade
-    tail: list[Any] = [
-        new("b", "buy", REF + 1, 9, order_id=8, ts=T0 + 9),  # through the dead entry
-        new("a", "sell", None, 3, order_id=9, ts=T0 + 10),
-        CancelUserOrders(user="c", symbol=SYM, ts=T0 + 11),
-    ]
-    for book in (old, fresh):
-        book.set_status("halted")
-        book.set_status("open")
-    for cmd in tail:
-        handle = {NewOrder: OrderBook.submit, CancelUserOrders: OrderBook.cancel_user}[type(cmd)]
-        assert handle(old, cmd) == handle(fresh, cmd)
-    assert old.flush_market(T0 + 12) == fresh.flush_market(T0 + 12)
-    assert state(pickle.loads(pickle.dumps(old))) == state(fresh)
 
 # -- market data per turn ------------------------------------------------------------------
 

@@ -23,20 +23,13 @@ index makes cancels O(1) plus the level's removal when it empties.
 The hot path is written for speed (about a million commands a second is the
 scale ``bench/book.py`` measures): a resting order is a small list rather
 than an object (see ``_Entry``), events are built with ``tuple.__new__`` (see
-:mod:`protocol._commands`), checks are one test each (the band is a ``range``,
-the symbol a command must name is ``None`` while halted), a turn's public
-trades and level deltas are built in C at the flush, and locals cache
-attributes.
-
-Snapshots: a book pickled by an earlier layout of this module (15dbb8c) is
-brought up to date by :meth:`OrderBook.__setstate__`.
+:mod:`protocol._commands`), and locals cache attributes.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
-from itertools import compress, islice, repeat
-from operator import attrgetter, itemgetter, ne, neg
+from collections import deque
+from itertools import islice
 from typing import Any
 
 import attrs
@@ -82,22 +75,12 @@ _COMPACT_AT = 32
 # ``__new__`` the class would run (field order is the class's).
 _new = tuple.__new__
 
-# A resting order is ``[remaining, command, level]``: the open quantity (0
-# marks it dead in its level's queue), the NewOrder that entered it (its id,
-# user, client order id, and the rest of the views' fields), and the level it
-# rests in. A small list rather than an object, and only three references:
-# the collector traverses every young entry, and each referent it visits that
-# is not in cache is a miss (copying the id, user and client order id into the
-# entry made the core's cachegrind misses on the bench stream ~10% higher).
+# A resting order is ``[remaining, order_id, user, client_order_id, level, command]``:
+# the open quantity (0 marks it dead in its level's queue), the fields its
+# events need, the level it rests in, and the NewOrder that entered it (for
+# views). Copying the fields keeps cancels and fills off the command object:
+# on a large book each extra object touched is a likely cache miss.
 _Entry = list[Any]
-#: An entry's open quantity: ``filter(_remaining, queue)`` keeps the live entries.
-_remaining = itemgetter(0)
-#: The fields of a :class:`Fill` that make its :class:`PublicTrade`, in order.
-_public = itemgetter(1, 0, 2, 3, 4, 13)
-#: Band caches (last price -> band) are forgotten past this size.
-_BANDS_KEPT = 1024
-#: A side's spare levels are forgotten past this many.
-_SPARES_KEPT = 64
 
 
 class _Side:
@@ -109,28 +92,18 @@ class _Side:
     market flush to the level's total before the first change.
     """
 
-    __slots__ = ("best", "changed", "levels", "sign", "spare")
+    __slots__ = ("best", "changed", "levels", "sign")
 
     def __init__(self, sign: int) -> None:
         self.sign = sign
         self.levels = SortedDict()  # sign * price -> _Level
         self.best: int | None = None
         self.changed: dict[int, int] = {}
-        # Emptied levels kept for reuse, by key: the top of the book empties and
-        # refills the same few prices all the time, and a level reused is not a
-        # new object for the collector to traverse (with its queue).
-        self.spare: dict[int, _Level] = {}
 
     def drop(self, key: int) -> None:
         """Remove the (empty) level at ``key``."""
         levels = self.levels
-        level = levels.pop(key)
-        level.queue.clear()
-        level.dead = 0
-        spare = self.spare
-        if len(spare) >= _SPARES_KEPT:
-            spare.clear()
-        spare[key] = level
+        del levels[key]
         if key == self.best:
             self.best = levels.peekitem(0)[0] if levels else None
 
@@ -139,22 +112,20 @@ class _Side:
         return None if best is None else self.sign * best
 
     def delta(self) -> tuple[tuple[int, int], ...]:
-        """The net ``(price, total)`` changes since the last flush, best first; forgets them.
-
-        Nearly every level near the top changes in a busy turn, so this runs
-        in C: the totals now (0 for a level gone), compared with the totals
-        before, select the ``(price, total)`` pairs that differ.
-        """
+        """The net ``(price, total)`` changes since the last flush, best first; forgets them."""
         changed = self.changed
         if not changed:
             return ()
-        keys = sorted(changed)
-        now = list(map(_total, map(self.levels.get, keys, repeat(_GONE))))
-        prices = keys if self.sign > 0 else map(neg, keys)
-        before = map(changed.__getitem__, keys)
-        out = tuple(compress(zip(prices, now, strict=True), map(ne, now, before)))
+        levels = self.levels
+        sign = self.sign
+        out = []
+        for key in sorted(changed):
+            level = levels.get(key)
+            total = 0 if level is None else level.total
+            if total != changed[key]:
+                out.append((sign * key, total))
         changed.clear()
-        return out
+        return tuple(out)
 
 
 class _Level:
@@ -169,24 +140,6 @@ class _Level:
         self.queue: deque[_Entry] = deque()
         self.total = 0
         self.dead = 0
-
-
-#: What ``_Side.delta`` reads for a level that went away.
-_GONE = _Level(_Side(1), 0, 0)
-#: The total of a level.
-_total = attrgetter("total")
-
-
-def _compact(queue: deque[_Entry]) -> None:
-    """Drop the dead entries of ``queue``, in place.
-
-    In place rather than a new deque: an old deque is not traversed by the
-    collector's young-generation passes; a new one holding a level's
-    thousand entries would be, entry by entry, each likely out of cache.
-    """
-    live = list(filter(_remaining, queue))
-    queue.clear()
-    queue.extend(live)
 
 
 @attrs.frozen(kw_only=True)
@@ -204,7 +157,7 @@ class OpenOrder:
 
 
 def _view(entry: _Entry) -> OpenOrder:
-    cmd: NewOrder = entry[1]
+    cmd: NewOrder = entry[5]
     assert cmd.price is not None  # only limit orders rest
     return OpenOrder(
         order_id=cmd.order_id,
@@ -231,60 +184,20 @@ class OrderBook:
     def __init__(self, instrument: Instrument, *, next_trade_id: int = 1) -> None:
         self.instrument = instrument
         self.symbol = instrument.symbol
+        self.status = instrument.status
         self.next_trade_id = next_trade_id
         self._bids = _Side(-1)
         self._asks = _Side(1)
         self._orders: dict[int, _Entry] = {}
-        # user -> ids of their resting orders (a user with none has no key).
-        self._by_user: defaultdict[str, set[int]] = defaultdict(set)
+        self._by_user: dict[str, dict[int, _Entry]] = {}
         self._last: int | None = None
-        # The accepted limit prices, as a range (one C-level test), per last price.
-        self._bands: dict[int, range] = {}
-        self._band = self._band_for(instrument.ref_price)
+        self._band_lo, self._band_hi = instrument.band(instrument.ref_price)
         self._volume: deque[tuple[int, int]] = deque()  # (ts, qty) per trading command
         self._volume_sum = 0
-        # Market data waiting for the next flush: the fills (their public
-        # trades are built at the flush), and the best keys the last ticker showed.
-        self._fills: list[tuple[Any, ...]] = []  # Fill events (see _public)
+        # Market data waiting for the next flush: the trades, and the best keys
+        # the last ticker showed.
+        self._trades: list[PublicTrade] = []
         self._top: tuple[int | None, int | None] = (None, None)
-        self._status = ""
-        self._open: str | None = None
-        self.set_status(instrument.status)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled book, bringing one pickled by the 15dbb8c layout up to date.
-
-        That layout kept ``status``, ``_band_lo``/``_band_hi``, the turn's
-        :class:`PublicTrade` events in ``_trades``, per-user dicts of entries,
-        and six-field entries ``[remaining, order_id, user, client_order_id,
-        level, command]``; they become the range band, ``_fills``, per-user id
-        sets and three-field entries (converted in place: the level queues,
-        the order index and dead entries share them).
-        """
-        if "_fills" not in state:
-            state = dict(state)
-            status = state.pop("status")
-            lo = state.pop("_band_lo")
-            hi = state.pop("_band_hi")
-            # Fill-shaped tuples: flush_market reads fields 1, 0, 2, 3, 4 and 13.
-            state["_fills"] = [
-                (t.trade_id, t.symbol, t.price, t.qty, t.taker_side, *(None,) * 8, t.ts)
-                for t in state.pop("_trades")
-            ]
-            state["_by_user"] = defaultdict(
-                set, {user: set(mine) for user, mine in state["_by_user"].items()}
-            )
-            state["_bands"] = {}
-            state["_band"] = range(lo, hi + 1)
-            state["_status"] = status
-            state["_open"] = state["symbol"] if status == "open" else None
-            for side in (state["_bids"], state["_asks"]):
-                side.spare = {}
-                for level in side.levels.values():
-                    for entry in level.queue:
-                        if len(entry) == 6:
-                            entry[:] = (entry[0], entry[5], entry[4])
-        self.__dict__.update(state)
 
     # -- commands -------------------------------------------------------------------
 
@@ -314,74 +227,77 @@ class OrderBook:
         order_id = cmd.order_id
         price = cmd.price
         orders = self._orders
-        # One test per check: ``_open`` is the symbol only while trading is open.
-        if (
-            (cmd.post_only if price is None else price not in self._band)
-            or cmd.symbol != self._open
-            or order_id in orders
-        ):
-            return [self._rejected(cmd)]
-        user = cmd.user
-        coid = cmd.client_order_id
+        invalid = cmd.post_only if price is None else not self._band_lo <= price <= self._band_hi
+        if invalid or cmd.symbol != self.symbol or self.status != "open" or order_id in orders:
+            code, reason = self._rejection(cmd)
+            return [
+                _new(OrderRejected, (
+                    order_id, cmd.user, cmd.client_order_id, self.symbol, code, reason, cmd.ts,
+                ))
+            ]
         qty = cmd.qty
         tif = cmd.tif
-        side = cmd.side
         events: list[BookEvent] = [
             _new(OrderAccepted, (
-                order_id, user, coid, self.symbol, side, cmd.order_type, price, qty, tif, cmd.ts,
+                order_id, cmd.user, cmd.client_order_id, self.symbol, cmd.side,
+                cmd.order_type, price, qty, tif, cmd.ts,
             ))
         ]
-        # Keys run best-first on both sides (asks by price, bids by -price), so
-        # "crosses" is one comparison: best key <= limit_key.
-        if side == "buy":
+        is_buy = cmd.side == "buy"
+        # Keys run best-first on both sides, so "crosses" is one comparison: key <= limit_key.
+        if is_buy:
             opp = self._asks
-            own = self._bids
-            limit_key = self._band[-1] if price is None else price
+            limit_key = self._band_hi if price is None else price
         else:
             opp = self._bids
-            own = self._asks
-            limit_key = -(self._band[0] if price is None else price)
+            limit_key = -(self._band_lo if price is None else price)
         best = opp.best
+        remaining = qty
         if best is not None and best <= limit_key:
             if cmd.post_only:
                 events.append(self._expired(cmd, qty, "post_only"))
                 return events
-            if tif == "fok" and not self._fillable(opp, limit_key, qty, user):
+            if tif == "fok" and not self._fillable(opp.levels, limit_key, qty, cmd.user):
                 events.append(self._expired(cmd, qty, "fok"))
                 return events
-            remaining = self._match(
-                opp, best, limit_key, order_id, user, coid, side, qty, cmd.ts, events
-            )
+            remaining = self._match(cmd, opp, best, limit_key, events)
             if not remaining:
                 return events
-        else:
-            remaining = qty
+
         if price is None or tif != "gtc":
             # A market order's rest expires as "market", except a FOK that never crossed.
             reason = "market" if price is None and tif != "fok" else tif
             events.append(self._expired(cmd, remaining, reason))
             return events
         # Rest the remainder.
-        key = -limit_key
+        if is_buy:
+            own = self._bids
+            key = -price
+        else:
+            own = self._asks
+            key = price
         levels = own.levels
         level = levels.get(key)
         if level is None:
-            level = own.spare.pop(key, None)
-            if level is None:
-                level = _Level(own, key, price)
+            level = _Level(own, key, price)
             levels[key] = level
             own_best = own.best
             if own_best is None or key < own_best:
                 own.best = key
-        total = level.total
         changed = own.changed
+        total = level.total
         if key not in changed:
             changed[key] = total
-        entry = [remaining, cmd, level]
+        user = cmd.user
+        entry = [remaining, order_id, user, cmd.client_order_id, level, cmd]
         level.queue.append(entry)
         level.total = total + remaining
         orders[order_id] = entry
-        self._by_user[user].add(order_id)
+        mine = self._by_user.get(user)
+        if mine is None:
+            self._by_user[user] = {order_id: entry}
+        else:
+            mine[order_id] = entry
         return events
 
     def cancel(self, cmd: CancelOrder) -> list[BookEvent]:
@@ -400,7 +316,7 @@ class OrderBook:
         user = cmd.user
         orders = self._orders
         entry = orders.get(order_id)
-        if entry is None or entry[1].user != user or cmd.symbol != self.symbol:
+        if entry is None or entry[2] != user or cmd.symbol != self.symbol:
             code = _UNKNOWN_SYMBOL if cmd.symbol != self.symbol else _UNKNOWN_ORDER
             return [
                 _new(CancelRejected, (
@@ -414,14 +330,14 @@ class OrderBook:
         del orders[order_id]
         by_user = self._by_user
         mine = by_user[user]
-        mine.remove(order_id)
+        del mine[order_id]
         if not mine:
             del by_user[user]
-        level: _Level = entry[2]
+        level: _Level = entry[4]
         side = level.side
+        changed = side.changed
         key = level.key
         total = level.total
-        changed = side.changed
         if key not in changed:
             changed[key] = total
         total -= remaining
@@ -429,17 +345,20 @@ class OrderBook:
         if not total:
             side.drop(key)
         else:
-            # Left in its queue, dead: matching skips it, compaction drops it.
-            dead = level.dead + 1
-            if dead >= _COMPACT_AT:
-                queue = level.queue
-                if dead * 2 > len(queue):
-                    _compact(queue)
+            queue = level.queue
+            if queue[-1] is entry:  # the newest is the likeliest to be cancelled
+                queue.pop()
+            elif queue[0] is entry:
+                queue.popleft()
+            else:
+                dead = level.dead + 1
+                if dead >= _COMPACT_AT and dead * 2 > len(queue):
+                    level.queue = deque(e for e in queue if e[0])
                     dead = 0
-            level.dead = dead
+                level.dead = dead
         return [
             _new(OrderCanceled, (
-                order_id, user, entry[1].client_order_id, self.symbol, remaining, "user", cmd.ts,
+                order_id, user, entry[3], self.symbol, remaining, "user", cmd.ts,
             ))
         ]
 
@@ -457,15 +376,14 @@ class OrderBook:
             return []
         ts = cmd.ts
         symbol = self.symbol
-        orders = self._orders
         events: list[BookEvent] = []
         for order_id in sorted(mine):
-            entry = orders[order_id]
+            entry = mine[order_id]
             remaining = entry[0]
             self._remove(entry)
             events.append(
                 OrderCanceled(
-                    order_id=order_id, user=cmd.user, client_order_id=entry[1].client_order_id,
+                    order_id=order_id, user=cmd.user, client_order_id=entry[3],
                     symbol=symbol, remaining=remaining, reason="cancel_all", ts=ts,
                 )
             )
@@ -493,11 +411,11 @@ class OrderBook:
             ask_delta = asks.delta()
             if bid_delta or ask_delta:
                 events.append(_new(BookDelta, (self.symbol, bid_delta, ask_delta, ts)))
-        fills = self._fills
+        trades = self._trades
         top = (bids.best, asks.best)
-        if fills:
-            events += map(_new, repeat(PublicTrade), map(_public, fills))
-            self._fills = []
+        if trades:
+            events += trades
+            self._trades = []
         elif top == self._top:
             return events
         self._top = top
@@ -507,12 +425,7 @@ class OrderBook:
             self._volume_sum -= volume.popleft()[1]
         bid, ask = top
         events.append(_new(TickerUpdate, (
-            self.symbol,
-            self._last,
-            None if bid is None else -bid,
-            ask,
-            self._volume_sum,
-            ts,
+            self.symbol, self._last, None if bid is None else -bid, ask, self._volume_sum, ts,
         )))
         return events
 
@@ -524,15 +437,9 @@ class OrderBook:
         """
         if status not in STATUSES:
             raise ValueError(f"unknown book status {status!r}")
-        self._status = status
-        self._open = self.symbol if status == "open" else None
+        self.status = status
 
     # -- queries --------------------------------------------------------------------
-
-    @property
-    def status(self) -> str:
-        """The trading status, one of :data:`STATUSES` (see :meth:`set_status`)."""
-        return self._status
 
     @property
     def last_price(self) -> int | None:
@@ -545,8 +452,7 @@ class OrderBook:
 
     def band(self) -> tuple[int, int]:
         """The lowest and highest limit price (ticks) accepted now."""
-        band = self._band
-        return band.start, band.stop - 1
+        return self._band_lo, self._band_hi
 
     def best_bid(self) -> int | None:
         """The highest bid price, or ``None`` if there are no bids."""
@@ -602,8 +508,7 @@ class OrderBook:
         mine = self._by_user.get(user)
         if not mine:
             return []
-        orders = self._orders
-        return [_view(orders[order_id]) for order_id in sorted(mine)]
+        return [_view(mine[order_id]) for order_id in sorted(mine)]
 
     def __len__(self) -> int:
         """How many orders rest in the book."""
@@ -611,50 +516,37 @@ class OrderBook:
 
     # -- internals ------------------------------------------------------------------
 
-    def _band_for(self, ref: int) -> range:
-        """The accepted limit prices around ``ref`` (cached per reference price)."""
-        bands = self._bands
-        band = bands.get(ref)
-        if band is None:
-            if len(bands) >= _BANDS_KEPT:
-                bands.clear()
-            lo, hi = self.instrument.band(ref)
-            band = bands[ref] = range(lo, hi + 1)
-        return band
-
-    def _rejected(self, cmd: NewOrder) -> OrderRejected:
-        """The rejection of ``cmd``, for the first check it fails (``submit`` knows one does)."""
+    def _rejection(self, cmd: NewOrder) -> tuple[str, str]:
+        """The code and reason of the first check ``cmd`` fails (``submit`` knows one does)."""
         if cmd.symbol != self.symbol:
-            code, reason = _UNKNOWN_SYMBOL, f"this book trades {self.symbol}, not {cmd.symbol}"
-        elif self._status != "open":
-            code, reason = _MARKET_HALTED, f"{self.symbol} is {self._status}"
-        elif cmd.order_id in self._orders:
-            code, reason = _BAD_REQUEST, f"order id {cmd.order_id} is already in the book"
-        elif cmd.price is None:
-            code, reason = _BAD_REQUEST, "a post-only order needs a limit price"
-        else:
-            lo, hi = self.band()
-            code, reason = _INVALID_PRICE, f"price {cmd.price} is outside the band [{lo}, {hi}]"
-        return _new(OrderRejected, (
-            cmd.order_id, cmd.user, cmd.client_order_id, self.symbol, code, reason, cmd.ts,
-        ))
+            return _UNKNOWN_SYMBOL, f"this book trades {self.symbol}, not {cmd.symbol}"
+        if self.status != "open":
+            return _MARKET_HALTED, f"{self.symbol} is {self.status}"
+        if cmd.order_id in self._orders:
+            return _BAD_REQUEST, f"order id {cmd.order_id} is already in the book"
+        if cmd.price is None:
+            return _BAD_REQUEST, "a post-only order needs a limit price"
+        return (
+            _INVALID_PRICE,
+            f"price {cmd.price} is outside the band [{self._band_lo}, {self._band_hi}]",
+        )
 
     def _expired(self, cmd: NewOrder, remaining: int, reason: str) -> OrderExpired:
         return _new(OrderExpired, (
             cmd.order_id, cmd.user, cmd.client_order_id, self.symbol, remaining, reason, cmd.ts,
         ))
 
-    def _fillable(self, opp: _Side, limit_key: int, qty: int, user: str) -> bool:
+    def _fillable(self, opp: SortedDict, limit_key: int, qty: int, user: str) -> bool:
         """Whether other users' orders at or better than ``limit_key`` hold ``qty``."""
         need = qty
         # Own orders are cancelled by self-trade prevention, not filled: count
         # order by order only when the user has some resting.
         own = user in self._by_user
-        for key, level in opp.levels.items():
+        for key, level in opp.items():
             if key > limit_key:
                 break
             if own:
-                need -= sum(e[0] for e in level.queue if e[1].user != user)
+                need -= sum(e[0] for e in level.queue if e[2] != user)
             else:
                 need -= level.total
             if need <= 0:
@@ -662,19 +554,23 @@ class OrderBook:
         return False
 
     def _match(
-        self, opp: _Side, key: int, limit_key: int, order_id: int, user: str, coid: str,
-        side: str, qty: int, ts: int, events: list[BookEvent],
+        self, cmd: NewOrder, opp: _Side, key: int, limit_key: int, events: list[BookEvent]
     ) -> int:
-        """Match the taker's ``qty`` against ``opp`` from its best ``key`` up to ``limit_key``.
+        """Match ``cmd`` against ``opp`` from its best ``key`` up to ``limit_key``.
 
-        Appends the fills and self-trade cancels to ``events``, keeps the fills
-        for the next flush, and returns the taker's open quantity.
+        Appends the fills and self-trade cancels to ``events``, queues the
+        trades for the next flush, and returns the taker's open quantity.
         """
         symbol = self.symbol
-        remaining = qty
+        order_id = cmd.order_id
+        user = cmd.user
+        coid = cmd.client_order_id
+        side = cmd.side
+        ts = cmd.ts
+        qty = remaining = cmd.qty
         orders = self._orders
         by_user = self._by_user
-        fills = self._fills
+        trades = self._trades
         levels = opp.levels
         changed = opp.changed
         trade_id = first_trade_id = self.next_trade_id
@@ -693,24 +589,21 @@ class OrderBook:
                     queue.popleft()
                     level.dead -= 1
                     continue
-                maker = entry[1]
-                maker_user = maker.user
+                maker_id = entry[1]
+                maker_user = entry[2]
                 if maker_user == user:  # self-trade prevention: cancel the resting order
                     queue.popleft()
                     entry[0] = 0
                     total -= maker_left
-                    maker_id = maker.order_id
                     del orders[maker_id]
                     own = by_user[user]
-                    own.remove(maker_id)
+                    del own[maker_id]
                     if not own:
                         del by_user[user]
                     events.append(_new(OrderCanceled, (
-                        maker_id, user, maker.client_order_id, symbol, maker_left, "self_trade",
-                        ts,
+                        maker_id, user, entry[3], symbol, maker_left, "self_trade", ts,
                     )))
                     continue
-                maker_id = maker.order_id
                 if remaining < maker_left:
                     fill_qty = remaining
                     maker_left -= remaining
@@ -724,17 +617,16 @@ class OrderBook:
                     queue.popleft()
                     del orders[maker_id]
                     theirs = by_user[maker_user]
-                    theirs.remove(maker_id)
+                    del theirs[maker_id]
                     if not theirs:
                         del by_user[maker_user]
                 total -= fill_qty
                 last_price = price
-                fill = _new(Fill, (
+                events.append(_new(Fill, (
                     trade_id, symbol, price, fill_qty, side, maker_id, maker_user,
-                    maker.client_order_id, maker_left, order_id, user, coid, remaining, ts,
-                ))
-                events.append(fill)
-                fills.append(fill)
+                    entry[3], maker_left, order_id, user, coid, remaining, ts,
+                )))
+                trades.append(_new(PublicTrade, (symbol, trade_id, price, fill_qty, side, ts)))
                 trade_id += 1
                 if not remaining:
                     break
@@ -750,22 +642,20 @@ class OrderBook:
             self.next_trade_id = trade_id
             if last_price != self._last:
                 self._last = last_price
-                self._band = self._band_for(last_price)
-            traded = qty - remaining
-            self._volume.append((ts, traded))
-            self._volume_sum += traded
+                self._band_lo, self._band_hi = self.instrument.band(last_price)
+            self._volume.append((ts, qty - remaining))
+            self._volume_sum += qty - remaining
         return remaining
 
     def _remove(self, entry: _Entry) -> None:
         """Take a resting order out of the book."""
         remaining = entry[0]
-        cmd: NewOrder = entry[1]
-        order_id = cmd.order_id
-        user = cmd.user
-        level: _Level = entry[2]
+        order_id = entry[1]
+        user = entry[2]
+        level: _Level = entry[4]
         del self._orders[order_id]
         mine = self._by_user[user]
-        mine.remove(order_id)
+        del mine[order_id]
         if not mine:
             del self._by_user[user]
         entry[0] = 0
@@ -780,10 +670,14 @@ class OrderBook:
         if not total:
             side.drop(key)
             return
-        dead = level.dead + 1
-        if dead >= _COMPACT_AT:
-            queue = level.queue
-            if dead * 2 > len(queue):
-                _compact(queue)
+        queue = level.queue
+        if queue[-1] is entry:  # the newest is the likeliest to be cancelled
+            queue.pop()
+        elif queue[0] is entry:
+            queue.popleft()
+        else:
+            dead = level.dead + 1
+            if dead >= _COMPACT_AT and dead * 2 > len(queue):
+                level.queue = deque(e for e in queue if e[0])
                 dead = 0
-        level.dead = dead
+            level.dead = dead
