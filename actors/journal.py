@@ -92,7 +92,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, NoReturn, cast
 
 import attrs
 
@@ -711,15 +711,7 @@ class Journal:
                 db.execute("PRAGMA synchronous=FULL")
             try:
                 db.execute("BEGIN IMMEDIATE")
-                touched = self._staged_last.keys() - self._registered
-                if touched:
-                    db.executemany(_REGISTER_STREAM, [(s,) for s in touched])
-                if self._rows:
-                    db.executemany(_INSERT_RECORD, self._rows)
-                if self._snapshots:
-                    db.executemany(_INSERT_SNAPSHOT, self._snapshots)
-                for stream, keep_after in self._compactions.items():
-                    self._apply_compaction(db, stream, keep_after)
+                self._write_staged(db)
                 db.execute("COMMIT")
             finally:
                 if db.in_transaction:
@@ -727,28 +719,13 @@ class Journal:
                 if sync_now:
                     db.execute(f"PRAGMA synchronous={self._base_synchronous()}")
         except BaseException as exc:
-            # The outcome may be unknown (an I/O error around COMMIT): forget the cached
-            # offsets of the streams concerned so they are re-read from the file.
-            for stream in self._staged_last:
-                self._last.pop(stream, None)
-            staged = len(self._rows)
-            self._discard_staged()
-            if isinstance(exc, sqlite3.Error):
-                raise JournalError(
-                    f"journal commit failed, {staged} staged records discarded: {exc}"
-                ) from exc
-            raise
-        self._commits += 1
-        self._records += len(self._rows)
-        self._snapshot_count += len(self._snapshots)
+            self._failed("commit", exc)
         if self.fsync == "always" or sync_now:
             self._synced += 1
             self._since_sync = 0
         else:
             self._since_sync += 1
-        self._registered.update(self._staged_last)
-        self._last.update(self._staged_last)
-        self._discard_staged()
+        self._written()
 
     def _write_deferred(self, db: sqlite3.Connection) -> None:
         """Write the staged turn into the pass's open transaction, in a savepoint."""
@@ -757,15 +734,7 @@ class Journal:
                 db.execute("BEGIN IMMEDIATE")
             db.execute("SAVEPOINT journal_turn")
             try:
-                touched = self._staged_last.keys() - self._registered
-                if touched:
-                    db.executemany(_REGISTER_STREAM, [(s,) for s in touched])
-                if self._rows:
-                    db.executemany(_INSERT_RECORD, self._rows)
-                if self._snapshots:
-                    db.executemany(_INSERT_SNAPSHOT, self._snapshots)
-                for stream, keep_after in self._compactions.items():
-                    self._apply_compaction(db, stream, keep_after)
+                self._write_staged(db)
             except BaseException:
                 # This turn only: the pass's earlier turns (other hosts') stay.
                 db.execute("ROLLBACK TO journal_turn")
@@ -773,15 +742,37 @@ class Journal:
             finally:
                 db.execute("RELEASE journal_turn")
         except BaseException as exc:
-            for stream in self._staged_last:
-                self._last.pop(stream, None)
-            staged = len(self._rows)
-            self._discard_staged()
-            if isinstance(exc, sqlite3.Error):
-                raise JournalError(
-                    f"journal write failed, {staged} staged records discarded: {exc}"
-                ) from exc
-            raise
+            self._failed("write", exc)
+        self._written()
+
+    def _write_staged(self, db: sqlite3.Connection) -> None:
+        """The staged turn's statements, inside the caller's transaction or savepoint."""
+        touched = self._staged_last.keys() - self._registered
+        if touched:
+            db.executemany(_REGISTER_STREAM, [(s,) for s in touched])
+        if self._rows:
+            db.executemany(_INSERT_RECORD, self._rows)
+        if self._snapshots:
+            db.executemany(_INSERT_SNAPSHOT, self._snapshots)
+        for stream, keep_after in self._compactions.items():
+            self._apply_compaction(db, stream, keep_after)
+
+    def _failed(self, what: str, exc: BaseException) -> NoReturn:
+        """Discard the staged turn after a failed write and re-raise (sqlite errors as
+        :class:`JournalError`). The outcome may be unknown (an I/O error around COMMIT):
+        the cached offsets of the streams concerned are forgotten, to be re-read."""
+        for stream in self._staged_last:
+            self._last.pop(stream, None)
+        staged = len(self._rows)
+        self._discard_staged()
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(
+                f"journal {what} failed, {staged} staged records discarded: {exc}"
+            ) from exc
+        raise exc
+
+    def _written(self) -> None:
+        """Account a staged turn as written and clear it."""
         self._commits += 1
         self._records += len(self._rows)
         self._snapshot_count += len(self._snapshots)
