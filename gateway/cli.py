@@ -14,13 +14,16 @@ from typing import Any
 from protocol import Instrument, parse_instruments
 
 
+def instruments_toml(path: str | None) -> str:
+    """The registry's TOML text at ``path``, or the default shipped with the package."""
+    if path is None:
+        return files("protocol").joinpath("instruments.toml").read_text()
+    return Path(path).read_text()
+
+
 def load_instruments(path: str | None) -> dict[str, Instrument]:
     """The registry at ``path``, or the default shipped with the package."""
-    if path is None:
-        text = files("protocol").joinpath("instruments.toml").read_text()
-    else:
-        text = Path(path).read_text()
-    return parse_instruments(text)
+    return parse_instruments(instruments_toml(path))
 
 
 def _run(args: argparse.Namespace) -> int:

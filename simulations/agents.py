@@ -69,6 +69,13 @@ class Control:
             self.shared_acked.value += 1
 
 
+def market_record(event: MarketUpdate) -> MarketRecord:
+    """What the history keeps of a market frame, stamped with its arrival time."""
+    return MarketRecord(channel=event.channel, seq=event.seq, kind=event.kind,
+                        epoch=event.epoch, ts=event.ts, received_wall_ns=time.time_ns(),
+                        data=dict(event.data))
+
+
 class SimAgent(Strategy):
     """One simulated trader; see the module docstring for the roles."""
 
@@ -102,9 +109,7 @@ class SimAgent(Strategy):
                                                   received_ns=now, data=dict(event.raw["data"])))
             self._on_private(event, now)
         elif isinstance(event, MarketUpdate):
-            self.log.market.append(MarketRecord(
-                channel=event.channel, seq=event.seq, kind=event.kind, epoch=event.epoch,
-                ts=event.ts, received_wall_ns=time.time_ns(), data=dict(event.data)))
+            self.log.market.append(market_record(event))
             if event.kind == "ticker":
                 self.on_price(event.channel.split(".", 1)[1], event.data.get("last"))
 
@@ -292,4 +297,4 @@ def deposit_units(deposit: Decimal) -> int:
     return int(deposit / CASH_STEP)
 
 
-__all__ = ["Control", "SimAgent", "deposit_units"]
+__all__ = ["Control", "SimAgent", "deposit_units", "market_record"]

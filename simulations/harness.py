@@ -65,14 +65,13 @@ from actors.messages import AccountDeposit, Dest
 from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
-from protocol import CASH_STEP, Instrument, RemoteProtocolError
-from simulations.agents import Control, SimAgent, deposit_units
+from protocol import CASH_STEP, Instrument, RemoteProtocolError, parse_instruments
+from simulations.agents import Control, SimAgent, deposit_units, market_record
 from simulations.history import (
     AgentLog,
     BookFinal,
     FaultRecord,
     History,
-    MarketRecord,
     UserFinal,
 )
 from simulations.scenario import CLIENT_FAULTS, FaultSpec, Scenario, ScenarioError
@@ -374,9 +373,7 @@ class AgentGroup:
             task_status.started()
             async for ev in feed.events():
                 if isinstance(ev, MarketUpdate):
-                    first.log.market.append(MarketRecord(
-                        channel=ev.channel, seq=ev.seq, kind=ev.kind, epoch=ev.epoch,
-                        ts=ev.ts, received_wall_ns=time.time_ns(), data=dict(ev.data)))
+                    first.log.market.append(market_record(ev))
                     if ev.kind == "ticker":
                         symbol = ev.channel.split(".", 1)[1]
                         last = ev.data.get("last")
@@ -554,13 +551,14 @@ def _child_main(spec_path: str, result_path: str, shared_acked: Any, ready: Any,
 
 async def simulate(options: SimOptions, console: Console | None = None) -> SimResult:
     """Run one simulation; see the module docstring for the phases."""
-    from gateway.cli import load_instruments
+    from gateway.cli import instruments_toml
     from simulations.invariants import check_all
     from simulations.report import build_report, write_report
 
     console = console or Console()
     sc = options.scenario
-    instruments = load_instruments(options.instruments_path)
+    toml_text = instruments_toml(options.instruments_path)
+    instruments = parse_instruments(toml_text)
     unknown = [s for s in sc.symbols if s not in instruments]
     if unknown:
         raise ScenarioError(f"scenario {sc.name}: unknown symbol(s) {unknown}; "
@@ -568,9 +566,6 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
     if options.url is not None and any(f.kind not in CLIENT_FAULTS for f in sc.faults):
         raise ScenarioError("engine faults need the embedded engine: drop --url, or use a "
                             "scenario with only drop_client/delay_frames/duplicate_frames")
-    toml_text = (Path(options.instruments_path).read_text() if options.instruments_path
-                 else (Path(__file__).resolve().parent.parent / "protocol" /
-                       "instruments.toml").read_text())
     users = agent_users(options)
     history = History(seed=sc.seed, scenario=sc.name, started_ns=time.monotonic_ns(),
                       instruments={s: (str(instruments[s].tick), str(instruments[s].lot))
@@ -812,9 +807,7 @@ class _Run:
             self.monitor_ready.set()
             async for ev in c.events():
                 if isinstance(ev, MarketUpdate):
-                    self.history.monitor.append(MarketRecord(
-                        channel=ev.channel, seq=ev.seq, kind=ev.kind, epoch=ev.epoch, ts=ev.ts,
-                        received_wall_ns=time.time_ns(), data=dict(ev.data)))
+                    self.history.monitor.append(market_record(ev))
 
     async def _finish(self, results: list[GroupResult]) -> None:
         errors: list[str] = []
