@@ -29,7 +29,7 @@ from actors.messages import AccountDeposit, Dest
 from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, PrivateUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
-from protocol import CASH_STEP, Instrument
+from protocol import CASH_STEP, Instrument, parse_instruments
 
 FUNDING = int(1_000_000 / CASH_STEP)
 
@@ -144,15 +144,18 @@ def _view(gw: Gateway, stats: Stats, instruments: Mapping[str, Instrument],
     return t
 
 
-async def run_exchange(options: RunOptions, instruments: Mapping[str, Instrument],
+async def run_exchange(options: RunOptions, instruments_toml: str,
                        check_password: Callable[[str, str], bool],
                        console: Console | None = None) -> int:
-    """Run until Ctrl-C (or ``options.seconds``); returns the exit code."""
+    """Run until Ctrl-C (or ``options.seconds``); returns the exit code.
+
+    ``instruments_toml`` is the registry's text: the engine's books and the gateway's
+    validation both come from it, so a custom ``--instruments`` file reaches both.
+    """
     console = console or Console()
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    toml_text = (Path(__file__).resolve().parent.parent / "protocol" /
-                 "instruments.toml").read_text()
-    engine = EngineConfig(instruments_toml=toml_text, data_dir=str(options.data_dir),
+    instruments = parse_instruments(instruments_toml)
+    engine = EngineConfig(instruments_toml=instruments_toml, data_dir=str(options.data_dir),
                           fsync=options.fsync)
     bridge = EngineBridge(BridgeOptions(engine=engine))
     gw = Gateway(bridge, instruments, check_password,

@@ -38,6 +38,11 @@ def _run(args: argparse.Namespace) -> int:
                                else default_users_path(data_dir))
     except Exception as exc:
         return _fail(str(exc))
+    try:
+        registry = instruments_toml(args.instruments)
+        parse_instruments(registry)
+    except (OSError, ValueError) as exc:
+        return _fail(f"instrument registry {args.instruments or '(default)'}: {exc}")
     demo = demo_users(args.demo_users, deposit_units=0)
 
     def check(user: str, password: str) -> bool:
@@ -50,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
                          live=not args.no_live and sys.stdout.isatty(),
                          deposits=tuple((u, store.deposit_of(u)) for u in store.names()))
     try:
-        return trio.run(run_exchange, options, load_instruments(args.instruments), check)
+        return trio.run(run_exchange, options, registry, check)
     except OSError as exc:
         return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
 

@@ -3,27 +3,71 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import trio
 from rich.console import Console
 
 from gateway.app import RunOptions, run_exchange
-from gateway.cli import load_instruments
+from gateway.cli import instruments_toml
+
+
+def _quoted(text: str, symbol: str) -> bool:
+    """Whether the final view's row of ``symbol`` shows a price (a live book quoted it)."""
+    return re.search(rf"│ {re.escape(symbol)} +│ +\d", text) is not None
 
 
 async def test_run_trades_and_stops_cleanly(tmp_path: Path) -> None:
     out = io.StringIO()
     opts = RunOptions(port=0, data_dir=tmp_path, seconds=3, live=False, agents=4, demo_users=2)
-    code = await run_exchange(opts, load_instruments(None), lambda u, p: p == "demo",
+    code = await run_exchange(opts, instruments_toml(None), lambda u, p: p == "demo",
                               Console(file=out, width=140))
     text = out.getvalue()
     assert code == 0, text
     assert "stopped cleanly" in text
     assert "demo1" in text
     assert (tmp_path / "journal.sqlite3").exists()
-    assert " 0 orders/s" not in text, text  # the simulated traders traded
+    assert any(_quoted(text, s) for s in ("BTC-PERP", "ETH-PERP", "ESZ6")), text  # traders quoted
     await trio.lowlevel.checkpoint()
+
+
+_CUSTOM = """
+[instruments.SOL-PERP]
+kind = "perpetual"
+quote = "USDT"
+tick = "0.01"
+lot = "0.1"
+multiplier = "1"
+margin_rate = "0.1"
+maker_fee = "0.0002"
+taker_fee = "0.0005"
+ref_price = "150.00"
+price_band = "0.1"
+position_limit = "10000"
+"""
+
+
+async def test_run_serves_a_custom_registry_in_the_engine_too(tmp_path: Path) -> None:
+    # The engine's books come from the same registry as the gateway's validation:
+    # with only SOL-PERP in it, the traders' SOL-PERP orders rest in a real book.
+    out = io.StringIO()
+    opts = RunOptions(port=0, data_dir=tmp_path, seconds=3, live=False, agents=4, demo_users=1)
+    code = await run_exchange(opts, _CUSTOM, lambda u, p: p == "demo", Console(file=out, width=140))
+    text = out.getvalue()
+    assert code == 0, text
+    assert "BTC-PERP" not in text, text
+    assert _quoted(text, "SOL-PERP"), text
+
+
+def test_cli_run_reports_an_unreadable_registry(tmp_path: Path, capsys: object) -> None:
+    from gateway.cli import main
+
+    code = main(["run", "--instruments", str(tmp_path / "missing.toml"),
+                 "--data-dir", str(tmp_path), "--seconds", "1", "--port", "0"])
+    assert code == 1
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "instrument registry" in err and "missing.toml" in err
 
 
 def test_cli_users_add_and_list(tmp_path: Path, capsys: object) -> None:
