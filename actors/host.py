@@ -216,6 +216,16 @@ class HostInspect:
 # -- the host ---------------------------------------------------------------------------------
 
 
+@attrs.define
+class _Sends:
+    """One turn's outputs grouped per destination actor (see :meth:`Host._route`)."""
+
+    timers: list[int] = attrs.Factory(list)
+    gateways: dict[str, list[Any]] = attrs.Factory(dict)
+    exchange: EngineBatch | None = None
+    hosts: list[tuple[str, EngineBatch]] = attrs.Factory(list)
+
+
 class Host(RuntimeActor):
     """One Thespian actor hosting desks of one kind; see the module docstring."""
 
@@ -233,7 +243,7 @@ class Host(RuntimeActor):
         self.out_seq: dict[str, int] = {}
         self.in_last: dict[str, int] = {}
         self.outbox: dict[str, deque[EngineBatch]] = {}
-        self._inflight: tuple[EngineBatch, list[Out], Any] | None = None
+        self._inflight: tuple[EngineBatch, _Sends, Any] | None = None
         self._early: dict[str, dict[int, tuple[EngineBatch, Any]]] = {}
         self._fault: str | None = None
         self._dead = False
@@ -285,12 +295,13 @@ class Host(RuntimeActor):
         rec = self.journal.recover(self.stream)
         if rec.snapshot is not None:
             state: Any = rec.snapshot.state
-            self.desks, self.out_seq, self.in_last = state
-        last: list[Out] = []
+            self.desks, self.out_seq, self.in_last = state[:3]
+            # The snapshot turn's own batches (snapshots before this field had none).
+            for host, batch in state[3] if len(state) > 3 else ():
+                self.outbox.setdefault(host, deque()).append(batch)
         for _, batch in rec.records:
             assert isinstance(batch, EngineBatch)
-            last = self._apply(batch)
-            self._send_outputs(last, replaying=True)
+            self._route(self._apply(batch))  # numbered and kept, not sent
         self.turns = len(rec.records)
         if rec.discarded:
             log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,
@@ -389,8 +400,8 @@ class Host(RuntimeActor):
         if self._inflight is not None:
             # Thespian re-runs a handler that raised, with the same message: the turn
             # in flight is applied and staged already; finish it without applying again.
-            done, outs, done_sender = self._inflight
-            self._finish(done, outs, done_sender)
+            done, sends, done_sender = self._inflight
+            self._finish(done, sends, done_sender)
             self._drain(done.origin)
             if self._stopping():  # _finish may have stopped the host (see _die)
                 return
@@ -422,21 +433,23 @@ class Host(RuntimeActor):
 
     def _turn(self, batch: EngineBatch, sender: Any) -> None:
         assert self.journal is not None
-        outs = self._apply(batch)
+        sends = self._route(self._apply(batch))
         self.journal.append(self.stream, [batch])
-        self._inflight = (batch, outs, sender)
+        self._inflight = (batch, sends, sender)
         self.turns += 1
         if self._fault == "raise_once":
             self._fault = None
             raise RuntimeError(f"{self.host_id}: injected fault after apply, before commit")
-        self._finish(batch, outs, sender)
+        self._finish(batch, sends, sender)
 
-    def _finish(self, batch: EngineBatch, outs: list[Out], sender: Any) -> None:
+    def _finish(self, batch: EngineBatch, sends: _Sends, sender: Any) -> None:
         assert self.journal is not None
         if self._snapshot_due():
+            # The state after this turn, its sends numbered: the channel seqs past its
+            # batches and the batches themselves (the outbox a recovery resends).
             offset = self.journal.last_offset(self.stream) + 1
             self._snap_size = self.journal.snapshot(
-                self.stream, offset, (self.desks, self.out_seq, self.in_last))
+                self.stream, offset, (self.desks, self.out_seq, self.in_last, sends.hosts))
             self._snap_turn, self._snap_bytes = self.turns, self.journal.appended_bytes
         try:
             if self._fault == "commit_fails":
@@ -454,7 +467,7 @@ class Host(RuntimeActor):
         self._inflight = None
         if batch.seq:
             self._ack(batch.origin, sender)
-        self._send_outputs(outs)
+        self._deliver(sends)
 
     def _snapshot_due(self) -> bool:
         """Whether this turn stages a snapshot (see :data:`SNAPSHOT_BYTES_FACTOR`).
@@ -481,51 +494,55 @@ class Host(RuntimeActor):
 
     # -- sending -----------------------------------------------------------------------
 
-    def _send_outputs(self, outs: list[Out], *, replaying: bool = False) -> list[EngineBatch]:
-        """Group outputs per destination actor and send one batch to each.
+    def _route(self, outs: list[Out]) -> _Sends:
+        """Group a turn's outputs per destination actor, one batch each (nothing is sent).
 
-        Host→host batches get the channel's next seq and wait in the outbox until
-        acked. While ``replaying`` the journal nothing is sent, but the seqs and
-        the outbox advance exactly as they did, so a recovered host numbers its
-        next batches where the crashed one stopped.
+        Host→host batches get the channel's next seq and join the outbox (until
+        acked) here, once per turn and before the turn's snapshot and commit, so a
+        snapshot holds the seqs past them. Replaying the journal routes each turn
+        again without sending, so a recovered host numbers its next batches where
+        the crashed one stopped.
         """
+        sends = _Sends()
         per_host: dict[str, list[Out]] = {}
-        per_gateway: dict[str, list[Any]] = {}
         for dest, msg in outs:
             if dest.kind == "timer":
                 assert isinstance(msg, RouterTimer)
-                if not replaying:
-                    self._arm(msg.at_ns)
+                sends.timers.append(msg.at_ns)
             elif dest.kind == "gateway":
-                per_gateway.setdefault(dest.key, []).append(msg)
+                sends.gateways.setdefault(dest.key, []).append(msg)
             elif dest.kind == "market":
                 for gw in self.directory.gateways:
-                    per_gateway.setdefault(gw, []).append(msg)
+                    sends.gateways.setdefault(gw, []).append(msg)
             else:
                 host = self._resolve(dest)
                 per_host.setdefault(host or "exchange", []).append((dest, msg))
-        sequenced: list[EngineBatch] = []
-        if not replaying:
-            for gw, msgs in per_gateway.items():
-                addr = self.directory.gateways.get(gw)
-                if addr is not None:
-                    self.send(addr, GatewayBatch(items=tuple(msgs)))
         for host, items in per_host.items():
             if host == "exchange":
                 # An account that does not exist yet: the exchange creates it and forwards.
-                if not replaying:
-                    self.send(self.directory.exchange,
-                              EngineBatch(origin=self.host_id, items=tuple(items)))
+                sends.exchange = EngineBatch(origin=self.host_id, items=tuple(items))
                 continue
             seq = self.out_seq.get(host, 0) + 1
             self.out_seq[host] = seq
             batch = EngineBatch(origin=self.host_id, seq=seq, items=tuple(items))
-            sequenced.append(batch)
+            sends.hosts.append((host, batch))
             self.outbox.setdefault(host, deque()).append(batch)
+        return sends
+
+    def _deliver(self, sends: _Sends) -> None:
+        """Send what :meth:`_route` grouped (after the turn's commit)."""
+        for at_ns in sends.timers:
+            self._arm(at_ns)
+        for gw, msgs in sends.gateways.items():
+            addr = self.directory.gateways.get(gw)
+            if addr is not None:
+                self.send(addr, GatewayBatch(items=tuple(msgs)))
+        if sends.exchange is not None:
+            self.send(self.directory.exchange, sends.exchange)
+        for host, batch in sends.hosts:
             addr = self.directory.hosts.get(host)
-            if addr is not None and not replaying:
+            if addr is not None:
                 self.send(addr, batch)
-        return sequenced
 
     def _resolve(self, dest: Dest) -> str | None:
         d = self.directory

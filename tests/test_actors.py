@@ -249,3 +249,39 @@ def test_a_failed_commit_sends_nothing_and_the_host_is_rebuilt(tmp_path: Path) -
         t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
         t.pump()
         assert inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book.depth() == ([], [])
+
+
+def test_a_host_killed_right_after_a_snapshot_turn_numbers_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every turn snapshots, so each kill lands right after a snapshot turn with no
+    # journal record after it. The snapshot must carry the channel seqs *after* that
+    # turn's sends (and its batches for resending): a host that came back with the
+    # seqs before them numbered its next batches with seqs the receivers had seen and
+    # dropped as resends — alice's resync and fills never reached the router.
+    import actors.host
+
+    monkeypatch.setattr(actors.host, "SNAPSHOT_EVERY", 1)
+    monkeypatch.setattr(actors.host, "SNAPSHOT_BYTES_FACTOR", 0)
+    with engine(BASE, tmp_path) as t:
+        _cross(t)  # alice rests 2 lots at 600010
+        t.wait_events("alice", 6)
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["account:alice"], HostFault(mode="exit"))
+        t.pump()
+        t.link.refresh()
+        events = t.wait_events("alice", 7)
+        assert events[6].kind == "system_notice"
+        assert t.place("bob", "b2", "buy", 600010, 2).ok
+        alice = t.wait_events("alice", 11)
+        assert [e.kind for e in alice[7:11]] == [
+            "trade_executed", "order_filled", "position_update", "account_update"]
+        assert t.seqs("alice") == list(range(1, len(t.seqs("alice")) + 1))
+        # And the book, killed right after its snapshot turn, still answers the account.
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
+        t.pump()
+        t.link.refresh()
+        assert t.place("alice", "a9", "sell", 600040, 1).ok
+        assert t.place("bob", "b9", "buy", 600040, 1).ok
+        assert t.query("bob", "positions")["positions"][0]["long_qty"] == "0.006"
