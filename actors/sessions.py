@@ -2,7 +2,8 @@
 
 The router sends one :class:`~actors.messages.Delivery` per user per turn to
 each gateway holding a session of that user (never one message per
-connection); the gateway fans it out locally through this table. Each
+connection); the gateway fans it out locally to the user's connections in
+this table (``by_user``), each through its session core. Each
 connection's :class:`~actors.cores.session.Session` core applies the delivery
 window: a connection that stops acknowledging first loses P2/P3 detail
 (conflated to the latest value per key, the skipped seqs announced), is
@@ -25,7 +26,6 @@ from actors.cores.session import (
     SessionEffect,
     SessionSend,
 )
-from actors.messages import Delivery
 from protocol import ErrorCode, RemoteProtocolError
 
 
@@ -76,16 +76,6 @@ class SessionHub:
             return None
         self.by_user.pop(user, None)
         return user
-
-    def deliver(self, delivery: Delivery) -> list[ConnEffect]:
-        """Fan one user's delivery out to each of the user's connections."""
-        out: list[ConnEffect] = []
-        for conn in list(self.by_user.get(delivery.user, ())):
-            for eff in self.sessions[conn].deliver(delivery.events):
-                out.append(ConnEffect(conn, eff))
-                if isinstance(eff, SessionDisconnect):
-                    self.close(conn)
-        return out
 
     def ack(self, conn: int, seq: int) -> list[ConnEffect]:
         session = self.sessions.get(conn)
