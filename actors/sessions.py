@@ -26,6 +26,7 @@ from actors.cores.session import (
     SessionEffect,
     SessionSend,
 )
+from actors.messages import Delivery
 from protocol import ErrorCode, RemoteProtocolError
 
 
@@ -76,6 +77,21 @@ class SessionHub:
             return None
         self.by_user.pop(user, None)
         return user
+
+    def deliver(self, delivery: Delivery) -> list[ConnEffect]:
+        """Fan one user's delivery out to each of the user's connections.
+
+        A :class:`SessionDisconnect` leaves the connection in the table (its session
+        core, closed, takes nothing more): the caller closes the connection and then
+        :meth:`close`, whose answer says whether that was the user's last session
+        here (detach from the router, cancel on disconnect). The gateway does the
+        same in its own fan-out, ``Gateway._deliver``, which also stashes events for
+        a connection with a resume in flight.
+        """
+        out: list[ConnEffect] = []
+        for conn in list(self.by_user.get(delivery.user, ())):
+            out += [ConnEffect(conn, eff) for eff in self.sessions[conn].deliver(delivery.events)]
+        return out
 
     def ack(self, conn: int, seq: int) -> list[ConnEffect]:
         session = self.sessions.get(conn)

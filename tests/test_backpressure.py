@@ -51,8 +51,13 @@ def test_slow_session_is_conflated_then_cut_while_a_fast_one_gets_everything() -
     cut = [ce for ce in effects if ce.conn == 2 and isinstance(ce.effect, SessionDisconnect)]
     assert len(cut) == 1
     assert cut[0].effect.reason == "slow_consumer"
+    # The caller closes the cut connection; alice keeps connection 1, so this was not
+    # her last session here (no router detach, no cancel on disconnect).
+    assert hub.close(2) is None
     assert 2 not in hub.sessions
     assert list(hub.by_user["alice"]) == [1]
+    assert hub.close(1) == "alice"  # her last session: the caller detaches her
+    assert "alice" not in hub.by_user
 
 
 def test_p0_p1_pass_the_window_p2_is_conflated_to_the_latest() -> None:
