@@ -405,6 +405,11 @@ class Host(RuntimeActor):
             self._drain(done.origin)
             if self._stopping():  # _finish may have stopped the host (see _die)
                 return
+            if batch == done:
+                # The re-run of that very batch: it is applied now. A sequenced one would
+                # be dropped below by its channel seq, but an unsequenced one (a gateway's
+                # requests) has none and would be applied a second time.
+                return
         if not batch.seq:
             self._turn(batch, sender)
             return
