@@ -339,6 +339,34 @@ def test_position_limit_counts_position_and_open_orders_per_side() -> None:
     assert err.value.code is ErrorCode.POSITION_LIMIT
 
 
+def test_a_snapshot_pickled_without_the_open_qty_counter_loads() -> None:
+    """Snapshots written before ``_open_qty`` existed rebuild it from the live orders."""
+    limit = INSTRUMENTS[BTC].position_limit
+    alice, bob = funded(amount=10**6 * USDT), funded("bob", amount=10**6 * USDT)
+    buy, sell = order(1, "buy", 40 * ONE_BTC), order(2, "sell", 15 * ONE_BTC, user="bob")
+    for ledger, o in ((alice, buy), (bob, sell)):
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    alice.on_book_event(fill(buy, sell, BTC_60K, 15 * ONE_BTC, 25 * ONE_BTC, 0))
+    alice.place(order(3, "buy", 20 * ONE_BTC), ref_price=BTC_60K)
+    alice.place(order(4, "sell", 5, 24_000, symbol=ES), ref_price=24_000)
+    # A ledger as the code before the counter pickled it: no attribute, no __getstate__.
+    old = object.__new__(Ledger)
+    vars(old).update((k, v) for k, v in vars(alice).items() if k != "_open_qty")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(Ledger, "__getstate__")
+        data = pickle.dumps(old)
+    assert data == pickle.dumps(alice)  # the counter is not in today's pickle either
+    restored = pickle.loads(data)
+    assert vars(restored) == vars(alice)
+    assert restored._open_qty == {(BTC, "buy"): 45 * ONE_BTC, (ES, "sell"): 5}
+    # The restored counter drives the limit: 15 long + 45 open + 40 = the limit; +1 is over.
+    restored.place(order(5, "buy", limit - 60 * ONE_BTC), ref_price=BTC_60K)
+    with pytest.raises(RemoteProtocolError) as err:
+        restored.place(order(6, "buy", 1), ref_price=BTC_60K)
+    assert err.value.code is ErrorCode.POSITION_LIMIT
+
+
 def test_an_order_for_another_user_is_an_internal_error() -> None:
     ledger = funded()
     with pytest.raises(LocalProtocolError) as err:
@@ -1078,6 +1106,36 @@ def test_conservation_over_random_trading(data: st.DataObject) -> None:
     assert total_cash + total_fees == sim.deposited - sim.withdrawn
     assert sum(led.realized_pnl for led in sim.ledgers.values()) == 0
     sim.replay()
+
+
+class CountingSim(Sim):
+    """:class:`Sim` that also checks the ledgers' open-quantity counters after each step."""
+
+    def check(self, marks: dict[str, int]) -> None:
+        super().check(marks)
+        for ledger in self.ledgers.values():
+            scan: dict[tuple[str, str], int] = {}
+            for oid in ledger.open_order_ids():
+                rec = ledger.order(oid)
+                assert rec is not None
+                key = (rec.symbol, rec.side)
+                scan[key] = scan.get(key, 0) + rec.remaining_qty
+            assert ledger._open_qty == scan
+
+
+@settings(max_examples=100)
+@given(data=st.data())
+def test_open_qty_counter_equals_the_scan_of_live_orders(data: st.DataObject) -> None:
+    sim = CountingSim()
+    for user in USERS:
+        sim.deposit(user, data.draw(st.integers(10**7, 10**12), label="deposit"))
+    run_steps(sim, data, data.draw(st.integers(1, 60), label="steps"))
+    for oid in sorted(sim.resting):
+        sim.cancel(oid)
+    sim.check({s: 1 for s in SYMBOLS})
+    for ledger in sim.ledgers.values():
+        assert ledger._open_qty == {}
+        assert pickle.loads(pickle.dumps(ledger))._open_qty == {}
 
 
 @settings(max_examples=200)

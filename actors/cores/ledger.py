@@ -476,7 +476,21 @@ class Ledger:
         self._orders: dict[int, OrderRecord] = {}
         self._by_client_id: dict[str, int] = {}
         self._live: dict[int, None] = {}  # live order ids, in placing order
+        #: Untraded lots of the live orders per (symbol, side), no zero entries: the
+        #: position-limit check reads it instead of scanning every live order (the
+        #: scan grew with the resting orders). Derived state: not pickled, rebuilt on load.
+        self._open_qty: dict[tuple[str, str], int] = {}
         self._next_event_id = next_event_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        del state["_open_qty"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also loads snapshots pickled before ``_open_qty`` existed: it is always rebuilt.
+        vars(self).update(state)
+        self._open_qty = self._scan_open_qty()
 
     # -- integer accessors -------------------------------------------------------------
 
@@ -673,11 +687,8 @@ class Ledger:
 
         buy = order.side == "buy"
         net = self._positions.get(order.symbol, _FLAT).qty
-        open_same_side = sum(
-            rec.remaining_qty
-            for rec in (self._orders[oid] for oid in self._live)
-            if rec.symbol == order.symbol and rec.side == order.side
-        )
+        side_key = (order.symbol, order.side)
+        open_same_side = self._open_qty.get(side_key, 0)
         exposure = max(net if buy else -net, 0) + open_same_side + order.qty
         if exposure > inst.position_limit:
             raise RemoteProtocolError(
@@ -720,6 +731,7 @@ class Ledger:
         self._orders[record.order_id] = record
         self._by_client_id[record.client_order_id] = record.order_id
         self._live[record.order_id] = None
+        self._open_qty[side_key] = open_same_side + order.qty
         self._bal = _replace_balances(self._bal, frozen=self._bal.frozen + required)
         return []
 
@@ -791,6 +803,7 @@ class Ledger:
         em.add("account_update", self._account_data(bal, self._positions, self._marks), "account")
         self._orders[new.order_id] = new
         self._live.pop(new.order_id, None)
+        self._take_open(rec, rec.remaining_qty)
         self._bal = bal
         self._next_event_id = em.next_id
         return em.events
@@ -907,6 +920,7 @@ class Ledger:
             self._orders[new.order_id] = new
             if not new.is_live:
                 self._live.pop(new.order_id, None)
+            self._take_open(new, ev.qty)
         self._positions = positions
         self._marks = marks
         self._bal = bal
@@ -928,6 +942,24 @@ class Ledger:
         if rec.symbol != symbol:
             raise _internal(f"order {order_id} is in {rec.symbol}, not {symbol}")
         return rec
+
+    def _take_open(self, rec: OrderRecord, qty: int) -> None:
+        """Count ``qty`` lots of ``rec`` as no longer open (traded, canceled, ...)."""
+        key = (rec.symbol, rec.side)
+        left = self._open_qty[key] - qty
+        if left:
+            self._open_qty[key] = left
+        else:
+            del self._open_qty[key]
+
+    def _scan_open_qty(self) -> dict[tuple[str, str], int]:
+        """:attr:`_open_qty` computed from the live orders (what it must always equal)."""
+        open_qty: dict[tuple[str, str], int] = {}
+        for oid in self._live:
+            rec = self._orders[oid]
+            key = (rec.symbol, rec.side)
+            open_qty[key] = open_qty.get(key, 0) + rec.remaining_qty
+        return open_qty
 
     def _mark_of(self, symbol: str, marks: Mapping[str, int]) -> int:
         return marks.get(symbol, self._instruments[symbol].ref_price)
