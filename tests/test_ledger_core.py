@@ -22,6 +22,7 @@ from actors.cores.ledger import (
     LedgerBookEvent,
     OrderInput,
     OrderState,
+    _user_event,
     next_order_state,
     units_formatter,
 )
@@ -1136,6 +1137,24 @@ def test_open_qty_counter_equals_the_scan_of_live_orders(data: st.DataObject) ->
     for ledger in sim.ledgers.values():
         assert ledger._open_qty == {}
         assert pickle.loads(pickle.dumps(ledger))._open_qty == {}
+    # The ledger builds its events without running UserEvent's validators: they hold.
+    for events in sim.events.values():
+        for event in events:
+            attrs.validate(event)
+
+
+def test_user_event_built_without_validators_is_a_user_event() -> None:
+    assert [a.name for a in attrs.fields(UserEvent)] == [
+        "user", "event_id", "kind", "key", "data", "ts"
+    ]
+    fast = _user_event("ann", 7, "position_update", BTC, {"symbol": BTC}, 12)
+    slow = UserEvent(user="ann", event_id=7, kind="position_update", key=BTC,
+                     data={"symbol": BTC}, ts=12)
+    assert fast == slow
+    assert (fast.priority, repr(fast)) == (slow.priority, repr(slow))
+    assert pickle.dumps(fast) == pickle.dumps(slow)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.kind = "order_filled"  # type: ignore[misc]
 
 
 @settings(max_examples=200)
