@@ -348,3 +348,14 @@ class RouterDesk:
 
     def end_turn(self) -> list[Out]:
         return self._publish()
+
+    def wakeup_ns(self) -> int | None:
+        """The conflation wakeup the router asked for and has not seen fire, if any.
+
+        A host rebuilt from the journal arms it again: replaying the turns does not
+        arm wakeups, and the core asks only for a wakeup earlier than the one it
+        believes armed, so without this the events pending at the crash (and the
+        ``resync`` notice joining them) would wait for the next publish after their
+        window instead of flushing on time.
+        """
+        return self.router._armed_ns  # the core's own record (its pickled state)

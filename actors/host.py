@@ -279,6 +279,10 @@ class Host(RuntimeActor):
                 conflation_window_ns=msg.config.conflation_window_ns,
             )
         recovered, discarded = self._recover()
+        for desk in self.desks.values():
+            wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
+            if wakeup is not None:
+                self._arm(wakeup)  # the dead host's wakeup died with it
         # Whatever the crashed host had not seen acked may not have left: send the
         # outbox again (receivers drop what they already have, by channel seq).
         for host, box in self.outbox.items():
