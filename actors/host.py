@@ -245,6 +245,9 @@ class Host(RuntimeActor):
         self.outbox: dict[str, deque[EngineBatch]] = {}
         self._inflight: tuple[EngineBatch, _Sends, Any] | None = None
         self._early: dict[str, dict[int, tuple[EngineBatch, Any]]] = {}
+        #: Receivers sent only the oldest batch of their outbox after a recovery: their
+        #: next ack releases the rest.
+        self._probing: set[str] = set()
         self._fault: str | None = None
         self._dead = False
         self._timer_at: int | None = None
@@ -283,12 +286,15 @@ class Host(RuntimeActor):
             wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
             if wakeup is not None:
                 self._arm(wakeup)  # the dead host's wakeup died with it
-        # Whatever the crashed host had not seen acked may not have left: send the
-        # outbox again (receivers drop what they already have, by channel seq).
+        # Whatever the crashed host had not seen acked may not have left. The outbox
+        # now holds every batch since the snapshot (which receivers applied is not
+        # journaled): send each receiver the oldest one only; its ack (a duplicate is
+        # acked too) names the prefix it applied, and the rest follows (see
+        # receiveMsg_EngineAck) instead of resending every turn since the snapshot.
         for host, box in self.outbox.items():
-            addr = self.directory.hosts.get(host)
-            for batch in box:
-                self.send(addr, batch)
+            if box:
+                self._probing.add(host)
+                self.send(self.directory.hosts.get(host), box[0])
         if msg.restarted:
             self._resync(time.time_ns())
         self.send(sender, HostReady(host_id=self.host_id, recovered_turns=recovered,
@@ -300,7 +306,8 @@ class Host(RuntimeActor):
         if rec.snapshot is not None:
             state: Any = rec.snapshot.state
             self.desks, self.out_seq, self.in_last = state[:3]
-            # The snapshot turn's own batches (snapshots before this field had none).
+            # The outbox at the snapshot: every batch not acked by then, the snapshot
+            # turn's own included (older snapshots hold only that turn's, or none).
             for host, batch in state[3] if len(state) > 3 else ():
                 self.outbox.setdefault(host, deque()).append(batch)
         for _, batch in rec.records:
@@ -310,11 +317,10 @@ class Host(RuntimeActor):
         if rec.discarded:
             log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,
                         [d.offset for d in rec.discarded])
-        # Only the last turn's batches can still be in flight; older ones were acked
-        # or will be resent by the receiver's own recovery request (see docs).
-        for box in self.outbox.values():
-            while len(box) > 1:
-                box.popleft()
+        # Every batch regenerated stays in the outbox: acks are not journaled, so any
+        # of them may be missing at its receiver — not only the last turn's. A batch
+        # the dead host sent to a receiver that died too before committing it, with
+        # later turns after it, used to be dropped here and stall the channel for ever.
         return len(rec.records), [d.offset for d in rec.discarded]
 
     def _resync(self, ts: int) -> None:
@@ -455,10 +461,12 @@ class Host(RuntimeActor):
         assert self.journal is not None
         if self._snapshot_due():
             # The state after this turn, its sends numbered: the channel seqs past its
-            # batches and the batches themselves (the outbox a recovery resends).
+            # batches and the whole outbox (this turn's batches and any older ones not
+            # acked yet), which a recovery resends.
             offset = self.journal.last_offset(self.stream) + 1
+            outbox = [(host, b) for host, box in self.outbox.items() for b in box]
             self._snap_size = self.journal.snapshot(
-                self.stream, offset, (self.desks, self.out_seq, self.in_last, sends.hosts))
+                self.stream, offset, (self.desks, self.out_seq, self.in_last, outbox))
             self._snap_turn, self._snap_bytes = self.turns, self.journal.appended_bytes
         try:
             if self._fault == "commit_fails":
@@ -500,6 +508,13 @@ class Host(RuntimeActor):
         box = self.outbox.get(ack.host)
         while box and box[0].seq <= ack.seq:
             box.popleft()
+        if ack.host in self._probing:
+            # The receiver's answer to the recovery's first resend: what is left, it
+            # lacks (or has in flight from this incarnation; duplicates are dropped).
+            self._probing.discard(ack.host)
+            addr = self.directory.hosts.get(ack.host)
+            for batch in box or ():
+                self.send(addr, batch)
 
     # -- sending -----------------------------------------------------------------------
 

@@ -1,26 +1,36 @@
 """Seeded chaos: kill hosts (and the whole engine) mid-workload; nothing acknowledged is lost.
 
-Each case runs one seeded random workload twice on a real data dir under
-``simpleSystemBase``: once without faults (the reference) and once with faults
-injected between requests. Under ``simpleSystemBase`` every external send runs
-the actors to quiescence, and each step also pumps until nothing is left, so a
-fault lands between two requests after the first one's reply and every event it
-caused arrived: both runs see the same requests in the same engine state, and
-everything must come out the same:
+Each case runs one seeded random workload (four users, both perpetuals: deposits
+and withdrawals, resting, crossing, IOC, market and post-only orders, cancels of
+the user's own orders, per-book cancel-alls, queries) twice on a real data dir
+under ``simpleSystemBase``: once without faults (the reference) and once with
+faults. Under ``simpleSystemBase`` every external send runs the actors to
+quiescence and each step pumps until nothing is left, so the next request always
+meets an engine that finished the previous one (and its recoveries): both runs
+see the same requests in the same state, and everything must come out the same:
 
 * every request's reply (ok, code, result);
-* per user ``account``, ``positions`` and ``orders`` at the end, and each book;
+* per user ``account``, ``positions``, ``orders`` and ``trades`` at the end, and
+  each book's depth;
 * per user the private stream: seqs gapless from 1, and with the ``resync``
   notices a restart adds taken out, the same events (kind, ts, data) in the same
-  order — so the same ``trade_executed`` events too.
+  order, so the same ``trade_executed`` events too; and the router's replay log
+  (``resume`` from 0) holds exactly what was delivered.
 
-The faults: ``exit`` (the host dies without flushing; the Exchange re-creates it
-from its journal), ``raise_once`` (the next turn raises after applying, before
-its commit; Thespian re-runs it), ``commit_fails`` on a book or the router (the
-next turn's commit fails inside a request's processing: the host dies mid-flow
-and its sender resends), and stopping the whole engine and booting it again on
-the same data dir. Snapshots are taken never, every turn and every third turn,
-so kills land before, on and after snapshot turns.
+The faults, on a random host (an account, a book, the router):
+
+* between requests: ``exit`` (the host dies without flushing; the Exchange
+  re-creates it from its journal), ``raise_once`` (its next turn raises after
+  applying, before the commit; Thespian re-runs it), ``commit_fails`` on a book
+  or the router (its next turn's commit fails: the host dies inside the next
+  request's flow and its sender resends);
+* inside a request's flow: one or two hosts get ``exit``/``commit_fails`` a
+  random number of deliveries after the request was sent (:class:`ChaosSaboteur`);
+* stopping the whole engine and booting it again on the same data dir.
+
+Snapshots are taken never, every turn and every third turn, so kills land
+before, on and after snapshot turns; variants run with group commit per pass,
+with account shards, and with the router's conflation on.
 """
 
 from __future__ import annotations
@@ -178,7 +188,18 @@ class ChaosHop:
     hops: int
 
 
+@attrs.frozen
+class ChaosScript:
+    """Send each ``(address, message)`` in order, all before any of them is handled."""
+
+    items: tuple[tuple[Any, Any], ...]
+
+
 class ChaosSaboteur(ActorTypeDispatcher):  # type: ignore[misc]
+    def receiveMsg_ChaosScript(self, msg: ChaosScript, sender: Any) -> None:  # noqa: N802
+        for addr, item in msg.items:
+            self.send(addr, item)
+
     def receiveMsg_ChaosSabotage(self, msg: ChaosSabotage, sender: Any) -> None:  # noqa: N802
         self.send(msg.host, msg.batch)
         for victim, fault, hops in msg.faults:
@@ -243,6 +264,10 @@ def _step(t: Trader, i: int, op: Op, out: Outcome, rng: random.Random | None,
             host, mode = pick_fault(rng, t)
             faults.append((host, "exit" if mode == "raise_once" else mode, rng.randrange(12)))
         out.faults += [(i, *f) for f in faults]
+        # A fault armed earlier and not fired yet could make the request's first
+        # attempt raise: Thespian's retry would queue behind the in-flight exit and
+        # the request (never acknowledged) would be lost with the host.
+        disarm(t)
         reply = send_sabotaged(t, op, ts, faults)
     else:
         reply = t.request(Dest("account", op.user), request(op, ts))
@@ -480,3 +505,47 @@ def test_a_restarted_router_arms_the_conflation_wakeup_the_dead_one_had(tmp_path
         events = t.wait_events("ann", 2, timeout=5.0)
         assert [e.kind for e in events] == ["account_update", "system_notice"]
         assert t.seqs("ann") == [1, 2]
+
+
+def test_a_batch_lost_to_a_dead_receiver_survives_its_senders_death_too(
+    tmp_path: Path,
+) -> None:
+    # The router dies; ben's account then runs two turns, each sending the router a
+    # batch (lost: the router is dead), and dies too before the directory tells it
+    # to resend. Rebuilt, the account used to keep only its last batch per receiver
+    # in the outbox: the router got seq k+1, held it for the missing k for ever,
+    # and ben's stream stopped (both deposits had been acknowledged).
+    with engine(BASE, tmp_path) as t:
+        t.link.attach("ann")
+        t.link.attach("ben")
+        assert t.deposit("ben", MONEY).ok
+        directory = t.link.refresh()
+        ben = directory.hosts["account:ben"]
+
+        def deposit(rid: int, amount: int) -> EngineBatch:
+            reply_to = ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=rid)
+            return EngineBatch(origin=t.link.origin, items=((Dest("account", "ben"), AccountDeposit(
+                reply_to=reply_to, user="ben", amount=amount, ts=10 + rid)),))
+
+        saboteur = t.link.asys.createActor(ChaosSaboteur)
+        t.link.asys.tell(saboteur, ChaosScript(items=(
+            (directory.hosts["router"], HostFault(mode="exit")),
+            (ben, deposit(101, 1)),
+            (ben, deposit(102, 2)),
+            (ben, HostFault(mode="exit")),
+        )))
+        t.link.asys.tell(saboteur, ActorExitRequest())
+        t._take(t.link.wait_for(lambda got: {101, 102} <= {
+            m.reply_to.request_id for m in got if isinstance(m, Reply)}))
+        assert t.replies[101].ok and t.replies[102].ok
+        t.pump(0.05)
+        t.link.refresh()
+        assert t.query("ben", "account")["balance"] == "1000000.0003"
+        # And the stream goes on: another deposit's event arrives after both.
+        assert t.deposit("ben", 4).ok
+        events = t.wait_events("ben", 6, timeout=2.0)
+        assert t.seqs("ben") == list(range(1, len(events) + 1))
+        balances = [e.data["balance"] for e in events if e.kind == "account_update"]
+        assert balances == ["1000000.0000", "1000000.0001", "1000000.0003", "1000000.0007"]
+        assert [e.data["kind"] for e in events if e.kind == "system_notice"] == [
+            "resync", "resync"]  # the router's and the account's restarts
