@@ -21,7 +21,10 @@ from actors.cores.ledger import (
     Ledger,
     LedgerBookEvent,
     OrderInput,
+    OrderRecord,
     OrderState,
+    _after_fill,
+    _replace,
     _user_event,
     next_order_state,
     units_formatter,
@@ -1141,6 +1144,20 @@ def test_open_qty_counter_equals_the_scan_of_live_orders(data: st.DataObject) ->
     for events in sim.events.values():
         for event in events:
             attrs.validate(event)
+
+
+def test_after_fill_is_replace_with_the_fill_changes() -> None:
+    # Every field differs from its default, so a field _after_fill forgot would show.
+    values = {a.name: a.default for a in attrs.fields(OrderRecord)}
+    values.update(order_id=3, client_order_id="x", symbol=ES, side="sell", order_type="limit",
+                  price=24_000, qty=9, tif="ioc", post_only=True, ts=4,
+                  status=OrderState.PARTIALLY_FILLED, filled_qty=2, frozen=50,
+                  frozen_remaining=40, fees=6, code="c", reason="r")
+    assert all(values[a.name] != a.default for a in attrs.fields(OrderRecord))
+    rec = OrderRecord(**values)
+    assert _after_fill(rec, OrderState.FILLED, 7, 40, -2) == _replace(
+        rec, status=OrderState.FILLED, filled_qty=9, frozen_remaining=0, fees=4
+    )
 
 
 def test_user_event_built_without_validators_is_a_user_event() -> None:

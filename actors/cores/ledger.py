@@ -233,14 +233,6 @@ def units_formatter(step: Decimal) -> Callable[[int], str]:
 cash_str: Final = units_formatter(CASH_STEP)
 
 
-def _price_str(instrument: Instrument, ticks: int) -> str:
-    return units_formatter(instrument.tick)(ticks)
-
-
-def _qty_str(instrument: Instrument, lots: int) -> str:
-    return units_formatter(instrument.lot)(lots)
-
-
 # -- records ------------------------------------------------------------------------------
 
 
@@ -284,14 +276,19 @@ class OrderRecord:
 
 def order_to_wire(record: OrderRecord, instrument: Instrument) -> dict[str, object]:
     """The wire map of an order (order events, ``query orders``)."""
-    qty_str = units_formatter(instrument.lot)
+    return _order_wire(record, units_formatter(instrument.tick), units_formatter(instrument.lot))
+
+
+def _order_wire(
+    record: OrderRecord, price_str: Callable[[int], str], qty_str: Callable[[int], str]
+) -> dict[str, object]:
     return {
         "order_id": record.order_id,
         "client_order_id": record.client_order_id,
         "symbol": record.symbol,
         "side": record.side,
         "type": record.order_type,
-        "price": None if record.price is None else _price_str(instrument, record.price),
+        "price": None if record.price is None else price_str(record.price),
         "qty": qty_str(record.qty),
         "filled_qty": qty_str(record.filled_qty),
         "remaining_qty": qty_str(record.qty - record.filled_qty),
@@ -311,6 +308,32 @@ def _replace(record: OrderRecord, **changes: object) -> OrderRecord:
     values: dict[str, Any] = dict(zip(_RECORD_FIELDS, _record_values(record), strict=True))
     values.update(changes)
     return OrderRecord(**values)
+
+
+def _after_fill(
+    rec: OrderRecord, status: OrderState, qty: int, release: int, fee: int
+) -> OrderRecord:
+    """``rec`` after a fill of ``qty`` lots: :func:`_replace` spelled out field by field,
+    which costs ~60 % of it on the fill path (a test checks the two agree)."""
+    return OrderRecord(
+        order_id=rec.order_id,
+        client_order_id=rec.client_order_id,
+        symbol=rec.symbol,
+        side=rec.side,
+        order_type=rec.order_type,
+        price=rec.price,
+        qty=rec.qty,
+        tif=rec.tif,
+        post_only=rec.post_only,
+        ts=rec.ts,
+        status=status,
+        filled_qty=rec.filled_qty + qty,
+        frozen=rec.frozen,
+        frozen_remaining=rec.frozen_remaining - release,
+        fees=rec.fees + fee,
+        code=rec.code,
+        reason=rec.reason,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -407,13 +430,21 @@ def _position_margin(instrument: Instrument, position: _Position) -> int:
     return _margin(instrument, position.cost * instrument.value_per_tick_lot)
 
 
+#: Tick → the quantum of an average price (four more decimals than the tick).
+_AVG_QUANTA: dict[Decimal, Decimal] = {}
+
+
 def _avg_price_str(instrument: Instrument, cost: int, qty: int) -> str:
     if qty == 0:
         return "0"
-    exponent = instrument.tick.normalize().as_tuple().exponent
-    places = (max(0, -exponent) if isinstance(exponent, int) else 0) + 4
-    value = Decimal(cost) * instrument.tick / Decimal(qty)
-    return f"{value.quantize(Decimal(1).scaleb(-places)):f}"
+    tick = instrument.tick
+    quantum = _AVG_QUANTA.get(tick)
+    if quantum is None:
+        exponent = tick.normalize().as_tuple().exponent
+        places = (max(0, -exponent) if isinstance(exponent, int) else 0) + 4
+        quantum = _AVG_QUANTA[tick] = Decimal(1).scaleb(-places)
+    value = Decimal(cost) * tick / Decimal(qty)
+    return f"{value.quantize(quantum):f}"
 
 
 def _check_amount(amount: int) -> None:
@@ -885,6 +916,7 @@ class Ledger:
         bal = self._bal
         pos = self._positions.get(ev.symbol, _FLAT)
         notional = inst.notional(ev.price, ev.qty)
+        price_str, qty_str = units_formatter(inst.tick), units_formatter(inst.lot)
         em = _Emitter(self.user, self._next_event_id, ev.ts)
         new_records: list[OrderRecord] = []
         for liquidity, rec, state in records:
@@ -903,13 +935,7 @@ class Ledger:
                 fees_paid=bal.fees_paid + fee,
                 realized_pnl=bal.realized_pnl + realized,
             )
-            new = _replace(
-                rec,
-                status=state,
-                filled_qty=rec.filled_qty + ev.qty,
-                frozen_remaining=rec.frozen_remaining - release,
-                fees=rec.fees + fee,
-            )
+            new = _after_fill(rec, state, ev.qty, release, fee)
             new_records.append(new)
             em.add(
                 "trade_executed",
@@ -919,8 +945,8 @@ class Ledger:
                     "client_order_id": rec.client_order_id,
                     "symbol": ev.symbol,
                     "side": rec.side,
-                    "price": _price_str(inst, ev.price),
-                    "qty": _qty_str(inst, ev.qty),
+                    "price": price_str(ev.price),
+                    "qty": qty_str(ev.qty),
                     "fee": cash_str(fee),
                     "liquidity": liquidity,
                     "realized_pnl": cash_str(realized),
@@ -928,7 +954,7 @@ class Ledger:
             )
             em.add(
                 "order_filled" if state is _S.FILLED else "order_partially_filled",
-                order_to_wire(new, inst),
+                _order_wire(new, price_str, qty_str),
             )
         positions = {**self._positions, ev.symbol: pos}
         marks = {**self._marks, ev.symbol: ev.price}
@@ -996,17 +1022,29 @@ class Ledger:
     def _total_margin(self, positions: Mapping[str, _Position]) -> int:
         return sum(_position_margin(self._instruments[s], p) for s, p in positions.items())
 
+    def _totals(
+        self, positions: Mapping[str, _Position], marks: Mapping[str, int]
+    ) -> tuple[int, int]:
+        """``(position margin, unrealized PnL)`` over all symbols, in one pass."""
+        margin = unrealized = 0
+        instruments = self._instruments
+        for symbol, pos in positions.items():
+            inst = instruments[symbol]
+            margin += _position_margin(inst, pos)
+            if pos.qty:
+                unrealized += _unrealized(inst, pos, marks.get(symbol, inst.ref_price))
+        return margin, unrealized
+
     def _available(
         self, bal: _Balances, positions: Mapping[str, _Position], marks: Mapping[str, int]
     ) -> int:
-        unrealized = self._total_unrealized(positions, marks)
-        return bal.cash - bal.frozen - self._total_margin(positions) + min(0, unrealized)
+        margin, unrealized = self._totals(positions, marks)
+        return bal.cash - bal.frozen - margin + min(0, unrealized)
 
     def _account_data(
         self, bal: _Balances, positions: Mapping[str, _Position], marks: Mapping[str, int]
     ) -> dict[str, object]:
-        margin = self._total_margin(positions)
-        unrealized = self._total_unrealized(positions, marks)
+        margin, unrealized = self._totals(positions, marks)
         available = bal.cash - bal.frozen - margin + min(0, unrealized)
         equity = bal.cash + unrealized
         return {
@@ -1024,11 +1062,12 @@ class Ledger:
         self, symbol: str, pos: _Position, marks: Mapping[str, int]
     ) -> dict[str, object]:
         inst = self._instruments[symbol]
+        qty_str = units_formatter(inst.lot)
         long_qty, short_qty = max(pos.qty, 0), max(-pos.qty, 0)
         return {
             "symbol": symbol,
-            "long_qty": _qty_str(inst, long_qty),
-            "short_qty": _qty_str(inst, short_qty),
+            "long_qty": qty_str(long_qty),
+            "short_qty": qty_str(short_qty),
             "long_avg_price": _avg_price_str(inst, pos.cost if long_qty else 0, long_qty),
             "short_avg_price": _avg_price_str(inst, pos.cost if short_qty else 0, short_qty),
             "unrealized_pnl": cash_str(_unrealized(inst, pos, self._mark_of(symbol, marks))),
