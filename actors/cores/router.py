@@ -52,7 +52,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from protocol import ErrorCode, RemoteProtocolError, UserEvent
+from protocol import EVENT_PRIORITY, ErrorCode, RemoteProtocolError, UserEvent
 
 __all__ = [
     "Router",
@@ -91,7 +91,7 @@ class SequencedEvent:
             user=event.user,
             seq=seq,
             kind=event.kind,
-            priority=event.priority,
+            priority=EVENT_PRIORITY[event.kind],  # event.priority, without the property call
             ts=event.ts,
             data=event.data,
             event_id=event.event_id,
@@ -226,23 +226,49 @@ class Router:
                 raise TypeError(f"expected a UserEvent, got {type(event).__name__}")
         out: dict[str, list[SequencedEvent]] = {}
         self._flush_due(now_ns, out)
+        # Dedup memory and _sequence inlined, the counters in locals: this loop runs
+        # for every private event of the engine.
+        window_ns = self._window_ns
+        conflate = window_ns != 0
+        dedup_capacity = self._dedup_capacity
+        published = delivered = deduplicated = conflated = 0
+        user: str | None = None
+        lane: _Lane
+        batch: list[SequencedEvent] | None = None  # out[user], once it exists
         for event in events:
-            lane = self._lane(event.user)
-            if event.event_id in lane.seen_ids:
-                self._deduplicated += 1
+            if event.user != user:
+                user = event.user
+                lane = self._lane(user)
+                batch = out.get(user)
+            event_id = event.event_id
+            if event_id in lane.seen_ids:
+                deduplicated += 1
                 continue
-            self._remember(lane, event.event_id)
-            self._published += 1
-            if event.priority <= _IMMEDIATE_MAX_PRIORITY or self._window_ns == 0:
-                out.setdefault(event.user, []).append(self._sequence(lane, event))
+            lane.seen_ids.add(event_id)
+            lane.seen_order.append(event_id)
+            if len(lane.seen_order) > dedup_capacity:
+                lane.seen_ids.discard(lane.seen_order.popleft())
+            published += 1
+            if not conflate or EVENT_PRIORITY[event.kind] <= _IMMEDIATE_MAX_PRIORITY:
+                lane.last_seq += 1
+                sequenced = SequencedEvent.from_user_event(event, lane.last_seq)
+                lane.log.append(sequenced)
+                delivered += 1
+                if batch is None:
+                    batch = out[user] = []
+                batch.append(sequenced)
                 continue
             slot = (event.kind, event.key)
             if lane.pending.pop(slot, None) is not None:
-                self._conflated += 1
+                conflated += 1
             lane.pending[slot] = event
             if lane.due_ns is None:
-                lane.due_ns = now_ns + self._window_ns
-                self._due[event.user] = lane.due_ns
+                lane.due_ns = now_ns + window_ns
+                self._due[user] = lane.due_ns
+        self._published += published
+        self._delivered += delivered
+        self._deduplicated += deduplicated
+        self._conflated += conflated
         return self._effects(out)
 
     def tick(self, now_ns: int) -> list[RouterEffect]:
@@ -328,12 +354,6 @@ class Router:
         if lane is None:
             lane = self._lanes[user] = _Lane(log=deque(maxlen=self._replay_capacity))
         return lane
-
-    def _remember(self, lane: _Lane, event_id: int) -> None:
-        lane.seen_ids.add(event_id)
-        lane.seen_order.append(event_id)
-        if len(lane.seen_order) > self._dedup_capacity:
-            lane.seen_ids.discard(lane.seen_order.popleft())
 
     def _sequence(self, lane: _Lane, event: UserEvent) -> SequencedEvent:
         lane.last_seq += 1
