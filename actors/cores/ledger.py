@@ -212,8 +212,11 @@ def units_formatter(step: Decimal) -> Callable[[int], str]:
     if exponent >= 0:
         mantissa *= 10**exponent
     places = max(0, -exponent)
+    zero = f"0.{'0' * places}" if places else "0"
 
     def fmt(units: int) -> str:
+        if not units:  # common: the flat side of a position, no PnL yet, nothing frozen
+            return zero
         value = units * mantissa
         if not -_EXACT_DIGITS_LIMIT < value < _EXACT_DIGITS_LIMIT:
             return from_units(units, step)
