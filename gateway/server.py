@@ -105,6 +105,57 @@ class GatewayConfig:
         return max(cap, self.max_frame)
 
 
+#: A writer that wakes takes up to this many queued frames, or about this many
+#: bytes, into one socket write (bounds the joined buffer).
+WRITE_FRAMES = 256
+WRITE_BYTES = 256 * 1024
+
+
+def can_coalesce(ws: WebSocketConnection) -> bool:
+    """Whether this trio-websocket has the internals :func:`write_frames` uses
+    (0.12: ``_wsproto``, ``_stream``, ``_stream_lock``); otherwise one
+    ``send_message`` per frame."""
+    return all(hasattr(ws, name) for name in
+               ("_wsproto", "_stream", "_stream_lock", "_close_reason", "_abort_web_socket"))
+
+
+async def write_frames(ws: WebSocketConnection, frames: list[bytes | str],
+                       unencodable: Callable[[], bytes | str]) -> None:
+    """Send ``frames`` as WebSocket messages in order, in one ``send_all``.
+
+    ``send_message`` makes one socket write (and one trio checkpoint) per frame;
+    a connection that is sent a reply, a private frame and market frames in one
+    engine pass got three. This is ``WebSocketConnection._send`` for several
+    messages: wsproto encodes each (before it changes any state), the bytes are
+    joined and written under the connection's stream lock. A text frame no UTF-8
+    can carry becomes ``unencodable()`` (an ``internal`` error frame) alone.
+
+    Raises:
+        ConnectionClosed: the connection is closed or closing.
+    """
+    from wsproto.events import BytesMessage, TextMessage
+
+    if ws._close_reason:
+        raise ConnectionClosed(ws._close_reason)
+    chunks: list[bytes] = []
+    for frame in frames:
+        try:
+            chunks.append(ws._wsproto.send(
+                TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame)))
+        except ValueError:  # UnicodeEncodeError
+            substitute = unencodable()
+            chunks.append(ws._wsproto.send(
+                TextMessage(data=substitute) if isinstance(substitute, str)
+                else BytesMessage(data=substitute)))
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(b"".join(chunks))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            assert ws._close_reason is not None
+            raise ConnectionClosed(ws._close_reason) from None
+
+
 #: 2025-01-01T00:00:00Z in units of 10 ms: order ids count from there.
 _ID_EPOCH = 1_735_689_600 * 100
 
@@ -190,6 +241,8 @@ class Gateway:
         #: scan of every connection per event).
         self._subscribers: dict[str, dict[int, _Conn]] = {}
         self.frames_out = 0
+        #: Socket writes that carried several queued frames (see ``_writer``).
+        self.coalesced_writes = 0
         self.trades = 0
 
     # -- serving ----------------------------------------------------------------------
@@ -256,14 +309,37 @@ class Gateway:
                 return
 
     async def _writer(self, conn: _Conn, receive: trio.MemoryReceiveChannel[bytes | str]) -> None:
+        """Send the connection's queued frames in order; whatever is queued when the
+        writer wakes goes out in one socket write (:func:`write_frames`)."""
+        coalesce = can_coalesce(conn.ws)
         try:
             async for data in receive:
+                frames = [data]
+                if coalesce:
+                    size = len(data)
+                    while len(frames) < WRITE_FRAMES and size < WRITE_BYTES:
+                        try:
+                            more = receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        frames.append(more)
+                        size += len(more)
                 try:
-                    await self._send_one(conn, data)
+                    if len(frames) == 1:
+                        await self._send_one(conn, data)
+                    else:
+                        await write_frames(conn.ws, frames, lambda: self._unencodable(conn))
+                        self.coalesced_writes += 1
                 except ConnectionClosed:
                     return
         finally:
             conn.writer_done.set()
+
+    def _unencodable(self, conn: _Conn) -> bytes | str:
+        log.error("gateway: connection %s: cannot send a frame", conn.id)
+        return conn.proto.send(ErrorResponse(
+            id=None, code=ErrorCode.INTERNAL,
+            message="the server could not encode a frame for this connection"))
 
     async def _send_one(self, conn: _Conn, data: bytes | str) -> None:
         try:
