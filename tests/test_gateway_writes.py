@@ -56,3 +56,31 @@ async def test_a_subscriber_gets_every_market_frame_of_a_pass_in_seq_order() -> 
             seqs = [m["seq"] for m in watcher.market if m["channel"] == ch]
             assert seqs == list(range(1, len(seqs) + 1)), (ch, seqs)
         assert gw.coalesced_writes > before
+
+
+async def test_the_embedded_bridge_tunes_the_interpreter_and_restores_it() -> None:
+    import gc
+    import sys
+
+    from engine_kit import config
+
+    from gateway.bridge import BridgeOptions, EngineBridge
+
+    si, threshold = sys.getswitchinterval(), gc.get_threshold()
+    bridge = EngineBridge(BridgeOptions(engine=config(), switch_interval_s=0.0007,
+                                        gc_threshold=12_345))
+    await bridge.start(lambda got: None)
+    try:
+        assert abs(sys.getswitchinterval() - 0.0007) < 1e-9
+        assert gc.get_threshold() == (12_345, *threshold[1:])
+    finally:
+        await bridge.stop()
+    assert (sys.getswitchinterval(), gc.get_threshold()) == (si, threshold)
+    # None keeps the interpreter's own settings.
+    bridge = EngineBridge(BridgeOptions(engine=config(), switch_interval_s=None,
+                                        gc_threshold=None))
+    await bridge.start(lambda got: None)
+    try:
+        assert (sys.getswitchinterval(), gc.get_threshold()) == (si, threshold)
+    finally:
+        await bridge.stop()
