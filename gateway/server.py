@@ -57,8 +57,6 @@ from protocol import (
     Ping,
     Place,
     Pong,
-    PrivateEvent,
-    PrivateFrame,
     PublicTrade,
     Query,
     RemoteProtocolError,
@@ -374,8 +372,12 @@ class Gateway:
     def _push(self, conn: _Conn, frame: ServerFrame, *, droppable: bool = False) -> bool:
         if conn.closed:
             return False
+        return self._queue(conn, conn.proto.send(frame), droppable=droppable)
+
+    def _queue(self, conn: _Conn, data: bytes | str, *, droppable: bool = False) -> bool:
+        """Queue an encoded frame for ``conn``'s writer (``conn`` is not closed)."""
         try:
-            conn.send.send_nowait(conn.proto.send(frame))
+            conn.send.send_nowait(data)
         except trio.WouldBlock:
             if droppable:
                 return False  # market data: the client sees a seq gap and resubscribes
@@ -571,7 +573,12 @@ class Gateway:
         closed, takes nothing more), so that ``hub.close`` there still reports the
         user's last session: the router detach and ``cancel_on_disconnect``.
         """
-        for conn_id in list(self.hub.by_user.get(m.user, ())):
+        conn_ids = self.hub.by_user.get(m.user)
+        if not conn_ids:
+            return
+        # A user's sessions are usually sent the same frame: encode it once per encoding.
+        shared: dict[tuple[Any, ...], bytes | str] | None = {} if len(conn_ids) > 1 else None
+        for conn_id in list(conn_ids):
             conn = self.conns.get(conn_id)
             if conn is None or conn.closed:
                 continue
@@ -581,7 +588,7 @@ class Gateway:
                     self._cut(conn, "slow_consumer")
                 continue
             for eff in self.hub.sessions[conn_id].deliver(m.events):
-                self._session_effect(conn, eff)
+                self._session_effect(conn, eff, shared)
 
     def _resumed(self, conn: _Conn, after_seq: int | None, replay: list[Any]) -> None:
         """A resume's answer: ``after_seq`` None when refused (the stash goes out as live)."""
@@ -598,15 +605,33 @@ class Gateway:
         for eff in effects:
             self._session_effect(conn, eff)
 
-    def _session_effect(self, conn: _Conn, effect: Any) -> None:
-        if isinstance(effect, SessionSend) and effect.events:
-            items: tuple[Any, ...] = effect.events  # SequencedEvents from the router
-            frame = PrivateFrame(events=tuple(PrivateEvent(
-                seq=e.seq, kind=e.kind, priority=e.priority, ts=e.ts, data=dict(e.data))
-                for e in items), skipped=effect.skipped)
-            self._push(conn, frame)
+    def _session_effect(self, conn: _Conn, effect: Any,
+                        shared: dict[tuple[Any, ...], bytes | str] | None = None) -> None:
+        """Apply a session core's effect; ``shared``: frames already encoded for another
+        session of the same user in this delivery, by encoding, skipped and seqs."""
+        if isinstance(effect, SessionSend):
+            if effect.events and not conn.closed:
+                self._queue(conn, self._private_frame(conn.proto, effect, shared))
         elif isinstance(effect, SessionDisconnect):
             self._cut(conn, effect.reason)
+
+    @staticmethod
+    def _private_frame(proto: ServerConnection, send: SessionSend,
+                       shared: dict[tuple[Any, ...], bytes | str] | None) -> bytes | str:
+        # The events are the router's SequencedEvents, checked by the router and the
+        # session core: encoded as they are (ServerConnection.send_private), with no
+        # PrivateEvent/PrivateFrame built and validated for each.
+        if shared is None:
+            return proto.send_private(send.events, send.skipped)
+        # A user's seq names one event, so equal seqs mean equal frames.
+        key = (proto.encoding, send.skipped, *[e.seq for e in send.events])
+        data = shared.get(key)
+        if data is None:
+            errors = proto.encode_errors
+            data = proto.send_private(send.events, send.skipped)
+            if proto.encode_errors == errors:  # not a substitute: share it
+                shared[key] = data
+        return data
 
     def _reply(self, reply: Reply) -> None:
         pending = self._pending.pop(int(reply.reply_to.request_id or 0), None)

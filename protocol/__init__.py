@@ -63,6 +63,7 @@ from ._frames import (
     event_data,
     frame_from_map,
     frame_to_map,
+    private_frame_map,
 )
 from ._instruments import (
     CASH_STEP,
@@ -171,6 +172,7 @@ __all__ = [
     "event_data",
     "frame_from_map",
     "frame_to_map",
+    "private_frame_map",
     "from_units",
     "parse_decimal",
     "parse_instruments",

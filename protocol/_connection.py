@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 import cbor2
 
-from ._codec import DEFAULT_MAX_FRAME, Encoding, decode_request, encode_frame
+from ._codec import (
+    DEFAULT_MAX_FRAME,
+    Encoding,
+    decode_request,
+    encode_frame,
+    encode_map,
+)
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from ._frames import ErrorResponse, ServerFrame
+from ._frames import ErrorResponse, ServerFrame, private_frame_map
 from ._instruments import Instrument
 from ._requests import (
     Ack,
@@ -188,17 +194,36 @@ class ServerConnection:
         encoding = self.encoding or Encoding.JSON
         try:
             return encode_frame(frame, encoding)
-        except (ValueError, TypeError, OverflowError, cbor2.CBOREncodeError):
-            self.encode_errors += 1
-            log.exception("cannot encode a %s frame in %s", type(frame).__name__, encoding)
-            return encode_frame(
-                ErrorResponse(
-                    id=None,
-                    code=ErrorCode.INTERNAL,
-                    message="the server could not encode a frame for this connection",
-                ),
-                encoding,
-            )
+        except _ENCODE_ERRORS:
+            return self._unencodable(type(frame).__name__, encoding)
+
+    def send_private(self, events: Iterable[Any], skipped: Sequence[int] = ()) -> bytes | str:
+        """Encode a ``private`` frame of the server's own sequenced events.
+
+        What ``send(PrivateFrame(events=..., skipped=...))`` returns, without building
+        the frame (see :func:`private_frame_map`: the events are not validated again).
+        Never raises, like :meth:`send`.
+        """
+        encoding = self.encoding or Encoding.JSON
+        try:
+            return encode_map(private_frame_map(events, skipped), encoding)
+        except _ENCODE_ERRORS:
+            return self._unencodable("PrivateFrame", encoding)
+
+    def _unencodable(self, what: str, encoding: Encoding) -> bytes | str:
+        self.encode_errors += 1
+        log.exception("cannot encode a %s frame in %s", what, encoding)
+        return encode_frame(
+            ErrorResponse(
+                id=None,
+                code=ErrorCode.INTERNAL,
+                message="the server could not encode a frame for this connection",
+            ),
+            encoding,
+        )
+
+
+_ENCODE_ERRORS: Final = (ValueError, TypeError, OverflowError, cbor2.CBOREncodeError)
 
 
 class _StateError(RemoteProtocolError):

@@ -314,3 +314,51 @@ def test_private_frame_announces_conflated_seqs() -> None:
     assert p.frame_to_map(frame)["skipped"] == [7, 8]
     plain = p.PrivateFrame(events=frame.events)
     assert "skipped" not in p.frame_to_map(plain)
+
+
+class _Sequenced:
+    """A router-style sequenced event: the attributes a private frame reads, no validation."""
+
+    def __init__(self, seq: int, kind: str, priority: int, ts: int, data: dict[str, Any]) -> None:
+        self.seq, self.kind, self.priority, self.ts, self.data = seq, kind, priority, ts, data
+
+
+@pytest.mark.parametrize("enc", [None, *p.Encoding])
+@pytest.mark.parametrize("skipped", [(), (3, 4)])
+def test_send_private_is_send_of_the_private_frame(enc: p.Encoding | None,
+                                                   skipped: tuple[int, ...]) -> None:
+    data: dict[str, Any] = {"order_id": 1, "price": "60000.1", "note": "é\u2603", "code": None}
+    events = [_Sequenced(5, "order_accepted", 1, 10, data),
+              _Sequenced(6, "account_update", 2, 11, {"balance": "1.0000"})]
+    frame = p.PrivateFrame(events=tuple(p.PrivateEvent(
+        seq=e.seq, kind=e.kind, priority=e.priority, ts=e.ts, data=dict(e.data))
+        for e in events), skipped=skipped)
+    conn = p.ServerConnection(encoding=enc)
+    out = conn.send_private(events, skipped)
+    assert out == conn.send(frame)
+    assert type(out) is (bytes if enc is p.Encoding.CBOR else str)
+    assert p.private_frame_map(events, skipped) == p.frame_to_map(frame)
+    assert conn.encode_errors == 0
+
+
+@pytest.mark.parametrize(("enc", "data"), [
+    (p.Encoding.JSON, {"x": float("nan")}),
+    (p.Encoding.CBOR, {"x": "\ud800"}),
+    (p.Encoding.CBOR, {"x": object()}),
+    (p.Encoding.JSON, {"x": object()}),
+])
+def test_send_private_never_raises_an_encode_error(enc: p.Encoding, data: dict[str, Any]) -> None:
+    conn = p.ServerConnection(encoding=enc)
+    out = conn.send_private([_Sequenced(1, "account_update", 2, 1, data)])
+    assert conn.encode_errors == 1
+    assert p.decode_frame(out) == p.ErrorResponse(id=None, code=ErrorCode.INTERNAL, message=(
+        "the server could not encode a frame for this connection"))
+
+
+def test_send_private_escapes_text_utf8_cannot_carry() -> None:
+    events = [_Sequenced(1, "system_notice", 0, 1, {"kind": "resync", "message": "a\ud800"})]
+    conn = p.ServerConnection(encoding=p.Encoding.JSON)
+    out = conn.send_private(events)
+    assert isinstance(out, str) and out.isascii()
+    assert out == p.encode_frame(p.PrivateFrame(events=(p.PrivateEvent(
+        seq=1, kind="system_notice", priority=0, ts=1, data=events[0].data),)), p.Encoding.JSON)
