@@ -54,6 +54,7 @@ from protocol import (
     Instrument,
     Login,
     MarketFrame,
+    MarketFrameTemplate,
     Ping,
     Place,
     Pong,
@@ -692,25 +693,39 @@ class Gateway:
                    droppable=True)
 
     def _market(self, ev: BookDelta | PublicTrade | TickerUpdate) -> None:
+        if isinstance(ev, PublicTrade):
+            self.trades += 1
+            self._last_price[ev.symbol] = ev.price
+            channel = f"trades.{ev.symbol}"
+        else:
+            channel = f"{'book' if isinstance(ev, BookDelta) else 'ticker'}.{ev.symbol}"
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
         inst = self.instruments[ev.symbol]
         if isinstance(ev, BookDelta):
-            channel, kind = f"book.{ev.symbol}", "delta"
+            kind = "delta"
             data: dict[str, Any] = {
                 "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.bids],
                 "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.asks]}
         elif isinstance(ev, PublicTrade):
-            self.trades += 1
-            self._last_price[ev.symbol] = ev.price
-            channel, kind = f"trades.{ev.symbol}", "trade"
+            kind = "trade"
             data = {"trade_id": ev.trade_id, "price": inst.price_str(ev.price),
                     "qty": inst.qty_str(ev.qty), "taker_side": ev.taker_side}
         else:
-            channel, kind = f"ticker.{ev.symbol}", "ticker"
+            kind = "ticker"
 
             def px(v: int | None) -> str | None:
                 return None if v is None else inst.price_str(v)
 
             data = {"last": px(ev.last), "best_bid": px(ev.best_bid),
                     "best_ask": px(ev.best_ask), "volume_24h": inst.qty_str(ev.volume_24h)}
-        for conn in list(self._subscribers.get(channel, {}).values()):
-            self._push_market(conn, channel, kind, ev.ts, data)
+        # Subscribers differ only in their seq: the frame is encoded once per encoding
+        # and each gets its own seq spliced in (MarketFrameTemplate).
+        template = MarketFrameTemplate(channel=channel, kind=kind, ts=ev.ts, data=data)
+        for conn in list(subscribers.values()):
+            if conn.closed:
+                continue
+            seq = conn.chan_seq.get(channel, 0) + 1
+            conn.chan_seq[channel] = seq
+            self._queue(conn, conn.proto.send_market(template, seq), droppable=True)

@@ -11,10 +11,11 @@ import enum
 import json
 from typing import Any, Final
 
+import attrs
 import cbor2
 
 from ._errors import ErrorCode, RemoteProtocolError
-from ._frames import ServerFrame, frame_from_map, frame_to_map
+from ._frames import MarketFrame, ServerFrame, frame_from_map, frame_to_map
 from ._requests import Request, request_from_map, request_to_map
 
 DEFAULT_MAX_FRAME: Final = 64 * 1024
@@ -124,3 +125,95 @@ def encode_frame(frame: ServerFrame, encoding: Encoding) -> bytes | str:
 def decode_frame(data: bytes | str, *, max_size: int = 16 * 1024 * 1024) -> ServerFrame:
     """Decode one server frame (client side)."""
     return frame_from_map(decode_map(data, max_size=max_size))
+
+
+class MarketFrameTemplate:
+    """One market event for many subscribers, encoded once per encoding.
+
+    Subscribers differ only in the per-channel ``seq`` of their frame, so the map
+    is encoded once around that value and each subscriber's frame is the two
+    halves with its own ``seq`` between them: :meth:`encode` returns exactly what
+    :func:`encode_frame` returns for :meth:`frame` of the same ``seq``.
+
+    Raises:
+        ValueError, TypeError: the event does not make a valid :class:`MarketFrame`
+            (checked once, here).
+    """
+
+    __slots__ = ("_after", "_before", "_cbor", "_frame", "_json")
+
+    def __init__(self, *, channel: str, kind: str, ts: int, data: dict[str, Any]) -> None:
+        self._frame = MarketFrame(channel=channel, seq=1, kind=kind, ts=ts, data=data)
+        wire = frame_to_map(self._frame)
+        keys = list(wire)
+        at = keys.index("seq")
+        #: The wire map's items before ``seq`` and after it.
+        self._before = {k: wire[k] for k in keys[:at]}
+        self._after = {k: wire[k] for k in keys[at + 1 :]}
+        self._cbor: tuple[bytes, bytes] | None = None
+        self._json: tuple[str, str] | None = None
+
+    def frame(self, seq: int) -> MarketFrame:
+        """The frame this template encodes for ``seq``."""
+        return attrs.evolve(self._frame, seq=seq)
+
+    def encode(self, seq: int, encoding: Encoding) -> bytes | str:
+        """``encode_frame(self.frame(seq), encoding)``, without encoding the map again.
+
+        Raises:
+            Like :func:`encode_map` (the first time for an encoding).
+        """
+        if type(seq) is not int:  # a bool, an int subclass: as the encoders write it
+            return encode_frame(self.frame(seq), encoding)
+        if encoding is Encoding.CBOR:
+            head, tail = self._cbor or self._cbor_halves()
+            return head + _cbor_uint(seq) + tail
+        text_head, text_tail = self._json or self._json_halves()
+        return f"{text_head}{int.__repr__(seq)}{text_tail}"  # as the JSON encoder writes an int
+
+    def _cbor_halves(self) -> tuple[bytes, bytes]:
+        # A map is its header, then each key and value in turn: the two halves are the
+        # items of two smaller maps without their headers.
+        size = len(self._before) + 1 + len(self._after)
+        assert size < 24  # maps this small have a one-byte header
+        head = bytes([0xA0 + size]) + cbor2.dumps(self._before)[1:] + cbor2.dumps("seq")
+        self._cbor = head, cbor2.dumps(self._after)[1:]
+        return self._cbor
+
+    def _json_halves(self) -> tuple[str, str]:
+        halves = _json_halves(_json_encoder, self._before, self._after)
+        text = halves[0] + halves[1]
+        if not text.isascii():
+            try:  # as encode_map: text UTF-8 cannot carry goes out escaped
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                halves = _json_halves(_json_ascii_encoder, self._before, self._after)
+        self._json = halves
+        return halves
+
+
+def _json_halves(
+    encoder: json.JSONEncoder, before: dict[str, Any], after: dict[str, Any]
+) -> tuple[str, str]:
+    """The JSON text of the object ``before``, ``"seq": …``, ``after`` (compact
+    separators) up to the value of ``seq``, and after it."""
+    head = encoder.encode(before)[:-1]  # "{…" without its "}"
+    tail = encoder.encode(after)[1:]  # "…}" without its "{"
+    return (head + ("," if before else "") + '"seq":',
+            ("," if after else "") + tail)
+
+
+def _cbor_uint(n: int) -> bytes:
+    """``cbor2.dumps(n)`` for an int, without an encoder object for the common sizes."""
+    if 0 <= n < 24:
+        return _CBOR_SMALL[n]
+    if 24 <= n < 0x100:
+        return b"\x18" + n.to_bytes(1, "big")
+    if 0x100 <= n < 0x10000:
+        return b"\x19" + n.to_bytes(2, "big")
+    if 0x10000 <= n < 0x100000000:
+        return b"\x1a" + n.to_bytes(4, "big")
+    return cbor2.dumps(n)
+
+
+_CBOR_SMALL: Final = [bytes((n,)) for n in range(24)]

@@ -17,6 +17,7 @@ import cbor2
 from ._codec import (
     DEFAULT_MAX_FRAME,
     Encoding,
+    MarketFrameTemplate,
     decode_request,
     encode_frame,
     encode_map,
@@ -209,6 +210,15 @@ class ServerConnection:
             return encode_map(private_frame_map(events, skipped), encoding)
         except _ENCODE_ERRORS:
             return self._unencodable("PrivateFrame", encoding)
+
+    def send_market(self, template: MarketFrameTemplate, seq: int) -> bytes | str:
+        """Encode ``template``'s market frame with this connection's ``seq``: what
+        ``send(template.frame(seq))`` returns. Never raises, like :meth:`send`."""
+        encoding = self.encoding or Encoding.JSON
+        try:
+            return template.encode(seq, encoding)
+        except _ENCODE_ERRORS:
+            return self._unencodable("MarketFrame", encoding)
 
     def _unencodable(self, what: str, encoding: Encoding) -> bytes | str:
         self.encode_errors += 1

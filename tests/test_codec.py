@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import cbor2
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,47 @@ def test_the_same_map_in_both_encodings() -> None:
     assert json.loads(p.encode_frame(frame, p.Encoding.JSON)) == cbor2.loads(
         p.encode_frame(frame, p.Encoding.CBOR)
     )
+
+
+# -- one market event for many subscribers ---------------------------------------------------
+
+_market_data = st.dictionaries(
+    st.text(max_size=8), values | st.floats() | st.just(object()), max_size=6)
+_seqs = st.integers(min_value=1, max_value=2**64 + 5) | st.sampled_from(
+    [1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64])
+
+
+def _encoded(encode: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", encode(*args)
+    except Exception as exc:
+        return "raises", type(exc)
+
+
+@settings(max_examples=400)
+@given(channel=st.sampled_from(["book.BTC-PERP", "trades.ETH-PERP", "ticker.X"]) | st.text(),
+       kind=st.sampled_from(["snapshot", "delta", "trade", "ticker"]), ts=st.integers(min_value=-(2**70), max_value=2**70),
+       data=_market_data, seqs=st.lists(_seqs, min_size=1, max_size=4))
+def test_the_market_template_encodes_what_encode_frame_does(
+        channel: str, kind: str, ts: int, data: dict[str, Any], seqs: list[int]) -> None:
+    template = p.MarketFrameTemplate(channel=channel, kind=kind, ts=ts, data=data)
+    for seq in seqs:  # the halves are made once per encoding, then reused
+        frame = p.MarketFrame(channel=channel, seq=seq, kind=kind, ts=ts, data=data)
+        assert template.frame(seq) == frame
+        for enc in p.Encoding:
+            assert _encoded(template.encode, seq, enc) == _encoded(p.encode_frame, frame, enc)
+            conn = p.ServerConnection(encoding=enc)
+            assert conn.send_market(template, seq) == conn.send(frame)
+
+
+def test_the_market_template_validates_the_event_once() -> None:
+    with pytest.raises(ValueError):
+        p.MarketFrameTemplate(channel="book.X", kind="nope", ts=1, data={})
+    with pytest.raises(TypeError):
+        p.MarketFrameTemplate(channel="book.X", kind="delta", ts="1", data={})  # type: ignore[arg-type]
+
+
+def test_the_market_template_writes_a_bool_seq_as_the_encoders_do() -> None:
+    template = p.MarketFrameTemplate(channel="book.X", kind="delta", ts=1, data={})
+    for enc in p.Encoding:
+        assert template.encode(True, enc) == p.encode_frame(template.frame(True), enc)

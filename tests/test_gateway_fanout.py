@@ -101,3 +101,55 @@ def test_a_session_that_conflated_gets_its_own_frame() -> None:
     assert [[e.seq for e in f.events] for f in f2] == [[1], [3, 4]]  # type: ignore[union-attr]
     assert [f.skipped for f in f1] == [(), (), ()]  # type: ignore[union-attr]
     assert [f.skipped for f in f2] == [(), (2,)]  # type: ignore[union-attr]
+
+
+def _subscribe(gw: Gateway, conn: _Conn, channel: str) -> None:
+    """As the gateway does on ``subscribe`` (and on the snapshot, for ``book``)."""
+    conn.subs.add(channel)
+    gw._subscribers.setdefault(channel, {})[conn.id] = conn
+
+
+def test_market_subscribers_each_get_their_own_seq_in_the_frame_the_protocol_makes() -> None:
+    gw = _gateway()
+    subs = [_connect(gw, None, enc) for enc in (p.Encoding.CBOR, p.Encoding.JSON, None,
+                                                p.Encoding.CBOR, p.Encoding.JSON)]
+    (late, late_r), (gone, gone_r) = subs[3], subs[4]
+    for conn, _ in subs:
+        _subscribe(gw, conn, "trades.BTC-PERP")
+    _subscribe(gw, subs[0][0], "ticker.BTC-PERP")
+    late.chan_seq["trades.BTC-PERP"] = 40  # subscribed earlier: its seq is ahead
+    gone.closed = True
+    trades = [p.PublicTrade(symbol="BTC-PERP", trade_id=i, price=600_000 + i, qty=3,
+                            taker_side="buy", ts=100 + i) for i in (1, 2)]
+    ticker = p.TickerUpdate(symbol="BTC-PERP", last=600_002, best_bid=None,
+                            best_ask=600_010, volume_24h=6, ts=103)
+    gw._from_engine([*trades, ticker])
+    inst = gw.instruments["BTC-PERP"]
+
+    def trade_frame(t: p.PublicTrade, seq: int) -> p.MarketFrame:
+        return p.MarketFrame(channel="trades.BTC-PERP", seq=seq, kind="trade", ts=t.ts, data={
+            "trade_id": t.trade_id, "price": inst.price_str(t.price),
+            "qty": inst.qty_str(t.qty), "taker_side": "buy"})
+
+    for conn, receive in subs[:3]:
+        want = [trade_frame(t, seq) for seq, t in enumerate(trades, 1)]
+        if conn is subs[0][0]:
+            want.append(p.MarketFrame(channel="ticker.BTC-PERP", seq=1, kind="ticker", ts=103,
+                                      data={"last": "60000.2", "best_bid": None,
+                                            "best_ask": "60001.0", "volume_24h": "0.006"}))
+        assert _frames(receive) == [conn.proto.send(f) for f in want]
+    assert _frames(late_r) == [late.proto.send(trade_frame(t, seq))
+                               for seq, t in zip((41, 42), trades, strict=True)]
+    assert _frames(gone_r) == []
+    assert gw.trades == 2
+
+
+def test_market_data_nobody_subscribed_to_still_moves_the_last_price() -> None:
+    gw = _gateway()
+    _, receive = _connect(gw, None, p.Encoding.JSON)
+    gw._from_engine([p.PublicTrade(symbol="BTC-PERP", trade_id=1, price=612_345, qty=1,
+                                   taker_side="sell", ts=1),
+                     p.BookDelta(symbol="BTC-PERP", bids=((612_340, 5),), asks=(), ts=2)])
+    assert _frames(receive) == []
+    assert gw.trades == 1
+    assert gw._last_price == {"BTC-PERP": 612_345}
