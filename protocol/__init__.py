@@ -16,6 +16,7 @@ from ._codec import (
     encode_frame,
     encode_map,
     encode_request,
+    private_frame_map,
 )
 from ._commands import (
     EVENT_PRIORITY,
@@ -64,7 +65,6 @@ from ._frames import (
     event_data,
     frame_from_map,
     frame_to_map,
-    private_frame_map,
 )
 from ._instruments import (
     CASH_STEP,

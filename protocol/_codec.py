@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -120,6 +121,27 @@ def encode_request(request: Request, encoding: Encoding) -> bytes | str:
 
 def encode_frame(frame: ServerFrame, encoding: Encoding) -> bytes | str:
     return encode_map(frame_to_map(frame), encoding)
+
+
+def private_frame_map(events: Iterable[Any], skipped: Sequence[int] = ()) -> dict[str, Any]:
+    """The wire map of a ``private`` frame of ``events``: objects with ``seq``, ``kind``,
+    ``priority``, ``ts`` and ``data``, such as :class:`PrivateEvent` or the router's
+    sequenced events.
+
+    The server's own events need no :class:`PrivateFrame` (and its validation) to be
+    sent: the router and the session core have checked them already. The map is the
+    one ``frame_to_map`` makes of the frame (``tests/test_protocol.py`` holds them equal).
+    """
+    out: dict[str, Any] = {
+        "type": "private",
+        "events": [
+            {"seq": e.seq, "kind": e.kind, "priority": e.priority, "ts": e.ts, "data": e.data}
+            for e in events
+        ],
+    }
+    if skipped:
+        out["skipped"] = list(skipped)
+    return out
 
 
 def decode_frame(data: bytes | str, *, max_size: int = 16 * 1024 * 1024) -> ServerFrame:

@@ -21,9 +21,10 @@ from ._codec import (
     decode_request,
     encode_frame,
     encode_map,
+    private_frame_map,
 )
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from ._frames import ErrorResponse, ServerFrame, private_frame_map
+from ._frames import ErrorResponse, ServerFrame
 from ._instruments import Instrument
 from ._requests import (
     Ack,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -111,7 +111,16 @@ ServerFrame: TypeAlias = Response | ErrorResponse | PrivateFrame | MarketFrame |
 def frame_to_map(frame: ServerFrame) -> dict[str, Any]:
     """The wire map of a server frame (PROTOCOL.md, *Server → client frames*)."""
     if isinstance(frame, PrivateFrame):
-        return private_frame_map(frame.events, frame.skipped)
+        out: dict[str, Any] = {
+            "type": "private",
+            "events": [
+                {"seq": e.seq, "kind": e.kind, "priority": e.priority, "ts": e.ts, "data": e.data}
+                for e in frame.events
+            ],
+        }
+        if frame.skipped:
+            out["skipped"] = list(frame.skipped)
+        return out
     if isinstance(frame, Response):
         return {"type": "response", "id": frame.id, "ok": True, "result": frame.result}
     if isinstance(frame, ErrorResponse):
@@ -133,27 +142,6 @@ def frame_to_map(frame: ServerFrame) -> dict[str, Any]:
     if isinstance(frame, Notice):
         return {"type": "notice", "kind": frame.kind, "data": frame.data}
     return {"type": "pong", "id": frame.id, "ts": frame.ts}
-
-
-def private_frame_map(events: Iterable[Any], skipped: Sequence[int] = ()) -> dict[str, Any]:
-    """The wire map of a ``private`` frame of ``events``: objects with ``seq``, ``kind``,
-    ``priority``, ``ts`` and ``data``, such as :class:`PrivateEvent` or the router's
-    sequenced events.
-
-    The server's own events need no :class:`PrivateFrame` (and its validation) to be
-    sent: the router and the session core have checked them already, and this is the
-    same map ``frame_to_map`` gives for the frame.
-    """
-    out: dict[str, Any] = {
-        "type": "private",
-        "events": [
-            {"seq": e.seq, "kind": e.kind, "priority": e.priority, "ts": e.ts, "data": e.data}
-            for e in events
-        ],
-    }
-    if skipped:
-        out["skipped"] = list(skipped)
-    return out
 
 
 def frame_from_map(raw: object) -> ServerFrame:
