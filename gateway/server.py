@@ -287,25 +287,32 @@ class Gateway:
             self._closed(conn)
 
     async def _reader(self, conn: _Conn) -> None:
+        # One idle deadline for many frames, not a cancel scope per frame: the
+        # deadline is set from the last frame's arrival only when it expires.
+        timeout = self.config.idle_timeout_s
+        last = trio.current_time()
         while not conn.closed:
-            with trio.move_on_after(self.config.idle_timeout_s) as idle:
-                try:
-                    data = await conn.ws.get_message()
-                except ConnectionClosed:
-                    return
-            if idle.cancelled_caught:
-                self._close(conn, 1001, "idle timeout: send ping at least every "
-                                        f"{self.config.idle_timeout_s:g} s")
+            with trio.CancelScope(deadline=last + timeout) as idle:
+                while not conn.closed:
+                    try:
+                        data = await conn.ws.get_message()  # the only checkpoint
+                    except ConnectionClosed:
+                        return
+                    self._frame_in(conn, data)
+                    last = trio.current_time()  # the idle time counts from here
+            if idle.cancelled_caught and trio.current_time() >= last + timeout:
+                self._close(conn, 1001, f"idle timeout: send ping at least every {timeout:g} s")
                 return
-            try:
-                self._on_frame(conn, data)
-            except Exception:
-                log.exception("gateway: frame from connection %s failed", conn.id)
-                self._push(conn, ErrorResponse(id=None, code=ErrorCode.INTERNAL,
-                                               message="the gateway failed on this frame"))
-            if conn.proto.should_close:  # after the answer to this frame was queued
-                self._close(conn, POLICY_VIOLATION, "too many bad frames")
-                return
+
+    def _frame_in(self, conn: _Conn, data: bytes | str) -> None:
+        try:
+            self._on_frame(conn, data)
+        except Exception:
+            log.exception("gateway: frame from connection %s failed", conn.id)
+            self._push(conn, ErrorResponse(id=None, code=ErrorCode.INTERNAL,
+                                           message="the gateway failed on this frame"))
+        if conn.proto.should_close:  # after the answer to this frame was queued
+            self._close(conn, POLICY_VIOLATION, "too many bad frames")
 
     async def _writer(self, conn: _Conn, receive: trio.MemoryReceiveChannel[bytes | str]) -> None:
         """Send the connection's queued frames in order; whatever is queued when the

@@ -764,6 +764,21 @@ async def test_idle_timeout_closes_a_silent_connection() -> None:
             await still_works(fresh)
 
 
+async def test_the_idle_timeout_counts_from_the_last_frame() -> None:
+    """The reader sets its idle deadline from the last frame only when the deadline
+    expires: a connection that keeps talking outlives many timeouts."""
+    async with running_gateway(GatewayConfig(idle_timeout_s=0.3)) as gw, \
+            client(gw, "json") as talker:
+        start = last = trio.current_time()
+        while last - start < 1.0:
+            await trio.sleep(0.1)
+            assert (await talker.call("ping"))["type"] == "pong"
+            last = trio.current_time()
+        code_, reason = await close_code(talker)
+        assert code_ == 1001 and reason is not None and "idle" in reason
+        assert trio.current_time() - last >= 0.25
+
+
 # -- fan-out and slow consumers ---------------------------------------------------------------
 
 
