@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import trio
+import trio.testing
 from gateway_kit import client, running_gateway
 
 from gateway.server import can_coalesce
@@ -84,3 +85,53 @@ async def test_the_embedded_bridge_tunes_the_interpreter_and_restores_it() -> No
         assert (sys.getswitchinterval(), gc.get_threshold()) == (si, threshold)
     finally:
         await bridge.stop()
+
+
+async def test_the_outbox_is_bounded_ordered_and_drains_after_close() -> None:
+    import pytest
+
+    from gateway.server import Outbox
+
+    box = Outbox(3)
+    for frame in (b"a", "b", b"c"):
+        box.send_nowait(frame)
+    with pytest.raises(trio.WouldBlock):  # full: the gateway cuts a slow consumer here
+        box.send_nowait(b"d")
+    assert await box.take(2, 1 << 20) == [b"a", "b"]  # at most `most`
+    box.send_nowait(b"x" * 10)
+    box.send_nowait(b"y")
+    assert await box.take(10, 5) == [b"c", b"x" * 10]  # stops once past max_bytes
+    box.close()
+    with pytest.raises(trio.ClosedResourceError):
+        box.send_nowait(b"z")
+    assert await box.take(10, 1 << 20) == [b"y"]  # what was queued still goes out
+    assert await box.take(10, 1 << 20) is None
+    with pytest.raises(trio.EndOfChannel):
+        box.receive_nowait()
+
+
+async def test_a_waiting_writer_wakes_on_a_frame_and_on_close_and_can_be_cancelled() -> None:
+    from gateway.server import Outbox
+
+    box = Outbox(8)
+    got: list[object] = []
+
+    async def writer() -> None:
+        while (frames := await box.take(8, 1 << 20)) is not None:
+            got.append(frames)
+        got.append(None)
+
+    async with trio.open_nursery() as nursery:  # a take cancelled while waiting: no trace
+        nursery.start_soon(box.take, 8, 1 << 20)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        box.send_nowait(b"1")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [[b"1"]]
+        box.send_nowait(b"2")
+        box.send_nowait(b"3")
+        box.close()
+    assert got == [[b"1"], [b"2", b"3"], None]
