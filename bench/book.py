@@ -262,8 +262,7 @@ def main() -> None:
     core: OrderBook = books["core"]
     bare: BareBook = books["bare"]
     bids, asks = core.depth()
-    sanity = {
-        "name": "book.sanity",
+    detail = {
         "ops": args.ops,
         "core_fills": core.next_trade_id - 1,
         "bare_fills": len(bare.fills),
@@ -272,12 +271,14 @@ def main() -> None:
         "core_resting_orders": len(core),
         "bare_resting_orders": len(bare.ids),
     }
-    sanity["match"] = (
-        sanity["core_fills"] == sanity["bare_fills"]
-        and sanity["core_resting_qty"] == sanity["bare_resting_qty"]
-        and sanity["core_resting_orders"] == sanity["bare_resting_orders"]
+    match = (
+        detail["core_fills"] == detail["bare_fills"]
+        and detail["core_resting_qty"] == detail["bare_resting_qty"]
+        and detail["core_resting_orders"] == detail["bare_resting_orders"]
     )
-    print(json.dumps(sanity), flush=True)
+    # 1 when both books end with the same fills and resting quantity, else 0.
+    print(json.dumps({"name": "book.sanity", "value": int(match), "unit": "match",
+                      "detail": detail}), flush=True)
 
     # What the protocol's event objects alone cost: the core must build them and
     # the bare loop does not. Per-class construction time (best of a few, from a
