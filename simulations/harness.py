@@ -377,8 +377,12 @@ class AgentGroup:
                     if ev.kind == "ticker":
                         symbol = ev.channel.split(".", 1)[1]
                         last = ev.data.get("last")
+                        inst = first.instruments.get(symbol)
+                        if last is None or inst is None:
+                            continue
+                        ticks = inst.price_to_ticks(last)  # once for every agent
                         for agent in self.agents:
-                            agent.on_price(symbol, last)
+                            agent.on_ticks(symbol, ticks)
 
     async def _agent(self, agent: SimAgent, limiter: trio.CapacityLimiter) -> None:
         spec = self.spec
