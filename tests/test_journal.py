@@ -635,6 +635,39 @@ def test_a_failed_deferred_turn_rolls_back_alone(tmp_path: Path,
         b.close()
 
 
+def test_a_failed_one_record_deferred_turn_leaves_nothing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The common turn (one record, a known stream) is written without a savepoint:
+    # its single INSERT is atomic, so a failure leaves the pass's other turns and
+    # nothing of its own.
+    import actors.journal as journal_module
+    from actors.journal import flush_shared
+
+    a = Journal.open(tmp_path, share=True, defer=True)
+    b = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        a.append("host:a", ["a1"])
+        a.commit()
+        b.append("host:b", ["b1"])
+        b.commit()
+        a.append("host:a", ["a2"])
+        a.commit()
+        b.append("host:b", ["b2"])
+        monkeypatch.setattr(journal_module, "_INSERT_RECORD", "INSERT INTO nowhere VALUES (?)")
+        with pytest.raises(JournalError):
+            b.commit()
+        monkeypatch.undo()
+        assert b.last_offset("host:b") == 1
+        b.append("host:b", ["b2 again"])
+        b.commit()
+        flush_shared()
+        assert _other_reader(tmp_path, "host:a") == ["a1", "a2"]
+        assert _other_reader(tmp_path, "host:b") == ["b1", "b2 again"]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_closing_the_last_deferred_journal_commits_the_pass(tmp_path: Path) -> None:
     a = Journal.open(tmp_path, share=True, defer=True)
     b = Journal.open(tmp_path, share=True, defer=True)
