@@ -74,6 +74,7 @@ from simulations.history import (
     History,
     UserFinal,
 )
+from simulations.live import LiveMarketCheck
 from simulations.scenario import CLIENT_FAULTS, FaultSpec, Scenario, ScenarioError
 
 log = logging.getLogger(__name__)
@@ -628,6 +629,8 @@ class _Run:
         self.exchange = exchange
         self.console = console
         self.extra: dict[str, Any] = {}
+        #: The monitor's market stream checked as it arrives (simulations.live).
+        self.live = LiveMarketCheck(instruments)
         self.control = Control(budget=sc.orders)
         self.monitor_ready = trio.Event()
         self.monitor_client: Any = None
@@ -745,13 +748,14 @@ class _Run:
             elapsed = max(1e-9, trio.current_time() - started)
             acked = self.acked()
             t = Table(show_header=True, header_style="bold", box=None)
-            for col in ("orders acked", "orders/s", "connections", "trades", "faults"):
+            for col in ("orders acked", "orders/s", "connections", "trades", "faults",
+                        "live checks"):
                 t.add_column(col, justify="right")
             gw = self.exchange.gw if self.exchange is not None else None
             t.add_row(str(acked), f"{acked / elapsed:,.0f}",
                       "-" if gw is None else str(len(gw.conns)),
                       "-" if gw is None else str(gw.trades),
-                      f"{len(self.history.faults)}/{engine_faults}")
+                      f"{len(self.history.faults)}/{engine_faults}", self.live.status())
             return t
 
         with Live(Group(progress, table()), console=self.console, refresh_per_second=4,
@@ -811,7 +815,9 @@ class _Run:
             self.monitor_ready.set()
             async for ev in c.events():
                 if isinstance(ev, MarketUpdate):
-                    self.history.monitor.append(market_record(ev))
+                    rec = market_record(ev)
+                    self.history.monitor.append(rec)
+                    self.live.feed(rec)
 
     async def _finish(self, results: list[GroupResult]) -> None:
         errors: list[str] = []
@@ -830,6 +836,7 @@ class _Run:
         acks = sorted(o.acked_ns for a in self.history.agents.values()
                       for o in a.orders.values() if o.acked_ns is not None)
         self.history.progress = _progress(self.history.started_ns, acks)
+        self.extra["live_checks"] = self.live.to_json()
         self.extra.update({"settled": settled, "agent_errors": errors[:20],
                            "agent_error_count": len(errors)})
 

@@ -89,6 +89,8 @@ async def test_a_short_simulation_with_every_fault_passes_every_invariant(
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["passed"] is True
     assert set(report["latency_ms"]) >= {"submit_to_ack", "submit_to_fill"}
+    live = report["live_checks"]  # the monitor's stream, checked while it ran
+    assert live["passed"] is True and live["violations"] == 0 and live["frames"] > 100, live
     for chart in ("latency.png", "throughput.png", "mid_price.png"):
         assert (tmp_path / "report" / chart).read_bytes().startswith(b"\x89PNG")
 
