@@ -414,7 +414,8 @@ class Gateway:
                 conn.writer_done.set()
 
     def _unencodable(self, conn: _Conn) -> bytes | str:
-        log.error("gateway: connection %s: cannot send a frame", conn.id)
+        """The ``internal`` error frame sent in place of a frame UTF-8 cannot carry."""
+        log.exception("gateway: connection %s: cannot send a frame", conn.id)
         return conn.proto.send(ErrorResponse(
             id=None, code=ErrorCode.INTERNAL,
             message="the server could not encode a frame for this connection"))
@@ -426,10 +427,7 @@ class Gateway:
             # ServerConnection.send never makes such text; should it happen, this
             # one frame becomes an internal error and the gateway keeps serving.
             # (wsproto encodes before it touches any state: the socket is intact.)
-            log.exception("gateway: connection %s: cannot send a frame", conn.id)
-            await conn.ws.send_message(conn.proto.send(ErrorResponse(
-                id=None, code=ErrorCode.INTERNAL,
-                message="the server could not encode a frame for this connection")))
+            await conn.ws.send_message(self._unencodable(conn))
 
     def _closed(self, conn: _Conn) -> None:
         conn.closed = True
