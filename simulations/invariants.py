@@ -532,6 +532,26 @@ def _apply_levels(inst: Instrument, side: dict[int, int], rows: object) -> None:
             side.pop(price, None)
 
 
+def _replay_book_frame(
+    inst: Instrument, book: tuple[dict[int, int], dict[int, int]] | None, rec: MarketRecord
+) -> tuple[dict[int, int], dict[int, int]]:
+    """``book`` (bids, asks; None before any snapshot) after the in-order frame ``rec``:
+    a snapshot starts afresh, a delta sets absolute level totals (qty 0 removes).
+
+    Raises:
+        _BadDataError: not a snapshot or delta, a delta before any snapshot, bad levels.
+    """
+    if rec.kind == "snapshot":
+        book = ({}, {})
+    elif rec.kind != "delta":
+        raise _BadDataError(f"unexpected kind {rec.kind!r}")
+    elif book is None:
+        raise _BadDataError("delta before any snapshot")
+    _apply_levels(inst, book[0], rec.data.get("bids", []))
+    _apply_levels(inst, book[1], rec.data.get("asks", []))
+    return book
+
+
 def check_books_not_crossed(history: History, instruments: Mapping[str, Instrument]) -> Check:
     """No book was ever seen crossed.
 
@@ -557,8 +577,7 @@ def check_books_not_crossed(history: History, instruments: Mapping[str, Instrume
             if book_symbol is None:
                 continue
             where = f"{source} {channel} epoch {epoch}"
-            bids: dict[int, int] | None = None
-            asks: dict[int, int] = {}
+            levels: tuple[dict[int, int], dict[int, int]] | None = None
             last = 0
             for i, rec in enumerate(recs):
                 if rec.seq != last + 1:
@@ -566,21 +585,14 @@ def check_books_not_crossed(history: History, instruments: Mapping[str, Instrume
                     break
                 last = rec.seq
                 try:
-                    inst = _instrument(instruments, book_symbol)
-                    if rec.kind == "snapshot":
-                        bids, asks = {}, {}
-                    elif rec.kind != "delta":
-                        raise _BadDataError(f"unexpected kind {rec.kind!r}")
-                    elif bids is None:
-                        raise _BadDataError("delta before any snapshot")
-                    _apply_levels(inst, bids, rec.data.get("bids", []))
-                    _apply_levels(inst, asks, rec.data.get("asks", []))
+                    levels = _replay_book_frame(
+                        _instrument(instruments, book_symbol), levels, rec)
                 except _BadDataError as exc:
                     violations.append(f"{where} seq {rec.seq}: {exc}")
                     unreplayed += len(recs) - i
                     break
                 frames += 1
-                hit = _crossed(bids, asks)
+                hit = _crossed(*levels)
                 if hit:
                     violations.append(f"{where} seq {rec.seq}: book crossed, best bid "
                                       f"{hit[0]} >= best ask {hit[1]} ticks")

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from protocol import Instrument
 from simulations.history import MarketRecord
 from simulations.invariants import (
-    _apply_levels,
     _BadDataError,
     _crossed,
     _instrument,
+    _replay_book_frame,
     _symbol_of,
 )
 
@@ -76,18 +76,10 @@ class LiveMarketCheck:
             if rec.kind != "snapshot":
                 return
         book = self._books.get(stream)
+        if book is None and stream in self._books and rec.kind == "delta":
+            return  # after a gap: not replayable until a snapshot (the gap is reported)
         try:
-            inst = _instrument(self.instruments, symbol)
-            if rec.kind == "snapshot":
-                book = ({}, {})
-            elif rec.kind != "delta":
-                raise _BadDataError(f"unexpected kind {rec.kind!r}")
-            elif book is None:
-                if stream in self._books:
-                    return  # after a gap: not replayable (the gap is reported)
-                raise _BadDataError("delta before any snapshot")
-            _apply_levels(inst, book[0], rec.data.get("bids", []))
-            _apply_levels(inst, book[1], rec.data.get("asks", []))
+            book = _replay_book_frame(_instrument(self.instruments, symbol), book, rec)
         except _BadDataError as exc:
             self._violate(rec, str(exc))
             self._books[stream] = None
