@@ -14,26 +14,31 @@ changed, the trades, and whether a best price moved, and
 one :class:`TickerUpdate`). Flushing after every command gives per-command
 market data.
 
-Prices are integer ticks and sizes integer lots. Both sides live in a
-:class:`~sortedcontainers.SortedDict` keyed so that the best level comes first
-(asks by ``price``, bids by ``-price``), with the best key cached; each level
-is a FIFO queue of resting orders with lazy deletion, and an ``order_id``
-index makes cancels O(1) plus the level's removal when it empties.
+Prices are integer ticks and sizes integer lots. Each side keeps its levels
+in a dict by a key that sorts best first (asks by ``price``, bids by
+``-price``) and the negated keys in a sorted list (best at the end, where nearly all
+insertions and removals happen; ``bisect``), with the best key cached; each
+level is a FIFO queue of resting orders with lazy deletion, and an
+``order_id`` index makes cancels O(1) plus the level's removal when it
+empties. There is no per-user index: the rare per-user work (a user's
+cancel-all, the list of users) scans the orders instead of every add, cancel
+and fill keeping one up to date.
 
 The hot path is written for speed (about a million commands a second is the
-scale ``bench/book.py`` measures): a resting order is a small list rather
-than an object (see ``_Entry``), events are built with ``tuple.__new__`` (see
-:mod:`protocol._commands`), and locals cache attributes.
+scale ``bench/book.py`` measures): a resting order and a level are small lists
+rather than objects (see ``_Entry`` and ``_Level``), events are built with
+``tuple.__new__`` (see :mod:`protocol._commands`), and locals cache
+attributes.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import deque
-from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 import attrs
-from sortedcontainers import SortedDict
 
 from protocol import (
     BookDelta,
@@ -70,6 +75,8 @@ _UNKNOWN_ORDER = ErrorCode.UNKNOWN_ORDER.value
 # A level's queue is rebuilt once this many cancelled orders wait in it (and
 # they outnumber the live ones), so lazy deletion cannot grow without bound.
 _COMPACT_AT = 32
+# How many last prices' bands OrderBook keeps before it forgets them all.
+_BANDS_KEPT = 256
 
 # Events are positional named tuples; ``_new(Fill, (...))`` skips the keyword
 # ``__new__`` the class would run (field order is the class's).
@@ -82,30 +89,62 @@ _new = tuple.__new__
 # on a large book each extra object touched is a likely cache miss.
 _Entry = list[Any]
 
+# A price level is ``[total, dead, queue, key, side]``: the open quantity of its
+# orders, how many cancelled entries wait in ``queue`` (a FIFO of entries, with
+# lazy deletion), its best-first key and its _Side. A list, not an object:
+# building one is several times cheaper than calling a class, and new levels
+# are frequent near the top of the book.
+_Level = list[Any]
+
+_alive = itemgetter(0)  # an entry's open quantity: 0 once it is cancelled or filled
+
 
 class _Side:
-    """One side of the book: levels keyed best-first (``sign * price``) and the best key.
+    """One side of the book: its levels by best-first key (``sign * price``), in order.
 
-    The best key is cached because the hot path asks for it on nearly every
-    command, and a SortedDict lookup by position costs several times a dict
-    lookup. ``changed`` maps the key of each level changed since the last
-    market flush to the level's total before the first change.
+    ``levels`` maps each key to its level; ``ranks`` holds the negated keys
+    sorted ascending, so the best level is the *last* one and the changes
+    near the top of the book (where nearly all of them happen) move only the
+    end of the list. ``best`` caches the best key (``-ranks[-1]``, or
+    ``None`` when the side is empty). ``changed`` maps the key of each level
+    changed since the last market flush to the level's total before the
+    first change.
     """
 
-    __slots__ = ("best", "changed", "levels", "sign")
+    __slots__ = ("best", "changed", "levels", "ranks", "sign")
 
     def __init__(self, sign: int) -> None:
         self.sign = sign
-        self.levels = SortedDict()  # sign * price -> _Level
+        self.levels: dict[int, _Level] = {}
+        self.ranks: list[int] = []
         self.best: int | None = None
         self.changed: dict[int, int] = {}
 
+    def add(self, key: int, price: int) -> _Level:
+        """A new, empty level at ``key`` (not yet there)."""
+        level: _Level = [0, 0, deque(), key, self]
+        self.levels[key] = level
+        best = self.best
+        if best is None or key < best:
+            self.best = key
+            self.ranks.append(-key)
+        else:
+            insort(self.ranks, -key)
+        return level
+
     def drop(self, key: int) -> None:
         """Remove the (empty) level at ``key``."""
-        levels = self.levels
-        del levels[key]
+        del self.levels[key]
+        ranks = self.ranks
         if key == self.best:
-            self.best = levels.peekitem(0)[0] if levels else None
+            ranks.pop()
+            self.best = -ranks[-1] if ranks else None
+        else:
+            del ranks[bisect_left(ranks, -key)]
+
+    def in_order(self) -> list[int]:
+        """The level keys, best first."""
+        return [-rank for rank in reversed(self.ranks)]
 
     def best_price(self) -> int | None:
         best = self.best
@@ -114,32 +153,16 @@ class _Side:
     def delta(self) -> tuple[tuple[int, int], ...]:
         """The net ``(price, total)`` changes since the last flush, best first; forgets them."""
         changed = self.changed
-        if not changed:
-            return ()
         levels = self.levels
         sign = self.sign
         out = []
-        for key in sorted(changed):
+        for key, before in sorted(changed.items()):
             level = levels.get(key)
-            total = 0 if level is None else level.total
-            if total != changed[key]:
+            total = 0 if level is None else level[0]
+            if total != before:
                 out.append((sign * key, total))
         changed.clear()
         return tuple(out)
-
-
-class _Level:
-    """One price level: a FIFO of entries, their open total, and how many dead ones wait."""
-
-    __slots__ = ("dead", "key", "price", "queue", "side", "total")
-
-    def __init__(self, side: _Side, key: int, price: int) -> None:
-        self.side = side
-        self.key = key
-        self.price = price
-        self.queue: deque[_Entry] = deque()
-        self.total = 0
-        self.dead = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -189,9 +212,11 @@ class OrderBook:
         self._bids = _Side(-1)
         self._asks = _Side(1)
         self._orders: dict[int, _Entry] = {}
-        self._by_user: dict[str, dict[int, _Entry]] = {}
         self._last: int | None = None
         self._band_lo, self._band_hi = instrument.band(instrument.ref_price)
+        # The band around each recent last price: the last price moves back and
+        # forth over a few ticks, and Instrument.band is arithmetic in Python.
+        self._bands: dict[int, tuple[int, int]] = {}
         self._volume: deque[tuple[int, int]] = deque()  # (ts, qty) per trading command
         self._volume_sum = 0
         # Market data waiting for the next flush: the trades, and the best keys
@@ -237,27 +262,37 @@ class OrderBook:
             ]
         qty = cmd.qty
         tif = cmd.tif
+        side = cmd.side
         events: list[BookEvent] = [
             _new(OrderAccepted, (
-                order_id, cmd.user, cmd.client_order_id, self.symbol, cmd.side,
+                order_id, cmd.user, cmd.client_order_id, self.symbol, side,
                 cmd.order_type, price, qty, tif, cmd.ts,
             ))
         ]
-        is_buy = cmd.side == "buy"
         # Keys run best-first on both sides, so "crosses" is one comparison: key <= limit_key.
-        if is_buy:
+        if side == "buy":
             opp = self._asks
-            limit_key = self._band_hi if price is None else price
+            own = self._bids
+            if price is None:
+                limit_key = self._band_hi
+            else:
+                limit_key = price
+                key = -price
         else:
             opp = self._bids
-            limit_key = -(self._band_lo if price is None else price)
+            own = self._asks
+            if price is None:
+                limit_key = -self._band_lo
+            else:
+                limit_key = -price
+                key = price
         best = opp.best
         remaining = qty
         if best is not None and best <= limit_key:
             if cmd.post_only:
                 events.append(self._expired(cmd, qty, "post_only"))
                 return events
-            if tif == "fok" and not self._fillable(opp.levels, limit_key, qty, cmd.user):
+            if tif == "fok" and not self._fillable(opp, limit_key, qty, cmd.user):
                 events.append(self._expired(cmd, qty, "fok"))
                 return events
             remaining = self._match(cmd, opp, best, limit_key, events)
@@ -270,34 +305,17 @@ class OrderBook:
             events.append(self._expired(cmd, remaining, reason))
             return events
         # Rest the remainder.
-        if is_buy:
-            own = self._bids
-            key = -price
-        else:
-            own = self._asks
-            key = price
-        levels = own.levels
-        level = levels.get(key)
+        level = own.levels.get(key)
         if level is None:
-            level = _Level(own, key, price)
-            levels[key] = level
-            own_best = own.best
-            if own_best is None or key < own_best:
-                own.best = key
+            level = own.add(key, price)
         changed = own.changed
-        total = level.total
+        total = level[0]
         if key not in changed:
             changed[key] = total
-        user = cmd.user
-        entry = [remaining, order_id, user, cmd.client_order_id, level, cmd]
-        level.queue.append(entry)
-        level.total = total + remaining
+        entry = [remaining, order_id, cmd.user, cmd.client_order_id, level, cmd]
+        level[2].append(entry)
+        level[0] = total + remaining
         orders[order_id] = entry
-        mine = self._by_user.get(user)
-        if mine is None:
-            self._by_user[user] = {order_id: entry}
-        else:
-            mine[order_id] = entry
         return events
 
     def cancel(self, cmd: CancelOrder) -> list[BookEvent]:
@@ -324,38 +342,33 @@ class OrderBook:
                     f"no open order {order_id} in {cmd.symbol}", cmd.ts,
                 ))
             ]
-        # The removal is _remove, inlined: cancels are a quarter of all commands.
+        del orders[order_id]
+        # The removal is _take, inlined: cancels are a quarter of all commands.
         remaining = entry[0]
         entry[0] = 0
-        del orders[order_id]
-        by_user = self._by_user
-        mine = by_user[user]
-        del mine[order_id]
-        if not mine:
-            del by_user[user]
         level: _Level = entry[4]
-        side = level.side
+        side: _Side = level[4]
         changed = side.changed
-        key = level.key
-        total = level.total
+        key = level[3]
+        total = level[0]
         if key not in changed:
             changed[key] = total
         total -= remaining
-        level.total = total
+        level[0] = total
         if not total:
             side.drop(key)
         else:
-            queue = level.queue
+            queue = level[2]
             if queue[-1] is entry:  # the newest is the likeliest to be cancelled
                 queue.pop()
             elif queue[0] is entry:
                 queue.popleft()
             else:
-                dead = level.dead + 1
+                dead = level[1] + 1
                 if dead >= _COMPACT_AT and dead * 2 > len(queue):
-                    level.queue = deque(e for e in queue if e[0])
+                    level[2] = deque(filter(_alive, queue))
                     dead = 0
-                level.dead = dead
+                level[1] = dead
         return [
             _new(OrderCanceled, (
                 order_id, user, entry[3], self.symbol, remaining, "user", cmd.ts,
@@ -371,19 +384,20 @@ class OrderBook:
             Empty if the user has nothing resting or the symbol is not this
             book's.
         """
-        mine = self._by_user.get(cmd.user)
-        if cmd.symbol != self.symbol or not mine:
+        if cmd.symbol != self.symbol:
             return []
+        user = cmd.user
         ts = cmd.ts
         symbol = self.symbol
+        orders = self._orders
         events: list[BookEvent] = []
-        for order_id in sorted(mine):
-            entry = mine[order_id]
+        for order_id in self._ids_of(user):
+            entry = orders.pop(order_id)
             remaining = entry[0]
-            self._remove(entry)
+            self._take(entry)
             events.append(
                 OrderCanceled(
-                    order_id=order_id, user=cmd.user, client_order_id=entry[3],
+                    order_id=order_id, user=user, client_order_id=entry[3],
                     symbol=symbol, remaining=remaining, reason="cancel_all", ts=ts,
                 )
             )
@@ -477,13 +491,12 @@ class OrderBook:
         Returns:
             ``(bids, asks)``, each a list of ``(price, total_qty)``.
         """
-        bids: list[tuple[int, int]] = [
-            (lv.price, lv.total) for lv in islice(self._bids.levels.values(), levels)
-        ]
-        asks: list[tuple[int, int]] = [
-            (lv.price, lv.total) for lv in islice(self._asks.levels.values(), levels)
-        ]
-        return bids, asks
+        out = []
+        for side in (self._bids, self._asks):
+            by_key = side.levels
+            sign = side.sign
+            out.append([(sign * key, by_key[key][0]) for key in side.in_order()[:levels]])
+        return out[0], out[1]
 
     def snapshot(self, ts: int) -> BookDelta:
         """Every level, as a :class:`BookDelta` that builds the book from empty.
@@ -501,20 +514,28 @@ class OrderBook:
 
     def users(self) -> list[str]:
         """The users with resting orders here, sorted."""
-        return sorted(self._by_user)
+        return sorted({entry[2] for entry in self._orders.values()})
 
     def open_orders(self, user: str) -> list[OpenOrder]:
         """The resting orders of ``user``, by ``order_id``."""
-        mine = self._by_user.get(user)
-        if not mine:
-            return []
-        return [_view(mine[order_id]) for order_id in sorted(mine)]
+        orders = self._orders
+        return [_view(orders[order_id]) for order_id in self._ids_of(user)]
 
     def __len__(self) -> int:
         """How many orders rest in the book."""
         return len(self._orders)
 
     # -- internals ------------------------------------------------------------------
+
+    def _ids_of(self, user: str) -> list[int]:
+        """The ids of ``user``'s resting orders, sorted.
+
+        A scan of the whole book: there is no per-user index, because keeping
+        one up to date cost every add, cancel and fill a lookup in a large
+        dict, for the sake of the rare per-user query (a logout's cancel-all,
+        a resync).
+        """
+        return sorted([oid for oid, entry in self._orders.items() if entry[2] == user])
 
     def _rejection(self, cmd: NewOrder) -> tuple[str, str]:
         """The code and reason of the first check ``cmd`` fails (``submit`` knows one does)."""
@@ -536,19 +557,18 @@ class OrderBook:
             cmd.order_id, cmd.user, cmd.client_order_id, self.symbol, remaining, reason, cmd.ts,
         ))
 
-    def _fillable(self, opp: SortedDict, limit_key: int, qty: int, user: str) -> bool:
-        """Whether other users' orders at or better than ``limit_key`` hold ``qty``."""
+    def _fillable(self, opp: _Side, limit_key: int, qty: int, user: str) -> bool:
+        """Whether other users' orders at or better than ``limit_key`` hold ``qty``.
+
+        Own orders are cancelled by self-trade prevention, not filled, so the
+        levels are counted order by order.
+        """
         need = qty
-        # Own orders are cancelled by self-trade prevention, not filled: count
-        # order by order only when the user has some resting.
-        own = user in self._by_user
-        for key, level in opp.items():
+        levels = opp.levels
+        for key in opp.in_order():
             if key > limit_key:
                 break
-            if own:
-                need -= sum(e[0] for e in level.queue if e[2] != user)
-            else:
-                need -= level.total
+            need -= sum([e[0] for e in levels[key][2] if e[2] != user])
             if need <= 0:
                 return True
         return False
@@ -569,17 +589,17 @@ class OrderBook:
         ts = cmd.ts
         qty = remaining = cmd.qty
         orders = self._orders
-        by_user = self._by_user
         trades = self._trades
         levels = opp.levels
         changed = opp.changed
+        sign = opp.sign
         trade_id = first_trade_id = self.next_trade_id
         last_price = 0
         while True:
             level = levels[key]
-            price = level.price
-            queue = level.queue
-            total = level.total
+            price = sign * key
+            queue = level[2]
+            total = level[0]
             if key not in changed:
                 changed[key] = total
             while queue:
@@ -587,7 +607,7 @@ class OrderBook:
                 maker_left = entry[0]
                 if not maker_left:  # cancelled earlier, deleted lazily
                     queue.popleft()
-                    level.dead -= 1
+                    level[1] -= 1
                     continue
                 maker_id = entry[1]
                 maker_user = entry[2]
@@ -596,10 +616,6 @@ class OrderBook:
                     entry[0] = 0
                     total -= maker_left
                     del orders[maker_id]
-                    own = by_user[user]
-                    del own[maker_id]
-                    if not own:
-                        del by_user[user]
                     events.append(_new(OrderCanceled, (
                         maker_id, user, entry[3], symbol, maker_left, "self_trade", ts,
                     )))
@@ -616,10 +632,6 @@ class OrderBook:
                     entry[0] = 0
                     queue.popleft()
                     del orders[maker_id]
-                    theirs = by_user[maker_user]
-                    del theirs[maker_id]
-                    if not theirs:
-                        del by_user[maker_user]
                 total -= fill_qty
                 last_price = price
                 events.append(_new(Fill, (
@@ -630,54 +642,58 @@ class OrderBook:
                 trade_id += 1
                 if not remaining:
                     break
-            level.total = total
+            level[0] = total
             if total:
                 break  # the taker is done: only an emptied level moves on
-            opp.drop(key)
-            next_key = opp.best
-            if next_key is None or next_key > limit_key or not remaining:
+            # The emptied level is the best one: opp.drop(key), inlined.
+            del levels[key]
+            ranks = opp.ranks
+            ranks.pop()
+            if not ranks:
+                opp.best = None
                 break
-            key = next_key
+            key = opp.best = -ranks[-1]
+            if key > limit_key or not remaining:
+                break
         if trade_id != first_trade_id:
             self.next_trade_id = trade_id
             if last_price != self._last:
                 self._last = last_price
-                self._band_lo, self._band_hi = self.instrument.band(last_price)
+                band = self._bands.get(last_price)
+                if band is None:
+                    bands = self._bands
+                    if len(bands) >= _BANDS_KEPT:
+                        bands.clear()
+                    band = bands[last_price] = self.instrument.band(last_price)
+                self._band_lo, self._band_hi = band
             self._volume.append((ts, qty - remaining))
             self._volume_sum += qty - remaining
         return remaining
 
-    def _remove(self, entry: _Entry) -> None:
-        """Take a resting order out of the book."""
+    def _take(self, entry: _Entry) -> None:
+        """Take a resting order out of its level (the caller drops it from ``_orders``)."""
         remaining = entry[0]
-        order_id = entry[1]
-        user = entry[2]
-        level: _Level = entry[4]
-        del self._orders[order_id]
-        mine = self._by_user[user]
-        del mine[order_id]
-        if not mine:
-            del self._by_user[user]
         entry[0] = 0
-        side = level.side
+        level: _Level = entry[4]
+        side: _Side = level[4]
         changed = side.changed
-        total = level.total
-        key = level.key
+        key = level[3]
+        total = level[0]
         if key not in changed:
             changed[key] = total
         total -= remaining
-        level.total = total
+        level[0] = total
         if not total:
             side.drop(key)
             return
-        queue = level.queue
+        queue = level[2]
         if queue[-1] is entry:  # the newest is the likeliest to be cancelled
             queue.pop()
         elif queue[0] is entry:
             queue.popleft()
         else:
-            dead = level.dead + 1
+            dead = level[1] + 1
             if dead >= _COMPACT_AT and dead * 2 > len(queue):
-                level.queue = deque(e for e in queue if e[0])
+                level[2] = deque(filter(_alive, queue))
                 dead = 0
-            level.dead = dead
+            level[1] = dead
