@@ -73,7 +73,8 @@ _BAD_REQUEST = ErrorCode.BAD_REQUEST.value
 _UNKNOWN_ORDER = ErrorCode.UNKNOWN_ORDER.value
 
 # A level's queue is rebuilt once this many cancelled orders wait in it (and
-# they outnumber the live ones), so lazy deletion cannot grow without bound.
+# they outnumber the live ones twice over), so lazy deletion cannot grow
+# without bound.
 _COMPACT_AT = 32
 # How many last prices' bands OrderBook keeps before it forgets them all.
 _BANDS_KEPT = 256
@@ -155,14 +156,16 @@ class _Side:
         changed = self.changed
         levels = self.levels
         sign = self.sign
-        out = []
-        for key, before in sorted(changed.items()):
-            level = levels.get(key)
-            total = 0 if level is None else level[0]
-            if total != before:
-                out.append((sign * key, total))
+        keys = sorted(changed)
+        now = map(levels.get, keys)
+        before = map(changed.get, keys)
+        out = tuple([
+            (sign * key, total)
+            for key, level, was in zip(keys, now, before, strict=True)
+            if (total := level[0] if level else 0) != was
+        ])
         changed.clear()
-        return tuple(out)
+        return out
 
 
 @attrs.frozen(kw_only=True)
@@ -207,6 +210,9 @@ class OrderBook:
     def __init__(self, instrument: Instrument, *, next_trade_id: int = 1) -> None:
         self.instrument = instrument
         self.symbol = instrument.symbol
+        # The symbol this book takes orders for: ``None`` while it is halted,
+        # so ``submit`` checks symbol and status with one comparison.
+        self._accepting: str | None = None
         self.status = instrument.status
         self.next_trade_id = next_trade_id
         self._bids = _Side(-1)
@@ -253,7 +259,7 @@ class OrderBook:
         price = cmd.price
         orders = self._orders
         invalid = cmd.post_only if price is None else not self._band_lo <= price <= self._band_hi
-        if invalid or cmd.symbol != self.symbol or self.status != "open" or order_id in orders:
+        if invalid or cmd.symbol != self._accepting or order_id in orders:
             code, reason = self._rejection(cmd)
             return [
                 _new(OrderRejected, (
@@ -305,10 +311,18 @@ class OrderBook:
             events.append(self._expired(cmd, remaining, reason))
             return events
         # Rest the remainder.
-        level = own.levels.get(key)
-        if level is None:
-            level = own.add(key, price)
+        levels = own.levels
+        level = levels.get(key)
         changed = own.changed
+        if level is None:
+            # A new level (_Side.add, inlined).
+            level = levels[key] = [0, 0, deque(), key, own]
+            own_best = own.best
+            if own_best is None or key < own_best:
+                own.best = key
+                own.ranks.append(-key)
+            else:
+                insort(own.ranks, -key)
         total = level[0]
         if key not in changed:
             changed[key] = total
@@ -365,7 +379,7 @@ class OrderBook:
                 queue.popleft()
             else:
                 dead = level[1] + 1
-                if dead >= _COMPACT_AT and dead * 2 > len(queue):
+                if dead >= _COMPACT_AT and dead > 2 * (len(queue) - dead):
                     level[2] = deque(filter(_alive, queue))
                     dead = 0
                 level[1] = dead
@@ -452,6 +466,16 @@ class OrderBook:
         if status not in STATUSES:
             raise ValueError(f"unknown book status {status!r}")
         self.status = status
+
+    @property
+    def status(self) -> str:
+        """The trading status: ``open`` or ``halted`` (see :meth:`set_status`)."""
+        return self._status
+
+    @status.setter
+    def status(self, status: str) -> None:
+        self._status = status
+        self._accepting = self.symbol if status == "open" else None
 
     # -- queries --------------------------------------------------------------------
 
@@ -693,7 +717,7 @@ class OrderBook:
             queue.popleft()
         else:
             dead = level[1] + 1
-            if dead >= _COMPACT_AT and dead * 2 > len(queue):
+            if dead >= _COMPACT_AT and dead > 2 * (len(queue) - dead):
                 level[2] = deque(filter(_alive, queue))
                 dead = 0
             level[1] = dead
