@@ -223,7 +223,11 @@ class OrderBook:
         # The band around each recent last price: the last price moves back and
         # forth over a few ticks, and Instrument.band is arithmetic in Python.
         self._bands: dict[int, tuple[int, int]] = {}
-        self._volume: deque[tuple[int, int]] = deque()  # (ts, qty) per trading command
+        # The ts and the lots traded of each trading command, oldest first: two
+        # queues of ints rather than one of pairs, so a trade allocates no
+        # tuple that the garbage collector would have to track.
+        self._volume_ts: deque[int] = deque()
+        self._volume_qty: deque[int] = deque()
         self._volume_sum = 0
         # Market data waiting for the next flush: the trades, and the best keys
         # the last ticker showed.
@@ -447,10 +451,13 @@ class OrderBook:
         elif top == self._top:
             return events
         self._top = top
-        volume = self._volume
+        volume_ts = self._volume_ts
         cutoff = ts - DAY_NS
-        while volume and volume[0][0] <= cutoff:
-            self._volume_sum -= volume.popleft()[1]
+        if volume_ts and volume_ts[0] <= cutoff:
+            volume_qty = self._volume_qty
+            while volume_ts and volume_ts[0] <= cutoff:
+                volume_ts.popleft()
+                self._volume_sum -= volume_qty.popleft()
         bid, ask = top
         events.append(_new(TickerUpdate, (
             self.symbol, self._last, None if bid is None else -bid, ask, self._volume_sum, ts,
@@ -690,7 +697,8 @@ class OrderBook:
                         bands.clear()
                     band = bands[last_price] = self.instrument.band(last_price)
                 self._band_lo, self._band_hi = band
-            self._volume.append((ts, qty - remaining))
+            self._volume_ts.append(ts)
+            self._volume_qty.append(qty - remaining)
             self._volume_sum += qty - remaining
         return remaining
 
