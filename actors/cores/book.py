@@ -121,18 +121,6 @@ class _Side:
         self.best: int | None = None
         self.changed: dict[int, int] = {}
 
-    def add(self, key: int, price: int) -> _Level:
-        """A new, empty level at ``key`` (not yet there)."""
-        level: _Level = [0, 0, deque(), key, self]
-        self.levels[key] = level
-        best = self.best
-        if best is None or key < best:
-            self.best = key
-            self.ranks.append(-key)
-        else:
-            insort(self.ranks, -key)
-        return level
-
     def drop(self, key: int) -> None:
         """Remove the (empty) level at ``key``."""
         del self.levels[key]
@@ -319,7 +307,7 @@ class OrderBook:
         level = levels.get(key)
         changed = own.changed
         if level is None:
-            # A new level (_Side.add, inlined).
+            # A new level: the new best goes at the end of ranks, any other is insorted.
             level = levels[key] = [0, 0, deque(), key, own]
             own_best = own.best
             if own_best is None or key < own_best:
