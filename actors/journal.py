@@ -305,6 +305,9 @@ def _dumps(obj: object) -> bytes:
 #   grows (clear_memo keeps a table's size, and clearing a table grown by one
 #   big pickle cost ~230 us per later record) nor regrows from scratch.
 # * Anything else keeps the snapshot encoding (_Reducers).
+#
+# Stored records name ``actors.journal._restore`` and ``_attrs_restore`` and the
+# message classes and fields: renaming any of them makes those records unreadable.
 
 
 def _restore(tag: str, *values: Any) -> Any:
