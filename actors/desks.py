@@ -140,7 +140,8 @@ class AccountDesk:
 
     def __init__(self, user: str, instruments: Mapping[str, Instrument]) -> None:
         self.user = user
-        self.ledger = Ledger(user, instruments)
+        # P2 updates once per turn, with the state after it (see the ledger's docstring).
+        self.ledger = Ledger(user, instruments, coalesce_updates=True)
         self._instruments = dict(instruments)
         self._pending_place: dict[int, ReplyTo | None] = {}
         self._pending_cancel: dict[int, list[ReplyTo]] = {}
@@ -251,8 +252,9 @@ class AccountDesk:
         return out
 
     def end_turn(self) -> list[Out]:
-        """Answer the requests this turn resolved, with the orders' state after the whole turn."""
-        out: list[Out] = []
+        """Send the turn's coalesced position and account updates, and answer the requests
+        this turn resolved, with the orders' state after the whole turn."""
+        out: list[Out] = [(ROUTER, e) for e in self.ledger.flush_updates()]
         for oid in dict.fromkeys(self._resolved):
             record = self.ledger.order(oid)
             if record is None:

@@ -24,6 +24,9 @@ from actors.cores.ledger import (
     OrderRecord,
     OrderState,
     _after_fill,
+    _avg_price_decimal,
+    _avg_price_str,
+    _ratio_str,
     _replace,
     _user_event,
     next_order_state,
@@ -44,6 +47,7 @@ from protocol import (
     UserEvent,
     from_units,
     parse_instruments,
+    ratio_to_str,
 )
 
 ROOT = Path(__file__).parent.parent
@@ -1146,6 +1150,73 @@ def test_open_qty_counter_equals_the_scan_of_live_orders(data: st.DataObject) ->
             attrs.validate(event)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_coalesced_updates_are_the_last_per_event_updates(data: st.DataObject) -> None:
+    # The same calls on per-event ledgers and on coalescing ones flushed after every
+    # call: the same P0/P1 events, and per call one update per key, holding exactly
+    # what the per-event ledger's last update of that key held.
+    sim = Sim()
+    for user in USERS:
+        sim.deposit(user, data.draw(st.integers(10**7, 10**12), label="deposit"))
+    run_steps(sim, data, data.draw(st.integers(1, 40), label="steps"))
+    plain = {u: Ledger(u, INSTRUMENTS) for u in USERS}
+    coalesced = {u: Ledger(u, INSTRUMENTS, coalesce_updates=True) for u in USERS}
+    updates = 0
+    for user, method, args in sim.log:
+        want = getattr(plain[user], method)(*args) or []
+        got = getattr(coalesced[user], method)(*args) or []
+        flushed = coalesced[user].flush_updates()
+        assert [(e.kind, e.data) for e in got] == [
+            (e.kind, e.data) for e in want if e.priority <= 1]
+        last = {(e.kind, e.key): e.data for e in want if e.priority == 2}
+        assert {(e.kind, e.key): e.data for e in flushed} == last
+        assert len(flushed) == len(last)
+        assert [e.kind for e in flushed][-1:] == (["account_update"] if last else [])
+        ts = args[-1] if isinstance(args[-1], int) else args[-1].ts
+        assert all(e.ts == ts for e in flushed)
+        ids = [e.event_id for e in got + flushed]
+        if ids:
+            assert ids == list(range(ids[0], ids[0] + len(ids)))
+        assert coalesced[user].flush_updates() == []
+        updates += len(flushed)
+    for user in USERS:
+        assert coalesced[user].account_view() == plain[user].account_view()
+        assert coalesced[user].positions_view() == plain[user].positions_view()
+    assert updates > 0
+
+
+def test_coalesced_updates_wait_for_the_flush_and_survive_a_pickle() -> None:
+    ann = funded("ann", coalesce_updates=True)
+    ben = funded("ben", coalesce_updates=True)
+    assert ann.flush_updates()[0].kind == "account_update"  # the deposit's
+    assert ann.flush_updates() == []
+    maker, taker = order(1, "sell", ONE_BTC, user="ben"), order(2, "buy", ONE_BTC, user="ann")
+    for ledger, o in ((ben, maker), (ann, taker)):
+        assert kinds(ledger.place(o, ref_price=BTC_60K)) == []
+        assert kinds(ledger.on_book_event(accepted(o))) == ["order_accepted"]
+    half = fill(maker, taker, BTC_60K, ONE_BTC // 2, ONE_BTC // 2, ONE_BTC // 2, ts=30)
+    rest = fill(maker, taker, BTC_60K, ONE_BTC // 2, 0, 0, trade_id=2, ts=31)
+    assert kinds(ann.on_book_event(half)) == ["trade_executed", "order_partially_filled"]
+    restored = pickle.loads(pickle.dumps(ann))  # a snapshot mid-turn keeps what is dirty
+    for ledger in (ann, restored):
+        assert kinds(ledger.on_book_event(rest)) == ["trade_executed", "order_filled"]
+        updates = ledger.flush_updates()
+        assert kinds(updates) == ["position_update", "account_update"]
+        assert updates[0].data == ledger.positions_view()[0]
+        assert updates[1].data == ledger.account_view()
+        assert {e.ts for e in updates} == {31}
+    # A snapshot from before coalescing existed loads with it off.
+    state = ann.__getstate__()
+    for name in ("coalesce_updates", "_dirty_positions", "_dirty_account", "_dirty_ts"):
+        del state[name]
+    old = Ledger.__new__(Ledger)
+    old.__setstate__(state)
+    assert not old.coalesce_updates
+    assert old.flush_updates() == []
+    assert kinds(old.deposit(1, ts=40)) == ["account_update"]
+
+
 def test_after_fill_is_replace_with_the_fill_changes() -> None:
     # Every field differs from its default, so a field _after_fill forgot would show.
     values = {a.name: a.default for a in attrs.fields(OrderRecord)}
@@ -1238,3 +1309,39 @@ _STEPS = ["0.0001", "0.1", "0.001", "0.01", "0.25", "1", "50", "5E+1", "0.10", "
 )
 def test_units_formatter_is_from_units(step: str, units: int) -> None:
     assert units_formatter(Decimal(step))(units) == from_units(units, Decimal(step))
+
+
+@settings(max_examples=500)
+@given(
+    tick=st.sampled_from(["0.1", "0.01", "0.25", "1", "5", "10", "0.0001", "0.5", "100"]),
+    cost=st.one_of(st.integers(0, 10**12), st.integers(0, 10**32)),
+    qty=st.one_of(st.integers(1, 10**6), st.integers(1, 10**24)),
+)
+def test_integer_average_price_is_the_decimal_one(tick: str, cost: int, qty: int) -> None:
+    class Ticked:  # _avg_price_str reads only the tick
+        pass
+
+    inst: Any = Ticked()
+    inst.tick = Decimal(tick)
+    try:
+        want = _avg_price_decimal(Decimal(tick), cost, qty)
+    except ArithmeticError:  # beyond Decimal's digits: the integer path must defer to it
+        with pytest.raises(ArithmeticError):
+            _avg_price_str(inst, cost, qty)
+        return
+    assert _avg_price_str(inst, cost, qty) == want
+
+
+@settings(max_examples=500)
+@given(
+    numerator=st.one_of(st.integers(0, 10**14), st.integers(0, 10**30)),
+    denominator=st.one_of(st.integers(1, 10**14), st.integers(1, 10**30)),
+)
+def test_integer_risk_ratio_is_the_decimal_one(numerator: int, denominator: int) -> None:
+    try:
+        want = ratio_to_str(numerator, denominator)
+    except ArithmeticError:  # beyond Decimal's digits: the integer path must defer to it
+        with pytest.raises(ArithmeticError):
+            _ratio_str(numerator, denominator)
+        return
+    assert _ratio_str(numerator, denominator) == want
