@@ -12,6 +12,7 @@ import pickle
 import random
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -948,3 +949,93 @@ def test_turns_publish_what_per_command_flushes_would_net(ops: list[Op], sizes: 
             assert tickers[0].volume_24h == sum(q for t, q in trades if t > ts - DAY_NS)
             top = now
         fills = []
+
+
+# -- snapshots of the old layout ------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _apply(book: OrderBook, kind: str, cmd: Any) -> list[BookEvent]:
+    if kind == "flush":
+        return book.flush_market(cmd)
+    handler: Any = getattr(book, kind)
+    return list(handler(cmd))
+
+
+def _views(book: OrderBook) -> Any:
+    ids = sorted(o.order_id for u in book.users() for o in book.open_orders(u))
+    return (
+        book.depth(), len(book), book.users(),
+        {u: book.open_orders(u) for u in (*book.users(), "e", "f", "zz")},
+        {i: book.order(i) for i in (*ids, 1, 99_999)},
+        book.best_bid(), book.best_ask(), book.band(), book.last_price, book.volume_24h(),
+        book.next_trade_id, book.status,
+    )
+
+
+def test_a_book_pickled_by_the_old_layout_loads_and_behaves_the_same(btc: Instrument) -> None:
+    # book_v1.pickle: an OrderBook pickled by fd9551b (SortedDict of _Level objects,
+    # _by_user, a deque of (ts, qty)); tests/fixtures/make_book_v1.py writes it.
+    old = pickle.loads((FIXTURES / "book_v1.pickle").read_bytes())
+    commands = pickle.loads((FIXTURES / "book_v1_commands.pickle").read_bytes())
+    fresh = OrderBook(btc)
+    for kind, cmd in commands:
+        _apply(fresh, kind, cmd)
+    assert type(old) is OrderBook
+    assert not hasattr(old, "_by_user")
+    assert _views(old) == _views(fresh)
+    assert len(old) > 20 and len(old.users()) >= 3 and old.last_price is not None
+    # The same resting orders, in the same queues (the old dead entries are dropped).
+    for side in ("_bids", "_asks"):
+        mine, theirs = getattr(old, side), getattr(fresh, side)
+        assert mine.in_order() == theirs.in_order() and mine.best == theirs.best
+        for key in mine.levels:
+            level = mine.levels[key]
+            assert level[3] == key and level[4] is mine and level[1] == 0
+            assert all(entry[4] is level for entry in level[2])
+            assert [e[:4] for e in level[2]] == [e[:4] for e in theirs.levels[key][2] if e[0]]
+    for order_id, entry in old._orders.items():
+        assert entry[4][2].count(entry) == 1 and entry[1] == order_id
+    # Pending market data comes out the same, then everything that follows does.
+    last_ts = max(cmd.ts for kind, cmd in commands if kind != "flush")
+    ts = last_ts + 1_000
+    assert old.flush_market(ts) == fresh.flush_market(ts)
+    bids, asks = fresh.depth()
+    resting = {u: [o.order_id for o in fresh.open_orders(u)] for u in fresh.users()}
+    nid = 90_000
+    later: list[tuple[str, Any]] = []
+
+    def order(user: str, side: str, price: int | None, qty: int, tif: str = "gtc") -> None:
+        nonlocal nid, ts
+        nid += 1
+        ts += 1_000
+        later.append(("submit", new(user, side, price, qty, order_id=nid, tif=tif, ts=ts)))
+
+    order("e", "buy", asks[2][0], sum(q for _, q in asks[:2]) + 1)  # sweeps two levels, rests
+    later.append(("cancel", cancel(resting["a"][0], "a", ts=ts)))
+    later.append(("cancel", cancel(resting["b"][-1], "b", ts=ts)))
+    later.append(("cancel", cancel(resting["b"][-1], "c", ts=ts)))  # not c's: rejected
+    later.append(("flush", ts))
+    order("f", "sell", bids[3][0], 10**6, tif="fok")  # too big: expires untouched
+    order("f", "sell", bids[2][0], sum(q for _, q in bids[:2]), tif="fok")
+    order("c", "sell", bids[-1][0], 40, tif="ioc")  # crosses levels, meets c's own orders
+    later.append(("cancel_user", CancelUserOrders(user="b", symbol=SYM, ts=ts)))
+    order("a", "buy", None, 5)
+    later.append(("flush", ts))
+    order("d", "sell", asks[-1][0] + 10, 3)
+    later.append(("flush", last_ts + DAY_NS + HOUR))  # the first trades leave the window
+    seen: list[BookEvent] = []
+    for kind, cmd in later:
+        events = _apply(old, kind, cmd)
+        assert events == _apply(fresh, kind, cmd), (kind, cmd)
+        assert _views(old) == _views(fresh)
+        seen += events
+    names = set(kinds(seen))
+    assert {"Fill", "OrderExpired", "OrderCanceled", "CancelRejected", "BookDelta"} <= names
+    assert (list(old._volume_ts), list(old._volume_qty)) == (
+        list(fresh._volume_ts), list(fresh._volume_qty)
+    )
+    # A converted book pickles and loads in the new layout.
+    again = pickle.loads(pickle.dumps(old, 5))
+    assert _views(again) == _views(fresh)

@@ -26,9 +26,14 @@ and fill keeping one up to date.
 
 The hot path is written for speed (about a million commands a second is the
 scale ``bench/book.py`` measures): a resting order and a level are small lists
-rather than objects (see ``_Entry`` and ``_Level``), events are built with
+rather than objects (see ``_Entry`` and ``_PriceLevel``), events are built with
 ``tuple.__new__`` (see :mod:`protocol._commands`), and locals cache
 attributes.
+
+Snapshots pickled by the book before this layout (commit fd9551b and earlier:
+``_Level`` objects in a ``SortedDict``, a per-user index, a volume deque of
+pairs) still load: ``_Side.__setstate__`` and ``OrderBook.__setstate__``
+recognize the old state and rebuild it in the new shape, at load time only.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ _Entry = list[Any]
 # lazy deletion), its best-first key and its _Side. A list, not an object:
 # building one is several times cheaper than calling a class, and new levels
 # are frequent near the top of the book.
-_Level = list[Any]
+_PriceLevel = list[Any]
 
 _alive = itemgetter(0)  # an entry's open quantity: 0 once it is cancelled or filled
 
@@ -116,10 +121,37 @@ class _Side:
 
     def __init__(self, sign: int) -> None:
         self.sign = sign
-        self.levels: dict[int, _Level] = {}
+        self.levels: dict[int, _PriceLevel] = {}
         self.ranks: list[int] = []
         self.best: int | None = None
         self.changed: dict[int, int] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        """Restore a pickled side; one pickled before fd9551b's successor is converted.
+
+        Pickle hands a slotted object's state as ``(None, {slot: value})``. The
+        old side (no ``ranks``; ``levels`` a SortedDict of :class:`_Level`)
+        gets its levels rebuilt as lists, each with its live entries in queue
+        order (the lazily deleted ones dropped) and each entry pointed at its
+        new level.
+        """
+        slots: dict[str, Any] = state[1]
+        if "ranks" in slots:
+            for name, value in slots.items():
+                setattr(self, name, value)
+            return
+        self.sign = slots["sign"]
+        self.changed = dict(slots["changed"])
+        levels: dict[int, _PriceLevel] = {}
+        for key, old in slots["levels"].items():
+            queue = deque(filter(_alive, old.queue))
+            level = [sum([entry[0] for entry in queue]), 0, queue, key, self]
+            for entry in queue:
+                entry[4] = level
+            levels[key] = level
+        self.levels = levels
+        self.ranks = sorted([-key for key in levels])
+        self.best = -self.ranks[-1] if self.ranks else None
 
     def drop(self, key: int) -> None:
         """Remove the (empty) level at ``key``."""
@@ -154,6 +186,23 @@ class _Side:
         ])
         changed.clear()
         return out
+
+
+class _Level:
+    """A price level as the book pickled it before the levels became lists.
+
+    Only for loading old snapshots: pickle finds this class by name, restores
+    its slots, and :meth:`_Side.__setstate__` then replaces it by a list level.
+    """
+
+    __slots__ = ("dead", "key", "price", "queue", "side", "total")
+
+    dead: int
+    key: int
+    price: int
+    queue: deque[_Entry]
+    side: _Side
+    total: int
 
 
 @attrs.frozen(kw_only=True)
@@ -221,6 +270,27 @@ class OrderBook:
         # the last ticker showed.
         self._trades: list[PublicTrade] = []
         self._top: tuple[int | None, int | None] = (None, None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled book; one pickled by the old layout (fd9551b) is converted.
+
+        The old book kept ``status`` as a plain attribute, a per-user index
+        ``_by_user`` (dropped: the orders hold the users) and the volume window
+        as one deque of ``(ts, qty)`` pairs (split into two deques of ints). Its
+        sides were converted by :meth:`_Side.__setstate__` already.
+        """
+        if "_by_user" not in state:
+            self.__dict__.update(state)
+            return
+        state = dict(state)
+        del state["_by_user"]
+        status = state.pop("status")
+        volume = state.pop("_volume")
+        self.__dict__.update(state)
+        self.status = status  # sets _status and _accepting
+        self._bands = {}
+        self._volume_ts = deque([ts for ts, _ in volume])
+        self._volume_qty = deque([qty for _, qty in volume])
 
     # -- commands -------------------------------------------------------------------
 
@@ -352,7 +422,7 @@ class OrderBook:
         # The removal is _take, inlined: cancels are a quarter of all commands.
         remaining = entry[0]
         entry[0] = 0
-        level: _Level = entry[4]
+        level: _PriceLevel = entry[4]
         side: _Side = level[4]
         changed = side.changed
         key = level[3]
@@ -694,7 +764,7 @@ class OrderBook:
         """Take a resting order out of its level (the caller drops it from ``_orders``)."""
         remaining = entry[0]
         entry[0] = 0
-        level: _Level = entry[4]
+        level: _PriceLevel = entry[4]
         side: _Side = level[4]
         changed = side.changed
         key = level[3]
