@@ -67,11 +67,16 @@ class EngineLink:
     Args:
         asys: this thread's ``ActorSystem`` handle.
         gateway_id: the name replies and deliveries are addressed to.
+        fanout: send each :meth:`send` call's requests as one batch to the Exchange,
+            which splits it per host in one turn (the embedded deployment; see
+            :meth:`send`), instead of one ``tell`` per host.
     """
 
-    def __init__(self, asys: Any, gateway_id: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, asys: Any, gateway_id: str, *, timeout: float = 10.0,
+                 fanout: bool = False) -> None:
         self.asys = asys
         self.gateway_id = gateway_id
+        self.fanout = fanout
         self.origin = f"gateway:{gateway_id}"
         self.exchange = exchange_address(asys)
         self._timeout = timedelta(seconds=timeout)
@@ -134,7 +139,22 @@ class EngineLink:
         return hid
 
     def send(self, items: Iterable[tuple[Dest, Any]]) -> int:
-        """Send requests, one batch per host; returns how many batches went out."""
+        """Send requests, one batch per host; returns how many batches went out.
+
+        With ``fanout`` the Exchange splits them per host instead (one message out of
+        this thread, counted as one batch). Under ``simpleSystemBase`` every external
+        ``tell`` runs all actors until nothing is left, so a ``tell`` per host ran one
+        host's cascade to the end before the next host saw its requests: a book took
+        one turn per account host of a pass. Split by the Exchange inside the system,
+        every host's batch is queued at once, and with grouped turns (see
+        :mod:`actors.host`) each host applies all it was sent in one turn.
+        """
+        if self.fanout:
+            whole = tuple(items)
+            if not whole:
+                return 0
+            self.asys.tell(self.exchange, EngineBatch(origin=self.origin, items=whole))
+            return 1
         per_host: dict[str, list[tuple[Dest, Any]]] = {}
         for dest, item in items:
             per_host.setdefault(self.host_of(dest), []).append((dest, item))

@@ -294,7 +294,9 @@ class Exchange(RuntimeActor):
         self.send(sender, self.directory)
 
     def receiveMsg_EngineBatch(self, batch: EngineBatch, sender: Any) -> None:
-        """Items for accounts that did not exist yet: create them, then forward."""
+        """Split a batch per host and forward it: a fan-out link's whole pass (see
+        ``EngineLink.send``), or items for accounts that did not exist yet (created
+        here first)."""
         created = False
         per_host: dict[str, list[tuple[Dest, Any]]] = {}
         for dest, item in batch.items:

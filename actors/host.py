@@ -6,7 +6,8 @@ per entity); the multi-process deployment starts one host per book, one for the
 router and ``N`` account shards, each running many account desks, because a
 process per user does not scale. The host code is the same.
 
-One turn = one inbound :class:`EngineBatch`:
+One turn = one inbound :class:`EngineBatch` (or, with ``group_commit="pass"``,
+every batch queued for the host when the turn starts: *grouped turns*, below):
 
 1. drop it if its ``(origin, seq)`` was seen already (a resend after a restart);
 2. hand every item to its desk (``handle``), then ``end_turn`` each touched desk;
@@ -14,6 +15,15 @@ One turn = one inbound :class:`EngineBatch`:
    (group commit: one transaction per turn) — only then
 4. send the outputs, **one batch per destination**, and ack the batch to its
    sender (after the commit, so an acked batch is durable).
+
+Grouped turns (embedded deployment): every host runs on one thread under
+``simpleSystemBase``, which delivers messages in send order. A host that
+receives a batch only queues it (after the channel checks of step 1) and, if it
+has not yet, sends itself a :class:`HostGo`; that arrives after every message
+already queued for the host, and its turn applies all the batches queued since,
+journaled as one record (a tuple of batches), with one ``end_turn`` per desk and
+one outbound batch per destination. A book that used to take one turn per
+account host's batch takes one per pass, and so do the accounts and the router.
 
 Transactional under Thespian's retry: a handler that raises is run again with
 the same message. The outputs of an applied batch are cached by batch key
@@ -127,6 +137,11 @@ class EngineBatch:
     origin: str
     seq: int = 0
     items: tuple[tuple[Dest, Any], ...]
+
+
+@attrs.frozen
+class HostGo:
+    """A host's note to itself (grouped turns): apply the batches accepted so far."""
 
 
 @attrs.frozen(kw_only=True)
@@ -243,8 +258,15 @@ class Host(RuntimeActor):
         self.out_seq: dict[str, int] = {}
         self.in_last: dict[str, int] = {}
         self.outbox: dict[str, deque[EngineBatch]] = {}
-        self._inflight: tuple[EngineBatch, _Sends, Any] | None = None
+        #: The turn applied and staged but not yet committed and sent: its batches (with
+        #: their senders) and outputs; a re-run by Thespian finishes it (see _finish).
+        self._inflight: tuple[list[tuple[EngineBatch, Any]], _Sends] | None = None
         self._early: dict[str, dict[int, tuple[EngineBatch, Any]]] = {}
+        #: Grouped turns (group_commit "pass"): batches accepted and waiting for the
+        #: HostGo this host sent itself, and the highest seq waiting per channel.
+        self._pending: list[tuple[EngineBatch, Any]] = []
+        self._pending_last: dict[str, int] = {}
+        self._go = False
         #: Receivers sent only the oldest batch of their outbox after a recovery: their
         #: next ack releases the rest.
         self._probing: set[str] = set()
@@ -310,9 +332,12 @@ class Host(RuntimeActor):
             # turn's own included (older snapshots hold only that turn's, or none).
             for host, batch in state[3] if len(state) > 3 else ():
                 self.outbox.setdefault(host, deque()).append(batch)
-        for _, batch in rec.records:
-            assert isinstance(batch, EngineBatch)
-            self._route(self._apply(batch))  # numbered and kept, not sent
+        for _, record in rec.records:
+            # A turn's record: its one batch, or a grouped turn's batches (a tuple).
+            group: Any = record
+            batches: tuple[Any, ...] = (group,) if isinstance(group, EngineBatch) else tuple(group)
+            assert all(isinstance(b, EngineBatch) for b in batches), record
+            self._route(self._apply(batches))  # numbered and kept, not sent
         self.turns = len(rec.records)
         if rec.discarded:
             log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,
@@ -362,11 +387,21 @@ class Host(RuntimeActor):
             return self.desks[dest.key]
         return self.desks[""]
 
-    def _apply(self, batch: EngineBatch) -> list[Out]:
-        """Run one batch through the desks; returns the outputs (nothing is sent)."""
-        if batch.seq:
-            self.in_last[batch.origin] = max(self.in_last.get(batch.origin, 0), batch.seq)
+    def _apply(self, batches: tuple[EngineBatch, ...]) -> list[Out]:
+        """Run one turn's batches through the desks, then end the turn of every desk
+        they touched; returns the outputs (nothing is sent)."""
         touched: dict[int, Desk] = {}
+        out: list[Out] = []
+        for batch in batches:
+            if batch.seq:
+                self.in_last[batch.origin] = max(self.in_last.get(batch.origin, 0),
+                                                 batch.seq)
+            out += self._apply_items(batch, touched)
+        for desk in touched.values():
+            out += desk.end_turn()
+        return out
+
+    def _apply_items(self, batch: EngineBatch, touched: dict[int, Desk]) -> list[Out]:
         out: list[Out] = []
         for dest, item in batch.items:
             if isinstance(item, HostResync):
@@ -398,8 +433,6 @@ class Host(RuntimeActor):
                         reply_to=reply_to, ok=False, code=ErrorCode.INTERNAL.value,
                         message=f"the engine could not handle this request ({type(exc).__name__})",
                     )))
-        for desk in touched.values():
-            out += desk.end_turn()
         self.items += len(batch.items)
         return out
 
@@ -410,18 +443,19 @@ class Host(RuntimeActor):
         if self._inflight is not None:
             # Thespian re-runs a handler that raised, with the same message: the turn
             # in flight is applied and staged already; finish it without applying again.
-            done, sends, done_sender = self._inflight
-            self._finish(done, sends, done_sender)
-            self._drain(done.origin)
+            done = self._finish_inflight()
             if self._stopping():  # _finish may have stopped the host (see _die)
                 return
-            if batch == done:
+            if any(batch == b for b, _ in done):
                 # The re-run of that very batch: it is applied now. A sequenced one would
                 # be dropped below by its channel seq, but an unsequenced one (a gateway's
                 # requests) has none and would be applied a second time.
                 return
+        if self._grouped():
+            self._accept(batch, sender)
+            return
         if not batch.seq:
-            self._turn(batch, sender)
+            self._turn([(batch, sender)])
             return
         last = self.in_last.get(batch.origin, 0)
         if batch.seq <= last:
@@ -432,8 +466,71 @@ class Host(RuntimeActor):
             # (measured under load): hold this one until the gap before it arrives.
             self._early.setdefault(batch.origin, {})[batch.seq] = (batch, sender)
             return
-        self._turn(batch, sender)
+        self._turn([(batch, sender)])
         self._drain(batch.origin)
+
+    def _grouped(self) -> bool:
+        """Whether turns are grouped: with ``group_commit="pass"`` (the embedded
+        deployment, every host on one thread), a host applies every batch queued for it
+        in one turn (see :meth:`receiveMsg_HostGo`)."""
+        return self.config is not None and self.config.group_commit == "pass"
+
+    def _accept(self, batch: EngineBatch, sender: Any) -> None:
+        """Grouped turns: queue ``batch`` for the next turn (after the channel checks a
+        turn of its own would make) and make sure a :class:`HostGo` is on its way."""
+        if batch.seq:
+            origin = batch.origin
+            last = max(self.in_last.get(origin, 0), self._pending_last.get(origin, 0))
+            if batch.seq <= last:
+                self._ack(origin, sender)  # a resend: acks the applied prefix
+                return
+            if batch.seq > last + 1:
+                self._early.setdefault(origin, {})[batch.seq] = (batch, sender)
+                return
+            self._pending.append((batch, sender))
+            self._pending_last[origin] = batch.seq
+            early = self._early.get(origin)
+            while early:
+                nxt = early.pop(self._pending_last[origin] + 1, None)
+                if nxt is None:
+                    break
+                self._pending.append(nxt)
+                self._pending_last[origin] = nxt[0].seq
+            if early is not None and not early:
+                self._early.pop(origin, None)
+        else:
+            self._pending.append((batch, sender))
+        if not self._go:
+            # Thespian's simple base delivers in send order: the HostGo arrives after
+            # every message already queued for this host, which join this turn.
+            self._go = True
+            self.send(self.myAddress, HostGo())
+
+    def receiveMsg_HostGo(self, msg: HostGo, sender: Any) -> None:
+        """Grouped turns: apply every batch accepted since the last turn, as one turn
+        (one journal record, one end of turn per desk, one batch per destination).
+
+        Under ``simpleSystemBase`` a gateway's requests reach ~20 account hosts, whose
+        orders reach a book as ~20 batches, whose fills reach the accounts and then the
+        router: one turn per batch made most of the engine's time per-turn cost.
+        """
+        self._go = False
+        if self._dead:
+            return
+        if self._inflight is not None:  # the re-run of a HostGo that raised
+            self._finish_inflight()
+            if self._stopping():
+                return
+        if self._pending:
+            self._turn(self._pending)
+
+    def _finish_inflight(self) -> list[tuple[EngineBatch, Any]]:
+        assert self._inflight is not None
+        group, sends = self._inflight
+        self._finish(group, sends)
+        for origin in dict.fromkeys(b.origin for b, _ in group):
+            self._drain(origin)
+        return group
 
     def _drain(self, origin: str) -> None:
         """Apply held batches of ``origin`` that are now next in line."""
@@ -442,22 +539,28 @@ class Host(RuntimeActor):
             nxt = early.pop(self.in_last.get(origin, 0) + 1, None)
             if nxt is None:
                 break
-            self._turn(*nxt)
+            self._turn([nxt])
         if early is not None and not early:
             self._early.pop(origin, None)
 
-    def _turn(self, batch: EngineBatch, sender: Any) -> None:
+    def _turn(self, group: list[tuple[EngineBatch, Any]]) -> None:
+        """One turn: apply ``group``'s batches (with their senders), journal them as one
+        record (the batch, or a tuple of a grouped turn's batches), commit, send."""
         assert self.journal is not None
-        sends = self._route(self._apply(batch))
-        self.journal.append(self.stream, [batch])
-        self._inflight = (batch, sends, sender)
+        batches = tuple(b for b, _ in group)
+        sends = self._route(self._apply(batches))
+        self.journal.append(self.stream, [batches[0] if len(batches) == 1 else batches])
+        self._inflight = (group, sends)
+        if group is self._pending:
+            self._pending = []
+            self._pending_last = {}
         self.turns += 1
         if self._fault == "raise_once":
             self._fault = None
             raise RuntimeError(f"{self.host_id}: injected fault after apply, before commit")
-        self._finish(batch, sends, sender)
+        self._finish(group, sends)
 
-    def _finish(self, batch: EngineBatch, sends: _Sends, sender: Any) -> None:
+    def _finish(self, group: list[tuple[EngineBatch, Any]], sends: _Sends) -> None:
         assert self.journal is not None
         if self._snapshot_due():
             # The state after this turn, its sends numbered: the channel seqs past its
@@ -482,8 +585,9 @@ class Host(RuntimeActor):
             self._die()
             return
         self._inflight = None
-        if batch.seq:
-            self._ack(batch.origin, sender)
+        acks = {b.origin: sender for b, sender in group if b.seq}
+        for origin, sender in acks.items():
+            self._ack(origin, sender)
         self._deliver(sends)
 
     def _snapshot_due(self) -> bool:
@@ -625,6 +729,7 @@ class Host(RuntimeActor):
             self.journal.close()
         self.journal = None
         self._inflight = None
+        self._pending = []
         self._dead = True
         self.send(self.myAddress, ActorExitRequest())
 

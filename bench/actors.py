@@ -26,7 +26,10 @@ Figures:
    (:func:`~actors.journal.flush_shared`) after each ``receive``, before any Reply
    counts — write-ahead at the process edge, as the bridge does before delivering.
    ``actors.simple.orders_per_s`` stays the per-turn commit figure (multiprocTCPBase's
-   policy, also the default of :class:`~actors.host.EngineConfig`).
+   policy, also the default of :class:`~actors.host.EngineConfig`). The pass run also
+   sends as the bridge does: one batch per ``send`` to the Exchange, which splits it
+   per host (``EngineLink(fanout=True)``), and hosts apply what is queued for them in
+   one turn (grouped turns, :mod:`actors.host`).
 2. ``actors.tcp.batching_lift``: under multiprocTCPBase, orders/s at 100 orders
    per ``send`` over orders/s at one order per ``send`` (one message each).
 3. ``actors.<base>.hop_median``: an ``AccountQuery`` to one account host and its
@@ -246,7 +249,9 @@ class Engine:
         self.flush = config.group_commit == "pass"
         if self.flush:
             flush_shared()
-        self.link = EngineLink(asys, GATEWAY, timeout=ASK)
+        # As the embedded bridge runs it: with group commit per pass, the link fans out
+        # through the Exchange so every host gets its batch at once (grouped turns).
+        self.link = EngineLink(asys, GATEWAY, timeout=ASK, fanout=self.flush)
         self.tally = Tally()
         self.population = list(population)
         self.request_ids = itertools.count(10**9)

@@ -143,6 +143,8 @@ _Request = tuple[Dest, Any] | _Typed | Callable[[EngineLink], Any]
 # -- record frames --------------------------------------------------------------------------
 
 RECORD_FORMAT = "emporion-record"
+#: The host name of a recorded batch that a fan-out link sent whole (to the Exchange).
+FANOUT_HOST = "exchange"
 RECORD_VERSION = 1
 _MAGIC = b"EMPREC\r\n"
 _FRAME = struct.Struct(">II")  # payload length, CRC-32 of the payload
@@ -445,8 +447,10 @@ class _Recorder:
     def inputs(self, link: EngineLink, items: list[tuple[Dest, Any]]) -> None:
         per_host: dict[str, list[tuple[Dest, Any]]] = {}
         for dest, item in items:
-            # The same grouping EngineLink.send makes (host_of is what it calls).
-            per_host.setdefault(link.host_of(dest), []).append((dest, item))
+            # The same grouping EngineLink.send makes (host_of is what it calls); a
+            # fan-out link sends the pass as one batch, which the Exchange splits.
+            host = FANOUT_HOST if link.fanout else link.host_of(dest)
+            per_host.setdefault(host, []).append((dest, item))
             user = input_user(item)
             if user is not None:
                 self.users.setdefault(user)
@@ -649,7 +653,10 @@ class EngineBridge:
                 asys = start_system(SystemConfig(base=opts.base, admin_port=port), attach=True)
             if opts.record is not None:
                 self._recorder = _Recorder(opts.record, self._header(recovered))
-            link = EngineLink(asys, opts.gateway_id)
+            # Embedded: the Exchange splits each pass's requests per host inside the
+            # system, so every host's batch is queued at once (see EngineLink.send).
+            link = EngineLink(asys, opts.gateway_id,
+                              fanout=opts.base == "simpleSystemBase")
         except BaseException as exc:
             if self._recorder is not None:
                 self._recorder.writer.close()

@@ -9,10 +9,15 @@ process, on a virtual clock — computes the same digests from its outputs with
 the same code (:class:`~gateway.bridge.RunDigest`) and compares.
 
 **Feeding order.** The embedded engine runs on Thespian's ``simpleSystemBase``,
-where every external ``tell`` runs all actors to quiescence before it returns,
-and ``EngineLink.send`` makes one ``tell`` (one ``EngineBatch``) per host. So
-each recorded host batch is fed on its own and the engine is run until nothing
-is left before the next one. With one host per entity (``account_shards = 0``,
+where every external ``tell`` runs all actors to quiescence before it returns.
+The embedded bridge's ``EngineLink`` fans out: each pass's requests go in one
+``tell`` to the Exchange, which splits them per host in one turn, and every host
+then applies what is queued for it as one turn (grouped turns) — the rounds
+``LocalEngine.run`` makes. Such a pass is recorded as one batch (host
+``exchange``) and fed whole before the engine runs. A link that sends one
+``tell`` per host (an attached gateway, older recordings) is recorded per host
+batch, and each is fed on its own and the engine is run until nothing is left
+before the next one. With one host per entity (``account_shards = 0``,
 the embedded default) the cores then see the same inputs in the same order as
 in the live run: a book's commands come from the one account a cascade started
 at, an account's book events from the books in the order they ran, and the
@@ -90,6 +95,7 @@ from actors.messages import (
 )
 from gateway.bridge import (
     DIGESTS,
+    FANOUT_HOST,
     RECORD_CONN,
     OpaqueCall,
     OpenAccounts,
@@ -172,8 +178,9 @@ class _Replayer:
         if isinstance(ev, PublicTrade):
             self.digest.feed((ev,))
 
-    def batch(self, items: Iterable[tuple[Dest, Any]]) -> None:
-        """One host's batch: everything in it, then run the engine to quiescence."""
+    def batch(self, items: Iterable[tuple[Dest, Any]], *, whole_pass: bool = False) -> None:
+        """One host's batch (or, ``whole_pass``, a fan-out link's whole pass): everything
+        in it, then run the engine to quiescence."""
         self.batches += 1
         accounts: set[str] = set()
         for dest, item in items:
@@ -193,7 +200,7 @@ class _Replayer:
                 self.engine.send(dest, item)
             else:
                 self.skipped.append(f"{type(item).__name__} to {dest.kind}:{dest.key}")
-        if len(accounts) > 1:
+        if len(accounts) > 1 and not whole_pass:
             self.mixed_batches += 1
         self.engine.run(self.now)
 
@@ -257,8 +264,8 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
         run = _Replayer(config)
         for frame in reader:
             if isinstance(frame, RecordedInput):
-                for _host, items in frame.batches:
-                    run.batch(items)
+                for host, items in frame.batches:
+                    run.batch(items, whole_pass=host == FANOUT_HOST)
             elif isinstance(frame, RecordedCall):
                 run.call(frame.call)
             elif isinstance(frame, RecordedOutput):
