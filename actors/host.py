@@ -471,9 +471,18 @@ class Host(RuntimeActor):
 
     def _grouped(self) -> bool:
         """Whether turns are grouped: with ``group_commit="pass"`` (the embedded
-        deployment, every host on one thread), a host applies every batch queued for it
-        in one turn (see :meth:`receiveMsg_HostGo`)."""
-        return self.config is not None and self.config.group_commit == "pass"
+        deployment, every host on one thread), a book, the router or an account shard
+        applies every batch queued for it in one turn (see :meth:`receiveMsg_HostGo`).
+
+        A one-user account host is not grouped: it gets one batch per round of a pass
+        (the pass's requests, then each book's answers), so the HostGo would be one
+        more message per turn and group nothing (measured: bench/gateway.py's private
+        push, one deposit per user and pass, 20-35 % slower with it).
+        """
+        config = self.config
+        if config is None or config.group_commit != "pass":
+            return False
+        return self.kind != "account" or config.account_shards > 0
 
     def _accept(self, batch: EngineBatch, sender: Any) -> None:
         """Grouped turns: queue ``batch`` for the next turn (after the channel checks a

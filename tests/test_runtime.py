@@ -309,3 +309,30 @@ def test_relay_keeps_traffic_flowing_past_a_dead_actor(tmp_path: Any) -> None:
         count = _ask(system, relay, RuntimeRelayAsk(live, RuntimeSinkQuery()))
         assert count == RuntimeSinkCount(messages=11, items=21), (getattr(count, "poisonMessage", None), getattr(count, "details", None))
         assert flushed < 1.0
+
+
+def test_fifo_sends_pops_only_at_its_ends() -> None:
+    q = runtime.FifoSends([1, 2, 3])
+    q.append(4)
+    assert q.pop(0) == 1
+    assert q.pop() == 4
+    with pytest.raises(IndexError):
+        q.pop(1)
+    assert list(q) == [2, 3]
+
+
+def test_a_simple_system_queues_its_sends_in_a_deque_and_keeps_their_order(
+    tmp_path: Any,
+) -> None:
+    # Thespian's list pop(0) moved every queued message per delivery; the deque keeps
+    # the same first-in-first-out order (the engine's grouped turns rely on it).
+    with running_system(SystemConfig(base=SIMPLE), log_dir=tmp_path) as system:
+        assert isinstance(system._systemBase._pendingSends, runtime.FifoSends)
+        sink = system.createActor(RuntimeSink)
+        for i in range(50):
+            system.tell(sink, ("item", i))
+        count = _ask(system, sink, RuntimeSinkQuery())
+        assert isinstance(count, RuntimeSinkCount)
+        assert count.messages == 50
+        echo = system.createActor(RuntimeEcho)
+        assert [_ask(system, echo, ("n", i)) for i in range(5)] == [("n", i) for i in range(5)]
