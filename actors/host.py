@@ -17,13 +17,15 @@ every batch queued for the host when the turn starts: *grouped turns*, below):
    sender (after the commit, so an acked batch is durable).
 
 Grouped turns (embedded deployment): every host runs on one thread under
-``simpleSystemBase``, which delivers messages in send order. A host that
-receives a batch only queues it (after the channel checks of step 1) and, if it
-has not yet, sends itself a :class:`HostGo`; that arrives after every message
-already queued for the host, and its turn applies all the batches queued since,
-journaled as one record (a tuple of batches), with one ``end_turn`` per desk and
-one outbound batch per destination. A book that used to take one turn per
-account host's batch takes one per pass, and so do the accounts and the router.
+``simpleSystemBase``, which delivers messages in send order. A book, the router
+or an account shard that receives a batch only queues it (after the channel
+checks of step 1) and, if it has not yet, sends itself a :class:`HostGo`; that
+arrives after every message already queued for the host, and its turn applies
+all the batches queued since, journaled as one record (a tuple of batches), with
+one ``end_turn`` per desk and one outbound batch per destination. A book that
+used to take one turn per account host's batch takes one per round of a pass,
+and so does the router. (A one-user account host gets one batch per round and
+applies it at once.)
 
 Transactional under Thespian's retry: a handler that raises is run again with
 the same message. The outputs of an applied batch are cached by batch key
