@@ -80,17 +80,37 @@ def account_dest(user: str) -> Dest:
     return dest
 
 
+#: One Dest per book and per gateway, as per account: building one per order or reply
+#: cost an attrs ``__init__`` each, and a shared one is pickled once per journal record.
+_BOOK_DESTS: dict[str, Dest] = {}
+_GATEWAY_DESTS: dict[str, Dest] = {}
+
+
+def book_dest(symbol: str) -> Dest:
+    dest = _BOOK_DESTS.get(symbol)
+    if dest is None:
+        dest = _BOOK_DESTS[symbol] = Dest("book", symbol)
+    return dest
+
+
+def gateway_dest(gateway: str) -> Dest:
+    dest = _GATEWAY_DESTS.get(gateway)
+    if dest is None:
+        dest = _GATEWAY_DESTS[gateway] = Dest("gateway", gateway)
+    return dest
+
+
 def _error(reply_to: ReplyTo | None, code: str, message: str) -> list[Out]:
     if reply_to is None:
         return []
-    return [(Dest("gateway", reply_to.gateway),
+    return [(gateway_dest(reply_to.gateway),
              Reply(reply_to=reply_to, ok=False, code=code, message=message))]
 
 
 def _ok(reply_to: ReplyTo | None, result: dict[str, Any]) -> list[Out]:
     if reply_to is None:
         return []
-    return [(Dest("gateway", reply_to.gateway), Reply(reply_to=reply_to, ok=True, result=result))]
+    return [(gateway_dest(reply_to.gateway), Reply(reply_to=reply_to, ok=True, result=result))]
 
 
 class BookDesk:
@@ -175,7 +195,7 @@ class AccountDesk:
             return _error(msg.reply_to, exc.code.value, exc.message)
         self._pending_place[order.order_id] = msg.reply_to
         out: list[Out] = [(ROUTER, ev) for ev in events]
-        out.append((Dest("book", order.symbol), order))
+        out.append((book_dest(order.symbol), order))
         return out
 
     def _find(self, msg: AccountCancel) -> OrderRecord | None:
@@ -194,7 +214,7 @@ class AccountDesk:
             self._pending_cancel.setdefault(record.order_id, []).append(msg.reply_to)
         cmd = CancelOrder(order_id=record.order_id, user=self.user, symbol=record.symbol,
                           ts=msg.ts)
-        return [(Dest("book", record.symbol), cmd)]
+        return [(book_dest(record.symbol), cmd)]
 
     def _cancel_all(self, msg: AccountCancelAll) -> list[Out]:
         if msg.symbol is not None and msg.symbol not in self._instruments:
@@ -203,7 +223,7 @@ class AccountDesk:
         ids = self.ledger.open_order_ids(msg.symbol)
         symbols = sorted({self.ledger.order(i).symbol for i in ids})  # type: ignore[union-attr]
         out: list[Out] = [
-            (Dest("book", s), CancelUserOrders(user=self.user, symbol=s, ts=msg.ts))
+            (book_dest(s), CancelUserOrders(user=self.user, symbol=s, ts=msg.ts))
             for s in symbols
         ]
         return out + _ok(msg.reply_to, {"canceled": len(ids)})
@@ -345,7 +365,7 @@ class RouterDesk:
                 out.append((TIMER, eff))
                 continue
             for gw in self._gateways.get(eff.user, ()):
-                out.append((Dest("gateway", gw), Delivery(user=eff.user, events=eff.events)))
+                out.append((gateway_dest(gw), Delivery(user=eff.user, events=eff.events)))
         return out
 
     def end_turn(self) -> list[Out]:
