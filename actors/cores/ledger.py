@@ -780,7 +780,8 @@ class Ledger:
         """Credit ``amount`` minor units.
 
         Returns:
-            One ``account_update`` event.
+            One ``account_update`` event (none when coalescing: :meth:`flush_updates`
+            reports it).
 
         Raises:
             RemoteProtocolError: ``bad_request`` if ``amount`` is not a positive integer.
@@ -792,7 +793,8 @@ class Ledger:
         """Debit ``amount`` minor units if that much is available.
 
         Returns:
-            One ``account_update`` event.
+            One ``account_update`` event (none when coalescing: :meth:`flush_updates`
+            reports it).
 
         Raises:
             RemoteProtocolError: ``bad_request`` if ``amount`` is not a positive
@@ -907,7 +909,8 @@ class Ledger:
         """Apply the book's answer about this user's order(s).
 
         Returns:
-            The user's private events, in order.
+            The user's private events, in order (when coalescing, without the
+            ``position_update``/``account_update`` that :meth:`flush_updates` reports).
 
         Raises:
             IllegalTransition: the event does not fit the order's lifecycle.
