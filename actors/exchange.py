@@ -51,14 +51,16 @@ from actors.host import (
     DirectoryUpdate,
     EngineBatch,
     EngineConfig,
+    GatewayBatch,
     Host,
     HostInit,
     HostReady,
     account_host_id,
 )
 from actors.journal import Journal, JournalError
-from actors.messages import Dest
+from actors.messages import Dest, Reply, ReplyTo
 from actors.runtime import RuntimeActor
+from protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +311,25 @@ class Exchange(RuntimeActor):
                 hid = self.directory.router
             if hid is not None:
                 per_host.setdefault(hid, []).append((dest, item))
+            else:
+                self._unroutable(dest, item)
         if created:
             self._broadcast()
         for hid, items in per_host.items():
             self.send(self.directory.hosts[hid],
                       EngineBatch(origin=batch.origin, items=tuple(items)))
+
+    def _unroutable(self, dest: Dest, item: Any) -> None:
+        """An item for a book this engine does not have (the gateway checks symbols
+        first, so this is a client of the link that did not): the requester gets an
+        ``unknown_symbol`` error instead of silence."""
+        log.warning("no host for %s:%s; %s refused", dest.kind, dest.key, type(item).__name__)
+        reply_to = getattr(item, "reply_to", None)
+        gateway = None if reply_to is None else self.directory.gateways.get(reply_to.gateway)
+        if isinstance(reply_to, ReplyTo) and gateway is not None:
+            self.send(gateway, GatewayBatch(items=(Reply(
+                reply_to=reply_to, ok=False, code=ErrorCode.UNKNOWN_SYMBOL.value,
+                message=f"no {dest.kind} {dest.key} in this engine"),)))
 
     def receiveMsg_GatewayRegister(self, msg: GatewayRegister, sender: Any) -> None:
         self.directory.gateways[msg.gateway_id] = sender

@@ -12,7 +12,14 @@ import pytest
 from engine_kit import engine, inspect
 
 from actors.host import HostFault, HostStats, HostStatsQuery
-from actors.messages import AccountDeposit, Dest, ReplyTo, RouterReplay
+from actors.messages import (
+    AccountDeposit,
+    BookSnapshotRequest,
+    Dest,
+    Reply,
+    ReplyTo,
+    RouterReplay,
+)
 from protocol import CASH_STEP
 
 BASE = "simpleSystemBase"
@@ -337,3 +344,26 @@ def test_grouped_turns_apply_what_is_queued_in_one_turn_and_recover_it(
             assert event.seq == 2
             assert event.data["balance"] == t.query(u, "account")["balance"]
             assert Decimal(event.data["balance"]) == (MILLION + i + 1) * CASH_STEP
+
+
+def test_a_fanned_out_request_for_an_unknown_book_is_answered_not_dropped() -> None:
+    # The Exchange splits a fan-out link's pass per host; an item for a book the engine
+    # does not have used to vanish there (the per-host link raised instead). Now its
+    # requester gets unknown_symbol, and the rest of the pass goes on.
+    with engine(BASE, group_commit="pass") as t:
+        t.link.fanout = True
+        t.link.attach("alice")
+        bad, good = next(t.ids), next(t.ids)
+        t.link.send([
+            (Dest("book", "NOPE-PERP"), BookSnapshotRequest(
+                reply_to=ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=bad),
+                symbol="NOPE-PERP", ts=1)),
+            (Dest("account", "alice"), AccountDeposit(
+                reply_to=ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=good),
+                user="alice", amount=MILLION, ts=1)),
+        ])
+        t._take(t.link.wait_for(lambda got: {good, bad} <= {
+            m.reply_to.request_id for m in got if isinstance(m, Reply)}))
+        assert t.replies[good].ok
+        assert not t.replies[bad].ok
+        assert t.replies[bad].code == "unknown_symbol"
