@@ -16,7 +16,7 @@ Flow of one order (ARCHITECTURE.md)::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from actors.cores.book import OrderBook
@@ -67,37 +67,27 @@ _BOOK_ANSWERS = (OrderAccepted, OrderRejected, Fill, OrderCanceled, OrderExpired
 TRADES_KEPT = 1000
 
 
-#: One ``Dest("account", user)`` per user, shared: a turn's outputs to an account
-#: then repeat one object, which the receiver's journal record pickles once
-#: (pickle memoizes by identity) instead of once per fill.
-_ACCOUNT_DESTS: dict[str, Dest] = {}
+def _shared_dests(kind: str) -> Callable[[str], Dest]:
+    """``key -> Dest(kind, key)``, one shared object per key.
 
+    A turn's outputs to one account, book or gateway then repeat one object, which
+    the receiver's journal record pickles once (pickle memoizes by identity) instead
+    of once per fill or order, and no attrs ``__init__`` runs per output.
+    """
+    known: dict[str, Dest] = {}
 
-def account_dest(user: str) -> Dest:
-    dest = _ACCOUNT_DESTS.get(user)
-    if dest is None:
-        dest = _ACCOUNT_DESTS[user] = Dest("account", user)
+    def dest(key: str) -> Dest:
+        found = known.get(key)
+        if found is None:
+            found = known[key] = Dest(kind, key)
+        return found
+
     return dest
 
 
-#: One Dest per book and per gateway, as per account: building one per order or reply
-#: cost an attrs ``__init__`` each, and a shared one is pickled once per journal record.
-_BOOK_DESTS: dict[str, Dest] = {}
-_GATEWAY_DESTS: dict[str, Dest] = {}
-
-
-def book_dest(symbol: str) -> Dest:
-    dest = _BOOK_DESTS.get(symbol)
-    if dest is None:
-        dest = _BOOK_DESTS[symbol] = Dest("book", symbol)
-    return dest
-
-
-def gateway_dest(gateway: str) -> Dest:
-    dest = _GATEWAY_DESTS.get(gateway)
-    if dest is None:
-        dest = _GATEWAY_DESTS[gateway] = Dest("gateway", gateway)
-    return dest
+account_dest = _shared_dests("account")
+book_dest = _shared_dests("book")
+gateway_dest = _shared_dests("gateway")
 
 
 def _error(reply_to: ReplyTo | None, code: str, message: str) -> list[Out]:
