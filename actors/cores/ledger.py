@@ -475,11 +475,20 @@ def _avg_price_str(instrument: Instrument, cost: int, qty: int) -> str:
     factor, places = scale
     if cost < 0 or cost * factor >= 10**_DECIMAL_DIGITS:
         return _avg_price_decimal(tick, cost, qty)
-    q, r = divmod(cost * factor, qty)
+    text = _half_even_str(cost * factor, qty, places)
+    return _avg_price_decimal(tick, cost, qty) if text is None else text
+
+
+def _half_even_str(scaled: int, denominator: int, places: int) -> str | None:
+    """``scaled / denominator / 10**places`` rounded half-even to ``places`` decimals,
+    as ``Decimal`` division then ``quantize`` give it, or ``None`` where they might
+    not (see :func:`_avg_price_str`): a quotient past 28 digits, or a denominator
+    large enough for the 28-digit rounding to land on a half."""
+    q, r = divmod(scaled, denominator)
     digits = len(str(q))
-    if digits > _DECIMAL_DIGITS or qty > 10 ** (_DECIMAL_DIGITS - digits):
-        return _avg_price_decimal(tick, cost, qty)
-    if 2 * r > qty or (2 * r == qty and q & 1):
+    if digits > _DECIMAL_DIGITS or denominator > 10 ** (_DECIMAL_DIGITS - digits):
+        return None
+    if 2 * r > denominator or (2 * r == denominator and q & 1):
         q += 1
     text = str(q).rjust(places + 1, "0")
     return f"{text[:-places]}.{text[-places:]}"
@@ -505,14 +514,8 @@ def _ratio_str(numerator: int, denominator: int) -> str:
     where that is exact (the same argument as :func:`_avg_price_str`'s)."""
     if numerator < 0 or denominator <= 0:
         return ratio_to_str(numerator, denominator)
-    q, r = divmod(numerator * 10**_RATIO_PLACES, denominator)
-    digits = len(str(q))
-    if digits > _DECIMAL_DIGITS or denominator > 10 ** (_DECIMAL_DIGITS - digits):
-        return ratio_to_str(numerator, denominator)
-    if 2 * r > denominator or (2 * r == denominator and q & 1):
-        q += 1
-    text = str(q).rjust(_RATIO_PLACES + 1, "0")
-    return f"{text[:-_RATIO_PLACES]}.{text[-_RATIO_PLACES:]}"
+    text = _half_even_str(numerator * 10**_RATIO_PLACES, denominator, _RATIO_PLACES)
+    return ratio_to_str(numerator, denominator) if text is None else text
 
 
 def _check_amount(amount: int) -> None:
