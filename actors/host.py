@@ -459,17 +459,32 @@ class Host(RuntimeActor):
         if not batch.seq:
             self._turn([(batch, sender)])
             return
-        last = self.in_last.get(batch.origin, 0)
+        if self._admit(batch, sender, self.in_last.get(batch.origin, 0)):
+            self._turn([(batch, sender)])
+            self._drain(batch.origin)
+
+    def _admit(self, batch: EngineBatch, sender: Any, last: int) -> bool:
+        """Step 1 for a sequenced batch of a channel whose batches up to ``last`` are
+        taken: whether it is next in line. A resend is acked (the ack names the applied
+        prefix); a batch past a gap is held until the gap fills (Thespian's TCP
+        transport can deliver a channel's batches out of order, measured under load)."""
         if batch.seq <= last:
-            self._ack(batch.origin, sender)  # a resend of something already applied
-            return
+            self._ack(batch.origin, sender)
+            return False
         if batch.seq > last + 1:
-            # Thespian's TCP transport can deliver a channel's batches out of order
-            # (measured under load): hold this one until the gap before it arrives.
             self._early.setdefault(batch.origin, {})[batch.seq] = (batch, sender)
-            return
-        self._turn([(batch, sender)])
-        self._drain(batch.origin)
+            return False
+        return True
+
+    def _next_early(self, origin: str, last: int) -> tuple[EngineBatch, Any] | None:
+        """The held batch of ``origin`` numbered ``last + 1``, if any (taken out)."""
+        early = self._early.get(origin)
+        if not early:
+            return None
+        nxt = early.pop(last + 1, None)
+        if not early:
+            del self._early[origin]
+        return nxt
 
     def _grouped(self) -> bool:
         """Whether turns are grouped: with ``group_commit="pass"`` (the embedded
@@ -492,23 +507,13 @@ class Host(RuntimeActor):
         if batch.seq:
             origin = batch.origin
             last = max(self.in_last.get(origin, 0), self._pending_last.get(origin, 0))
-            if batch.seq <= last:
-                self._ack(origin, sender)  # a resend: acks the applied prefix
+            if not self._admit(batch, sender, last):
                 return
-            if batch.seq > last + 1:
-                self._early.setdefault(origin, {})[batch.seq] = (batch, sender)
-                return
-            self._pending.append((batch, sender))
-            self._pending_last[origin] = batch.seq
-            early = self._early.get(origin)
-            while early:
-                nxt = early.pop(self._pending_last[origin] + 1, None)
-                if nxt is None:
-                    break
+            nxt: tuple[EngineBatch, Any] | None = (batch, sender)
+            while nxt is not None:  # this batch, then any held ones now in line
                 self._pending.append(nxt)
                 self._pending_last[origin] = nxt[0].seq
-            if early is not None and not early:
-                self._early.pop(origin, None)
+                nxt = self._next_early(origin, nxt[0].seq)
         else:
             self._pending.append((batch, sender))
         if not self._go:
@@ -545,14 +550,11 @@ class Host(RuntimeActor):
 
     def _drain(self, origin: str) -> None:
         """Apply held batches of ``origin`` that are now next in line."""
-        early = self._early.get(origin)
-        while early and not self._dead:
-            nxt = early.pop(self.in_last.get(origin, 0) + 1, None)
+        while not self._dead:
+            nxt = self._next_early(origin, self.in_last.get(origin, 0))
             if nxt is None:
                 break
             self._turn([nxt])
-        if early is not None and not early:
-            self._early.pop(origin, None)
 
     def _turn(self, group: list[tuple[EngineBatch, Any]]) -> None:
         """One turn: apply ``group``'s batches (with their senders), journal them as one
