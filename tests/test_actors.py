@@ -214,11 +214,16 @@ def test_hosts_recover_from_snapshots_paced_by_journal_bytes(
         seqs = {u: inspect(t.link, "router")[""].router.last_seq(u) for u in ("alice", "bob")}
         db = sqlite3.connect(tmp_path / "journal.sqlite3")
         counts = dict(db.execute("SELECT stream, count(*) FROM snapshots GROUP BY stream"))
+        oldest_snapshot = dict(db.execute("SELECT stream, min(seq) FROM snapshots GROUP BY stream"))
+        first_record = dict(db.execute("SELECT stream, min(seq) FROM records GROUP BY stream"))
         db.close()
         if factor == 1:
-            # A snapshot costs about its records' bytes: hosts snapshot again and again.
-            assert counts["host:router"] > 1
-            assert counts["host:account:alice"] > 1
+            # A snapshot costs about its records' bytes: hosts snapshot again and again,
+            # and each snapshot turn compacts the journal up to the previous snapshot:
+            # two snapshots stay, with the records after the older one.
+            assert counts["host:router"] == counts["host:account:alice"] == 2
+            for stream in ("host:router", "host:account:alice", "host:book:BTC-PERP"):
+                assert first_record[stream] == oldest_snapshot[stream] + 1 > 2
         else:
             # Never enough records to pay for another snapshot: only the first one.
             assert counts["host:router"] == 1
