@@ -55,10 +55,12 @@ Group commit per pass (``defer=True``, shared connections only): the embedded
 engine runs every host on the gateway's bridge thread, and nothing a host
 emits leaves the process until the bridge hands a pass's messages to the
 gateway. There, :meth:`Journal.commit` writes the turn into one transaction
-that stays open on the shared connection (each turn in its own savepoint, so a
-failed turn rolls back alone) and :func:`flush_shared` — called by the bridge
-before anything reaches a client — commits the whole pass at once, fsyncing
-per the policy counted in passes. Write-ahead still holds where it matters:
+that stays open on the shared connection — a turn of one record is buffered and
+the pass's buffered rows are written by one ``executemany``; any other turn goes
+in its own savepoint, so a failed one rolls back alone — and :func:`flush_shared`
+(called by the bridge before anything reaches a client) writes what is buffered
+and commits the whole pass at once, fsyncing per the policy counted in passes. A
+failed write of buffered rows fails the whole pass. Write-ahead still holds where it matters:
 no reply or event leaves the process before the inputs behind it are
 committed, and a crash loses only a pass nobody saw. Readers on the same
 connection (a restarted host's recovery) see the pass's writes.
@@ -176,8 +178,39 @@ _REGISTER_STREAM: Final = "INSERT OR IGNORE INTO streams (name, base) VALUES (?,
 
 
 #: Shared connections: (real path, pid, thread id) ->
-#: [connection, users, fsync policy, sync interval, passes since the last fsync].
+#: [connection, users, fsync policy, sync interval, passes since the last fsync,
+#: buffered record rows of the open pass, why the open pass failed (None: it did not)].
 _SHARED: dict[tuple[str, int, int], list[Any]] = {}
+# Indexes into a _SHARED entry.
+_PENDING: Final = 5
+_PASS_FAILED: Final = 6
+
+
+def _write_pending(entry: list[Any]) -> None:
+    """Write the buffered record rows of a shared connection's open pass (one
+    ``executemany``), beginning the pass's transaction if need be.
+
+    A failed write rolls the whole pass back and marks it failed, so that
+    :func:`flush_shared` refuses to commit what the pass wrote afterwards.
+
+    Raises:
+        JournalError: the write failed.
+    """
+    rows = entry[_PENDING]
+    if not rows:
+        return
+    conn: sqlite3.Connection = entry[0]
+    try:
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_INSERT_RECORD, rows)
+    except sqlite3.Error as exc:
+        entry[_PASS_FAILED] = f"writing {len(rows)} buffered records failed: {exc}"
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise JournalError(f"journal pass {entry[_PASS_FAILED]}") from exc
+    finally:
+        rows.clear()
 
 
 def flush_shared() -> int:
@@ -191,7 +224,21 @@ def flush_shared() -> int:
     done = 0
     for key, entry in list(_SHARED.items()):
         conn = entry[0]
-        if key[1:] != me or not conn.in_transaction:
+        if key[1:] != me:
+            continue
+        if entry[_PASS_FAILED] is None:
+            with contextlib.suppress(JournalError):  # reported just below
+                _write_pending(entry)
+        failed = entry[_PASS_FAILED]
+        if failed is not None:
+            # A buffered write of this pass failed and rolled the pass back: what
+            # the pass wrote since must not commit alone. Reported once.
+            entry[_PASS_FAILED] = None
+            entry[_PENDING].clear()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise JournalError(f"journal pass {failed}")
+        if not conn.in_transaction:
             continue
         try:
             conn.execute("COMMIT")
@@ -687,13 +734,16 @@ class Journal:
                 raise
             if share and self.path != ":memory:":
                 key = (os.path.realpath(self.path), os.getpid(), threading.get_ident())
-                _SHARED[key] = [conn, 1, fsync, sync_interval, 0]
+                _SHARED[key] = [conn, 1, fsync, sync_interval, 0, [], None]
                 self._share_key = key
         else:
             conn = _SHARED[self._share_key][0]
         self._conn: sqlite3.Connection | None = conn
         #: Group commit per pass: only for a shared connection (see the module doc).
         self.defer = defer and self._share_key is not None
+        # The shared connection's entry (its buffered rows), or None.
+        self._shared: list[Any] | None = (
+            _SHARED[self._share_key] if self._share_key is not None else None)
         # Committed last offset per stream (loaded lazily), and the staged turn.
         self._last: dict[str, int] = {}
         self._registered: set[str] = set()
@@ -802,9 +852,20 @@ class Journal:
 
     @property
     def _db(self) -> sqlite3.Connection:
+        """The connection, for a statement: the buffered rows of the open pass (see
+        :meth:`_write_deferred`) are written first, so every statement — a read
+        included — sees the pass's records in order."""
+        conn = self._conn
+        if conn is None:
+            raise JournalError("the journal is closed")
+        shared = self._shared
+        if shared is not None and shared[_PENDING]:
+            _write_pending(shared)
+        return conn
+
+    def _check_open(self) -> None:
         if self._conn is None:
             raise JournalError("the journal is closed")
-        return self._conn
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -910,12 +971,13 @@ class Journal:
                 the same stream). Everything staged is discarded, so a handler that
                 re-runs its turn does not append twice.
         """
-        db = self._db
         if not (self._rows or self._snapshots or self._compactions):
+            self._check_open()
             return
         if self.defer:
-            self._write_deferred(db)
+            self._write_deferred()
             return
+        db = self._db
         sync_now = (
             self.fsync == "batch"
             and self.sync_interval > 0
@@ -943,30 +1005,43 @@ class Journal:
             self._since_sync += 1
         self._written()
 
-    def _write_deferred(self, db: sqlite3.Connection) -> None:
-        """Write the staged turn into the pass's open transaction, in a savepoint.
+    def _write_deferred(self) -> None:
+        """Write the staged turn into the pass's open transaction.
 
-        A turn of one record in a known stream (the common turn) is one INSERT,
-        atomic by itself, so it needs no savepoint (SAVEPOINT and RELEASE cost
-        ~1-3 us of a ~25 us deferred turn, measured with 20 journals).
+        A turn of one record in a known stream (the common turn) is only buffered:
+        the rows of such turns are written by one ``executemany`` when the pass
+        commits (:func:`flush_shared`) or before any other statement runs on the
+        connection (:attr:`_db`), so every statement sees them in order. Each
+        sqlite3 call releases the GIL; in the gateway the trio thread takes it
+        and the bridge thread waits for it back, up to the switch interval:
+        measured under bench/gateway.py's order load, ~140 µs per INSERT on
+        the bridge thread (cProfile, wall), one INSERT per host turn.
+
+        Any other turn is written at once, in a savepoint, so that a failed turn
+        rolls back alone. A failed write of buffered rows surfaces at the pass's
+        commit (or at the statement that flushed them) and fails the whole pass.
         """
         single = (len(self._rows) == 1 and not self._snapshots and not self._compactions
                   and self._staged_last.keys() <= self._registered)
+        if single:
+            self._check_open()
+            assert self._shared is not None  # defer implies a shared connection
+            self._shared[_PENDING].append(self._rows[0])
+            self._written()
+            return
+        db = self._db
         try:
             if not db.in_transaction:
                 db.execute("BEGIN IMMEDIATE")
-            if single:
-                db.execute(_INSERT_RECORD, self._rows[0])
-            else:
-                db.execute("SAVEPOINT journal_turn")
-                try:
-                    self._write_staged(db)
-                except BaseException:
-                    # This turn only: the pass's earlier turns (other hosts') stay.
-                    db.execute("ROLLBACK TO journal_turn")
-                    raise
-                finally:
-                    db.execute("RELEASE journal_turn")
+            db.execute("SAVEPOINT journal_turn")
+            try:
+                self._write_staged(db)
+            except BaseException:
+                # This turn only: the pass's earlier turns (other hosts') stay.
+                db.execute("ROLLBACK TO journal_turn")
+                raise
+            finally:
+                db.execute("RELEASE journal_turn")
         except BaseException as exc:
             self._failed("write", exc)
         self._written()
@@ -1023,7 +1098,7 @@ class Journal:
             JournalError: A turn is already open, something is already staged, or
                 the commit failed.
         """
-        self._db  # noqa: B018  (raises if closed)
+        self._check_open()
         if self._in_turn:
             raise JournalError("journal turns do not nest")
         if self._rows or self._snapshots or self._compactions:
@@ -1087,7 +1162,7 @@ class Journal:
             The offset of the last committed record (or snapshot, after compaction).
         """
         _check_stream(stream)
-        self._db  # noqa: B018  (raises if closed)
+        self._check_open()
         last = self._last.get(stream)
         if last is None:
             last = self._load_last(stream)
@@ -1298,8 +1373,15 @@ class Journal:
             if entry[1] > 0:
                 return  # other journals of this thread still use the connection
             del _SHARED[self._share_key]
-            if conn.in_transaction:  # the open pass of deferring journals: keep it
-                conn.execute("COMMIT")
+            try:
+                # The open pass of deferring journals: keep it (unless it failed).
+                if entry[_PASS_FAILED] is None:
+                    _write_pending(entry)
+                if conn.in_transaction:
+                    conn.execute("COMMIT" if entry[_PASS_FAILED] is None else "ROLLBACK")
+            except BaseException:
+                conn.close()
+                raise
         try:
             # PASSIVE never waits on other processes; the last connection to close
             # checkpoints fully anyway. The checkpoint fsyncs unless the policy is off.

@@ -635,11 +635,15 @@ def test_a_failed_deferred_turn_rolls_back_alone(tmp_path: Path,
         b.close()
 
 
-def test_a_failed_one_record_deferred_turn_leaves_nothing(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # The common turn (one record, a known stream) is written without a savepoint:
-    # its single INSERT is atomic, so a failure leaves the pass's other turns and
-    # nothing of its own.
+@pytest.mark.parametrize("surfaces_at", ["pass_commit", "next_statement"])
+def test_a_failed_buffered_write_fails_the_whole_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, surfaces_at: str
+) -> None:
+    # The common deferred turn (one record, a known stream) is only buffered; the
+    # buffer is written at the pass's commit or before the next statement on the
+    # connection. A failed write rolls the pass back and flush_shared refuses to
+    # commit anything of it: nothing of the pass becomes durable, not even what it
+    # wrote after the failure, and the earlier passes stay.
     import actors.journal as journal_module
     from actors.journal import flush_shared
 
@@ -650,22 +654,47 @@ def test_a_failed_one_record_deferred_turn_leaves_nothing(tmp_path: Path,
         a.commit()
         b.append("host:b", ["b1"])
         b.commit()
+        assert flush_shared() == 1
         a.append("host:a", ["a2"])
-        a.commit()
-        b.append("host:b", ["b2"])
+        a.commit()  # buffered: the INSERT has not run
         monkeypatch.setattr(journal_module, "_INSERT_RECORD", "INSERT INTO nowhere VALUES (?)")
-        with pytest.raises(JournalError):
+        if surfaces_at == "next_statement":
+            with pytest.raises(JournalError, match="buffered"):
+                b.snapshot("host:b", 1, "state")  # stages only
+                b.commit()  # not a one-record turn: writes the buffer first
+            monkeypatch.undo()
+            b.append("host:b", ["b2, after the failure"])
             b.commit()
+        with pytest.raises(JournalError, match="buffered"):
+            flush_shared()
         monkeypatch.undo()
-        assert b.last_offset("host:b") == 1
-        b.append("host:b", ["b2 again"])
-        b.commit()
-        flush_shared()
-        assert _other_reader(tmp_path, "host:a") == ["a1", "a2"]
-        assert _other_reader(tmp_path, "host:b") == ["b1", "b2 again"]
+        assert _other_reader(tmp_path, "host:a") == ["a1"]
+        assert _other_reader(tmp_path, "host:b") == ["b1"]
+        assert flush_shared() == 0  # the failure is reported once; the connection works
     finally:
         a.close()
         b.close()
+    with Journal.open(tmp_path) as j:
+        assert [r for _, r in j.read("host:a")] == ["a1"]
+        assert [r for _, r in j.read("host:b")] == ["b1"]
+
+
+def test_a_deferred_reader_sees_the_buffered_records_of_the_pass(tmp_path: Path) -> None:
+    # A restarted host recovers on the shared connection in the middle of a pass:
+    # it must see the records other journals buffered (and its own dead
+    # predecessor's), in order, before they are committed.
+    a = Journal.open(tmp_path, share=True, defer=True)
+    b = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        for i in range(3):
+            a.append("host:a", [f"a{i}"])
+            a.commit()
+        assert [r for _, r in b.recover("host:a").records] == ["a0", "a1", "a2"]
+        assert _other_reader(tmp_path, "host:a") == []  # not committed yet
+    finally:
+        a.close()
+        b.close()
+    assert _other_reader(tmp_path, "host:a") == ["a0", "a1", "a2"]
 
 
 def test_closing_the_last_deferred_journal_commits_the_pass(tmp_path: Path) -> None:
