@@ -46,8 +46,8 @@ Decisions (the contract of this module):
 
 from __future__ import annotations
 
-import itertools
 import operator
+import pickle
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
@@ -157,11 +157,107 @@ def _sequenced(values: tuple[object, ...]) -> SequencedEvent:
     return cast(SequencedEvent, event)
 
 
+#: Replay-log events are pickled in chunks of this many (see :class:`_ReplayLog`).
+_CHUNK = 16
+_SEQ_INDEX = _SEQ_FIELDS.index("seq")
+
+
+class _ReplayLog:
+    """One user's replay log: the last ``capacity`` sequenced events, in seq order.
+
+    Older events are kept *frozen*: every :data:`_CHUNK` appended events are
+    pickled once, as one chunk of field-value tuples, and only the newest
+    (fewer than a chunk) stay objects. A host snapshot pickled every log in full
+    and so paused the router's turn for the whole history each time (0.4-0.55 s
+    under bench/gateway.py's order load); now it copies the chunks' bytes and
+    pickles only the unfrozen tails. Each event is pickled once in its life,
+    spread over the turns, and a frozen event costs its pickle's bytes instead
+    of an object and a dict. A replay decodes the chunks it needs (replays are
+    rare: a client's resume).
+
+    Capacity: the events with ``seq > last_seq - capacity`` are the log; a chunk
+    goes once all its events are older, and the older events of a partly
+    expired chunk are filtered out when it is read.
+    """
+
+    __slots__ = ("capacity", "chunks", "last_seq", "tail")
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        #: ``(first seq, last seq, pickled list of field-value tuples)``, oldest first.
+        self.chunks: deque[tuple[int, int, bytes]] = deque()
+        self.tail: list[SequencedEvent] = []
+        self.last_seq = 0
+
+    @classmethod
+    def from_values(cls, capacity: int | None, values: Any) -> _ReplayLog:
+        """A log holding the events given as field-value tuples, oldest first."""
+        log = cls(capacity)
+        for value in values:
+            log.append(_sequenced(value))
+        return log
+
+    def append(self, event: SequencedEvent) -> None:
+        """Add the next event (its seq follows the last one's)."""
+        tail = self.tail
+        tail.append(event)
+        seq = self.last_seq = event.seq
+        chunks = self.chunks
+        cap = self.capacity
+        if len(tail) >= _CHUNK or (cap is not None and len(tail) >= cap):
+            chunks.append((tail[0].seq, seq, pickle.dumps(list(map(_seq_values, tail)), 5)))
+            self.tail = []
+        if cap is not None and chunks and chunks[0][1] <= seq - cap:
+            first = seq - cap + 1
+            while chunks and chunks[0][1] < first:
+                chunks.popleft()
+
+    def first_seq(self) -> int:
+        """The oldest seq the log holds (``last_seq + 1`` when it is empty)."""
+        if self.chunks:
+            oldest = self.chunks[0][0]
+        elif self.tail:
+            oldest = self.tail[0].seq
+        else:
+            return self.last_seq + 1
+        cap = self.capacity
+        return oldest if cap is None else max(oldest, self.last_seq - cap + 1)
+
+    def after(self, after_seq: int) -> tuple[SequencedEvent, ...]:
+        """The events with ``seq > after_seq``, oldest first."""
+        lo = max(after_seq + 1, self.first_seq())
+        out: list[SequencedEvent] = []
+        for _, last, blob in self.chunks:
+            if last >= lo:
+                out += [_sequenced(v) for v in pickle.loads(blob) if v[_SEQ_INDEX] >= lo]
+        out += [event for event in self.tail if event.seq >= lo]
+        return tuple(out)
+
+    def __len__(self) -> int:
+        return self.last_seq - self.first_seq() + 1
+
+
 def _restore_lane(last_seq: int, maxlen: int | None, log: list[tuple[object, ...]],
                   seen_ids: set[int], seen_order: deque[int],
                   pending: dict[tuple[str, str], UserEvent], due_ns: int | None) -> _Lane:
-    return _Lane(last_seq=last_seq, log=deque(map(_sequenced, log), maxlen=maxlen),
+    """Unpickle a lane of a snapshot written before the log was chunked (every event
+    as a tuple of field values)."""
+    return _Lane(last_seq=last_seq, log=_ReplayLog.from_values(maxlen, log),
                  seen_ids=seen_ids, seen_order=seen_order, pending=pending, due_ns=due_ns)
+
+
+def _restore_chunked_lane(last_seq: int, capacity: int | None,
+                          chunks: list[tuple[int, int, bytes]], tail: list[tuple[object, ...]],
+                          seen_ids: set[int], seen_order: deque[int],
+                          pending: dict[tuple[str, str], UserEvent],
+                          due_ns: int | None) -> _Lane:
+    """Unpickle a lane (see :meth:`_Lane.__reduce__`); the chunks stay frozen."""
+    log = _ReplayLog(capacity)
+    log.chunks.extend(chunks)
+    log.tail = [_sequenced(values) for values in tail]
+    log.last_seq = last_seq  # every sequenced event went to the log
+    return _Lane(last_seq=last_seq, log=log, seen_ids=seen_ids, seen_order=seen_order,
+                 pending=pending, due_ns=due_ns)
 
 
 @attrs.define(kw_only=True)
@@ -169,7 +265,7 @@ class _Lane:
     """One user's sequencing state (mutable, picklable)."""
 
     last_seq: int = 0
-    log: deque[SequencedEvent]
+    log: _ReplayLog
     seen_ids: set[int] = attrs.field(factory=set)
     seen_order: deque[int] = attrs.field(factory=deque)
     pending: dict[tuple[str, str], UserEvent] = attrs.field(factory=dict)
@@ -177,13 +273,14 @@ class _Lane:
     due_ns: int | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle the replay log as tuples of field values: a host snapshot pickles
-        every user's log, and one C ``attrgetter`` pass per log instead of a reducer
-        call per event cut the router's snapshot (a pause on the engine thread) by
-        about 30 %: 30,000 events over 1,000 users, 86-89 ms -> 60-62 ms and 12 %
-        fewer bytes. Lanes pickled field by field before this still load."""
-        return _restore_lane, (self.last_seq, self.log.maxlen, list(map(_seq_values, self.log)),
-                               self.seen_ids, self.seen_order, self.pending, self.due_ns)
+        """Pickle the replay log as its frozen chunks (bytes, copied as they are) and
+        its unfrozen tail as tuples of field values (see :class:`_ReplayLog`). Lanes
+        pickled by earlier versions (the whole log as tuples, or field by field)
+        still load."""
+        log = self.log
+        return _restore_chunked_lane, (
+            self.last_seq, log.capacity, list(log.chunks), list(map(_seq_values, log.tail)),
+            self.seen_ids, self.seen_order, self.pending, self.due_ns)
 
 
 class Router:
@@ -228,6 +325,16 @@ class Router:
         self._delivered = 0
         self._deduplicated = 0
         self._conflated = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled router. Lanes pickled field by field (before lanes had
+        their own reduce) bring their log as a ``deque`` of events: it is rebuilt
+        as a :class:`_ReplayLog`."""
+        self.__dict__.update(state)
+        for lane in self._lanes.values():
+            old: Any = lane.log
+            if isinstance(old, deque):
+                lane.log = _ReplayLog.from_values(old.maxlen, map(_seq_values, old))
 
     # -- handlers --------------------------------------------------------------
 
@@ -349,13 +456,13 @@ class Router:
             )
         if lane is None or after_seq == last:
             return ()
-        first = lane.log[0].seq
+        first = lane.log.first_seq()
         if after_seq + 1 < first:
             raise RemoteProtocolError(
                 ErrorCode.REPLAY_UNAVAILABLE,
                 f"the replay log starts at seq {first}; events after {after_seq} are gone",
             )
-        return tuple(itertools.islice(lane.log, after_seq + 1 - first, None))
+        return lane.log.after(after_seq)
 
     def users(self) -> list[str]:
         """Every user the router has numbered events for (in first-seen order)."""
@@ -382,7 +489,7 @@ class Router:
     def _lane(self, user: str) -> _Lane:
         lane = self._lanes.get(user)
         if lane is None:
-            lane = self._lanes[user] = _Lane(log=deque(maxlen=self._replay_capacity))
+            lane = self._lanes[user] = _Lane(log=_ReplayLog(self._replay_capacity))
         return lane
 
     def _sequence(self, lane: _Lane, event: UserEvent) -> SequencedEvent:
