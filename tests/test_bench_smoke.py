@@ -23,6 +23,7 @@ RUNS = {
     "journal": ["--events", "2000", "--singles", "200", "--repeat", "1"],
     "actors": ["--quick", "--only", "simple"],
     "gateway": ["--quick", "--only", "push,rtt"],
+    "router": ["--users", "50", "--turns", "100", "--repeat", "1"],
 }
 
 
