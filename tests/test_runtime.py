@@ -336,3 +336,36 @@ def test_a_simple_system_queues_its_sends_in_a_deque_and_keeps_their_order(
         assert count.messages == 50
         echo = system.createActor(RuntimeEcho)
         assert [_ask(system, echo, ("n", i)) for i in range(5)] == [("n", i) for i in range(5)]
+
+
+class RuntimeTestAlarm(ActorTypeDispatcher):  # type: ignore[misc]
+    """Asked ``("arm", seconds)``: answers ``("rang", payload)`` when its wakeup fires."""
+
+    def receiveMsg_tuple(self, msg: tuple[Any, ...], sender: Any) -> None:
+        from datetime import timedelta
+
+        self.asker = sender
+        self.wakeupAfter(timedelta(seconds=msg[1]), payload=msg[1])
+
+    def receiveMsg_WakeupMessage(self, msg: Any, sender: Any) -> None:
+        self.send(self.asker, ("rang", msg.payload))
+
+
+def test_a_simple_system_skips_the_wakeup_scan_but_still_delivers_wakeups(
+    tmp_path: Any,
+) -> None:
+    # start_system replaces the per-delivery wakeup scan with a deadline check:
+    # wakeups still arrive, in deadline order, while other traffic flows.
+    from thespian.system import simpleSystemBase
+
+    with running_system(SystemConfig(base=SIMPLE), log_dir=tmp_path) as system:
+        base = system._systemBase
+        assert base._realizeWakeups.__name__ == "realize_due"
+        assert getattr(simpleSystemBase.actor_base_receive, "_emporion", False)
+        late, early = system.createActor(RuntimeTestAlarm), system.createActor(RuntimeTestAlarm)
+        system.tell(late, ("arm", 0.5))
+        echo = system.createActor(RuntimeEcho)
+        assert _ask(system, echo, ("n", 1)) == ("n", 1)  # a delivery with a wakeup pending
+        system.tell(early, ("arm", 0.05))
+        got = [system.listen(ASK), system.listen(ASK)]
+        assert got == [("rang", 0.05), ("rang", 0.5)]
