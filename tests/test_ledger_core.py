@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import actors.cores.ledger as ledger_module
 from actors.cores.ledger import (
     LIVE_STATES,
     ORDER_TRANSITIONS,
@@ -1309,6 +1310,39 @@ _STEPS = ["0.0001", "0.1", "0.001", "0.01", "0.25", "1", "50", "5E+1", "0.10", "
 )
 def test_units_formatter_is_from_units(step: str, units: int) -> None:
     assert units_formatter(Decimal(step))(units) == from_units(units, Decimal(step))
+
+
+def test_memoized_strings_are_the_formatter_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ledger_module, "_MEMO_LIMIT", 8)
+    for step in map(Decimal, _STEPS):
+        memo, fmt = ledger_module._Strings(step), units_formatter(step)
+        for units in [*range(-12, 12), *range(10), 10**27, -(10**27), 7, 7]:
+            assert memo[units] == fmt(units)
+            assert len(memo) <= 8  # full: cleared, then refilled
+    assert ledger_module._STRINGS[Decimal("0.1")] is ledger_module._STRINGS[Decimal("0.1")]
+
+
+def test_order_events_show_each_fill_not_a_remembered_string() -> None:
+    """The strings are memoized per value, never per order: after each fill the
+    order's event shows its new filled and remaining quantities."""
+    ann, ben = funded("ann"), funded("ben")
+    maker, taker = order(1, "sell", 5, user="ben"), order(2, "buy", 5, user="ann")
+    for ledger, o in ((ben, maker), (ann, taker)):
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    for trade_id, (price, qty, left) in enumerate(
+        [(BTC_60K, 2, 3), (BTC_60K + 1, 2, 1), (BTC_60K + 1, 1, 0)], start=1
+    ):
+        ev = fill(maker, taker, price, qty, left, left, trade_id=trade_id)
+        executed, filled = ann.on_book_event(ev)[:2]
+        assert (executed.data["price"], executed.data["qty"]) == (
+            from_units(price, Decimal("0.1")), from_units(qty, Decimal("0.001")))
+        assert (filled.data["filled_qty"], filled.data["remaining_qty"]) == (
+            from_units(5 - left, Decimal("0.001")), from_units(left, Decimal("0.001")))
+        assert filled.data["status"] == ("filled" if left == 0 else "partially_filled")
+        assert type(filled.data["status"]) is str  # the plain value, as .value gives it
 
 
 @settings(max_examples=500)
