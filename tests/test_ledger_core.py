@@ -30,6 +30,7 @@ from actors.cores.ledger import (
     _ratio_str,
     _replace,
     _user_event,
+    _with_status,
     next_order_state,
     units_formatter,
 )
@@ -568,8 +569,9 @@ def test_illegal_transitions_raise_and_change_nothing() -> None:
     assert vars(alice) == before
 
 
-def test_inconsistent_book_events_raise_and_change_nothing() -> None:
-    alice, bob = funded(), funded("bob")
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_inconsistent_book_events_raise_and_change_nothing(coalesce: bool) -> None:
+    alice, bob = funded(coalesce_updates=coalesce), funded("bob", coalesce_updates=coalesce)
     buy = order(1, "buy", 5)
     sell = order(2, "sell", 5, user="bob")
     for ledger, o in ((alice, buy), (bob, sell)):
@@ -589,6 +591,28 @@ def test_inconsistent_book_events_raise_and_change_nothing() -> None:
             alice.on_book_event(ev)
         assert err.value.code is ErrorCode.INTERNAL
         assert vars(alice) == before
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_a_bad_second_side_of_a_self_trade_changes_nothing(coalesce: bool) -> None:
+    """All checks come before any change, also where a coalescing ledger writes its
+    position and mark in place: a self-trade whose taker side is wrong leaves the
+    maker side, the position and the mark as they were."""
+    alice, bob = funded(coalesce_updates=coalesce), funded("bob", coalesce_updates=coalesce)
+    trade(bob, alice, order(1, "sell", 3, user="bob"), order(2, "buy", 3), BTC_60K)
+    alice.flush_updates()
+    sell, buy = order(3, "sell", 5), order(4, "buy", 5)
+    for o in (sell, buy):
+        alice.place(o, ref_price=BTC_60K)
+        alice.on_book_event(accepted(o))
+    before, unrealized = snapshot(alice), alice.account_view()["position_pnl"]
+    for bad in (fill(sell, buy, BTC_60K + 7, 2, 3, 4), fill(sell, buy, BTC_60K + 7, 2, 3, -1)):
+        with pytest.raises(LocalProtocolError):
+            alice.on_book_event(bad)
+        assert vars(alice) == before
+    assert alice.on_book_event(fill(sell, buy, BTC_60K + 7, 2, 3, 3))
+    assert alice.position(BTC) == (3, 3 * BTC_60K + 14)  # closed 2, opened 2 at the new price
+    assert alice.account_view()["position_pnl"] != unrealized  # the mark moved
 
 
 def test_cancel_rejected_changes_nothing() -> None:
@@ -1218,7 +1242,7 @@ def test_coalesced_updates_wait_for_the_flush_and_survive_a_pickle() -> None:
     assert kinds(old.deposit(1, ts=40)) == ["account_update"]
 
 
-def test_after_fill_is_replace_with_the_fill_changes() -> None:
+def test_after_fill_and_with_status_are_replace_with_their_changes() -> None:
     # Every field differs from its default, so a field _after_fill forgot would show.
     values = {a.name: a.default for a in attrs.fields(OrderRecord)}
     values.update(order_id=3, client_order_id="x", symbol=ES, side="sell", order_type="limit",
@@ -1230,6 +1254,7 @@ def test_after_fill_is_replace_with_the_fill_changes() -> None:
     assert _after_fill(rec, OrderState.FILLED, 7, 40, -2) == _replace(
         rec, status=OrderState.FILLED, filled_qty=9, frozen_remaining=0, fees=4
     )
+    assert _with_status(rec, OrderState.OPEN) == _replace(rec, status=OrderState.OPEN)
 
 
 def test_user_event_built_without_validators_is_a_user_event() -> None:
