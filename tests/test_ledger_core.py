@@ -615,6 +615,20 @@ def test_a_bad_second_side_of_a_self_trade_changes_nothing(coalesce: bool) -> No
     assert alice.account_view()["position_pnl"] != unrealized  # the mark moved
 
 
+@pytest.mark.parametrize("ts", [-1, True, 1.0, None])
+def test_a_book_event_with_a_bad_timestamp_is_internal_and_changes_nothing(ts: Any) -> None:
+    alice, bob = funded(), funded("bob")
+    buy, sell = order(1, "buy", 5), order(2, "sell", 5, user="bob")
+    for ledger, o in ((alice, buy), (bob, sell)):
+        ledger.place(o, ref_price=BTC_60K)
+    before = snapshot(alice)
+    for ev in (accepted(buy)._replace(ts=ts), fill(sell, buy, BTC_60K, 5, 0, 0)._replace(ts=ts)):
+        with pytest.raises(LocalProtocolError, match="bad timestamp") as err:
+            alice.on_book_event(ev)
+        assert err.value.code is ErrorCode.INTERNAL
+        assert vars(alice) == before
+
+
 def test_cancel_rejected_changes_nothing() -> None:
     ledger = funded()
     before = snapshot(ledger)
