@@ -1112,7 +1112,7 @@ class Ledger:
             records.append((liquidity, rec, state, remaining_before))
 
         # Compute the new state into locals. The events are built here rather than by
-        # an _Emitter: its add() was a Python call per event, ~4 % of a fill.
+        # an _Emitter, whose add() was one more Python call per event.
         symbol, price, qty, ts, user = ev.symbol, ev.price, ev.qty, ev.ts, self.user
         bal = self._bal
         pos = self._positions.get(symbol, _FLAT)
