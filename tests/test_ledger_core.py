@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import actors.cores.ledger as ledger_module
 from actors.cores.ledger import (
     LIVE_STATES,
     ORDER_TRANSITIONS,
@@ -29,6 +30,7 @@ from actors.cores.ledger import (
     _ratio_str,
     _replace,
     _user_event,
+    _with_status,
     next_order_state,
     units_formatter,
 )
@@ -567,8 +569,9 @@ def test_illegal_transitions_raise_and_change_nothing() -> None:
     assert vars(alice) == before
 
 
-def test_inconsistent_book_events_raise_and_change_nothing() -> None:
-    alice, bob = funded(), funded("bob")
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_inconsistent_book_events_raise_and_change_nothing(coalesce: bool) -> None:
+    alice, bob = funded(coalesce_updates=coalesce), funded("bob", coalesce_updates=coalesce)
     buy = order(1, "buy", 5)
     sell = order(2, "sell", 5, user="bob")
     for ledger, o in ((alice, buy), (bob, sell)):
@@ -585,6 +588,42 @@ def test_inconsistent_book_events_raise_and_change_nothing() -> None:
     ]
     for ev in bad:
         with pytest.raises(LocalProtocolError) as err:
+            alice.on_book_event(ev)
+        assert err.value.code is ErrorCode.INTERNAL
+        assert vars(alice) == before
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_a_bad_second_side_of_a_self_trade_changes_nothing(coalesce: bool) -> None:
+    """All checks come before any change, also where a coalescing ledger writes its
+    position and mark in place: a self-trade whose taker side is wrong leaves the
+    maker side, the position and the mark as they were."""
+    alice, bob = funded(coalesce_updates=coalesce), funded("bob", coalesce_updates=coalesce)
+    trade(bob, alice, order(1, "sell", 3, user="bob"), order(2, "buy", 3), BTC_60K)
+    alice.flush_updates()
+    sell, buy = order(3, "sell", 5), order(4, "buy", 5)
+    for o in (sell, buy):
+        alice.place(o, ref_price=BTC_60K)
+        alice.on_book_event(accepted(o))
+    before, unrealized = snapshot(alice), alice.account_view()["position_pnl"]
+    for bad in (fill(sell, buy, BTC_60K + 7, 2, 3, 4), fill(sell, buy, BTC_60K + 7, 2, 3, -1)):
+        with pytest.raises(LocalProtocolError):
+            alice.on_book_event(bad)
+        assert vars(alice) == before
+    assert alice.on_book_event(fill(sell, buy, BTC_60K + 7, 2, 3, 3))
+    assert alice.position(BTC) == (3, 3 * BTC_60K + 14)  # closed 2, opened 2 at the new price
+    assert alice.account_view()["position_pnl"] != unrealized  # the mark moved
+
+
+@pytest.mark.parametrize("ts", [-1, True, 1.0, None])
+def test_a_book_event_with_a_bad_timestamp_is_internal_and_changes_nothing(ts: Any) -> None:
+    alice, bob = funded(), funded("bob")
+    buy, sell = order(1, "buy", 5), order(2, "sell", 5, user="bob")
+    for ledger, o in ((alice, buy), (bob, sell)):
+        ledger.place(o, ref_price=BTC_60K)
+    before = snapshot(alice)
+    for ev in (accepted(buy)._replace(ts=ts), fill(sell, buy, BTC_60K, 5, 0, 0)._replace(ts=ts)):
+        with pytest.raises(LocalProtocolError, match="bad timestamp") as err:
             alice.on_book_event(ev)
         assert err.value.code is ErrorCode.INTERNAL
         assert vars(alice) == before
@@ -1217,7 +1256,7 @@ def test_coalesced_updates_wait_for_the_flush_and_survive_a_pickle() -> None:
     assert kinds(old.deposit(1, ts=40)) == ["account_update"]
 
 
-def test_after_fill_is_replace_with_the_fill_changes() -> None:
+def test_after_fill_and_with_status_are_replace_with_their_changes() -> None:
     # Every field differs from its default, so a field _after_fill forgot would show.
     values = {a.name: a.default for a in attrs.fields(OrderRecord)}
     values.update(order_id=3, client_order_id="x", symbol=ES, side="sell", order_type="limit",
@@ -1229,6 +1268,7 @@ def test_after_fill_is_replace_with_the_fill_changes() -> None:
     assert _after_fill(rec, OrderState.FILLED, 7, 40, -2) == _replace(
         rec, status=OrderState.FILLED, filled_qty=9, frozen_remaining=0, fees=4
     )
+    assert _with_status(rec, OrderState.OPEN) == _replace(rec, status=OrderState.OPEN)
 
 
 def test_user_event_built_without_validators_is_a_user_event() -> None:
@@ -1309,6 +1349,39 @@ _STEPS = ["0.0001", "0.1", "0.001", "0.01", "0.25", "1", "50", "5E+1", "0.10", "
 )
 def test_units_formatter_is_from_units(step: str, units: int) -> None:
     assert units_formatter(Decimal(step))(units) == from_units(units, Decimal(step))
+
+
+def test_memoized_strings_are_the_formatter_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ledger_module, "_MEMO_LIMIT", 8)
+    for step in map(Decimal, _STEPS):
+        memo, fmt = ledger_module._Strings(step), units_formatter(step)
+        for units in [*range(-12, 12), *range(10), 10**27, -(10**27), 7, 7]:
+            assert memo[units] == fmt(units)
+            assert len(memo) <= 8  # full: cleared, then refilled
+    assert ledger_module._STRINGS[Decimal("0.1")] is ledger_module._STRINGS[Decimal("0.1")]
+
+
+def test_order_events_show_each_fill_not_a_remembered_string() -> None:
+    """The strings are memoized per value, never per order: after each fill the
+    order's event shows its new filled and remaining quantities."""
+    ann, ben = funded("ann"), funded("ben")
+    maker, taker = order(1, "sell", 5, user="ben"), order(2, "buy", 5, user="ann")
+    for ledger, o in ((ben, maker), (ann, taker)):
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    for trade_id, (price, qty, left) in enumerate(
+        [(BTC_60K, 2, 3), (BTC_60K + 1, 2, 1), (BTC_60K + 1, 1, 0)], start=1
+    ):
+        ev = fill(maker, taker, price, qty, left, left, trade_id=trade_id)
+        executed, filled = ann.on_book_event(ev)[:2]
+        assert (executed.data["price"], executed.data["qty"]) == (
+            from_units(price, Decimal("0.1")), from_units(qty, Decimal("0.001")))
+        assert (filled.data["filled_qty"], filled.data["remaining_qty"]) == (
+            from_units(5 - left, Decimal("0.001")), from_units(left, Decimal("0.001")))
+        assert filled.data["status"] == ("filled" if left == 0 else "partially_filled")
+        assert type(filled.data["status"]) is str  # the plain value, as .value gives it
 
 
 @settings(max_examples=500)
