@@ -466,15 +466,15 @@ def test_property_gapless_exactly_once_with_replay_cut(
 
 
 @given(
-    capacity=st.integers(1, 40),
-    n=st.integers(0, 120),
-    pickled_at=st.integers(0, 120),
+    capacity=st.integers(1, 80),
+    n=st.integers(0, 200),
+    pickled_at=st.integers(0, 200),
     encoding=st.sampled_from(["journal", "chunk-less", "field-by-field"]),
 )
 def test_replay_log_keeps_exactly_the_last_capacity_events_across_pickling(
     capacity: int, n: int, pickled_at: int, encoding: str
 ) -> None:
-    # The log freezes its events into pickled chunks (16 a chunk, or capacity if
+    # The log freezes its events into pickled chunks (32 a chunk, or capacity if
     # smaller) and expires whole chunks; replay must still return exactly the
     # events a plain bounded deque would hold, before and after a snapshot round
     # trip in the middle, including snapshots written by earlier lane encodings.

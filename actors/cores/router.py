@@ -158,7 +158,7 @@ def _sequenced(values: tuple[object, ...]) -> SequencedEvent:
 
 
 #: Replay-log events are pickled in chunks of this many (see :class:`_ReplayLog`).
-_CHUNK = 16
+_CHUNK = 32
 _SEQ_INDEX = _SEQ_FIELDS.index("seq")
 
 
