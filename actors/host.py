@@ -14,7 +14,9 @@ every batch queued for the host when the turn starts: *grouped turns*, below):
 3. **write ahead**: append the batch to the host's journal stream and commit
    (group commit: one transaction per turn) — only then
 4. send the outputs, **one batch per destination**, and ack the batch to its
-   sender (after the commit, so an acked batch is durable).
+   sender (after the commit, so an acked batch is durable) — lazily: a channel
+   is acked once :data:`ACK_EVERY` of its batches (or :data:`ACK_ITEMS` items)
+   are applied and not yet acked, and at once when asked (*Acks*, below).
 
 Grouped turns (embedded deployment): every host runs on one thread under
 ``simpleSystemBase``, which delivers messages in send order. A book, the router
@@ -38,8 +40,17 @@ Reliable delivery between hosts: every host→host batch carries a per-channel
 ``seq``; the sender keeps it in an outbox until the receiver acks it and
 resends the outbox when the directory says the receiver was re-created. A
 restarted host rebuilds its state by replaying its journal stream (from the
-latest snapshot) — the desks are deterministic — and resends the outputs of its
-last turn, which receivers deduplicate by ``(origin, seq)``.
+latest snapshot) — the desks are deterministic — asks each receiver for its ack
+(:class:`EngineProbe`) and resends what that ack does not cover; receivers
+deduplicate by ``(origin, seq)``.
+
+Acks: an ack only trims the sender's outbox (what it names is durable at the
+receiver); nothing but a recovered sender's probe waits for one. So a receiver
+acks a channel lazily (acks were up to a third of the hosts' messages, one per
+committed turn and origin): once the channel's applied-but-unacked batches
+reach :data:`ACK_EVERY` or their items :data:`ACK_ITEMS`, which bounds every
+outbox; at once for a resend (it names the applied prefix the sender lacks) and
+for an :class:`EngineProbe`.
 """
 
 # Thespian dispatches on camelCase names (receiveMsg_<Class>).
@@ -83,6 +94,13 @@ SNAPSHOT_BYTES_FACTOR = 4
 #: damaged, and the journal stops growing with the traffic (freed SQLite pages are
 #: reused). False keeps every record (the journal then grows for ever).
 COMPACT_JOURNAL = True
+
+#: A receiver acks a channel once this many of its batches are applied and not acked
+#: (or :data:`ACK_ITEMS` of their items), not after every turn: acks only trim the
+#: sender's outbox, so these bound each outbox (and the snapshot that holds it).
+#: 1 acks every committed turn.
+ACK_EVERY = 16
+ACK_ITEMS = 256
 
 Desk = AccountDesk | BookDesk | RouterDesk
 
@@ -158,6 +176,15 @@ class EngineAck:
 
     host: str
     seq: int
+
+
+@attrs.frozen(kw_only=True)
+class EngineProbe:
+    """A recovered host asks a receiver how far it applied the channel ``origin`` → it:
+    answered at once by an :class:`EngineAck` (acks are otherwise lazy), after which
+    the sender resends the rest of its outbox. Never journaled."""
+
+    origin: str
 
 
 @attrs.frozen(kw_only=True)
@@ -275,9 +302,11 @@ class Host(RuntimeActor):
         self._pending: list[tuple[EngineBatch, Any]] = []
         self._pending_last: dict[str, int] = {}
         self._go = False
-        #: Receivers sent only the oldest batch of their outbox after a recovery: their
-        #: next ack releases the rest.
+        #: Receivers asked for their ack after a recovery (EngineProbe): their next ack
+        #: releases the outbox.
         self._probing: set[str] = set()
+        #: Per origin: the batches and items applied (committed) but not acked yet.
+        self._unacked: dict[str, tuple[int, int]] = {}
         self._fault: str | None = None
         self._dead = False
         self._timer_at: int | None = None
@@ -321,13 +350,15 @@ class Host(RuntimeActor):
                 self._arm(wakeup)  # the dead host's wakeup died with it
         # Whatever the crashed host had not seen acked may not have left. The outbox
         # now holds every batch since the snapshot (which receivers applied is not
-        # journaled): send each receiver the oldest one only; its ack (a duplicate is
-        # acked too) names the prefix it applied, and the rest follows (see
+        # journaled): ask each receiver for its ack, which it sends at once (acks are
+        # lazy otherwise) and which names the prefix it applied; the rest follows (see
         # receiveMsg_EngineAck) instead of resending every turn since the snapshot.
+        # (It used to send the oldest batch as the probe: one a receiver applied
+        # without acking at once would have stalled the channel.)
         for host, box in self.outbox.items():
             if box:
                 self._probing.add(host)
-                self.send(self.directory.hosts.get(host), box[0])
+                self.send(self.directory.hosts.get(host), EngineProbe(origin=self.host_id))
         if msg.restarted:
             self._resync(time.time_ns())
         self.send(sender, HostReady(host_id=self.host_id, recovered_turns=recovered,
@@ -613,9 +644,19 @@ class Host(RuntimeActor):
             self._die()
             return
         self._inflight = None
-        acks = {b.origin: sender for b, sender in group if b.seq}
-        for origin, sender in acks.items():
-            self._ack(origin, sender)
+        # Lazy acks (see the module docstring): count what each channel applied since
+        # its last ack; ack those past a bound.
+        unacked = self._unacked
+        senders: dict[str, Any] = {}
+        for b, sender in group:
+            if b.seq:
+                n, items = unacked.get(b.origin, (0, 0))
+                unacked[b.origin] = (n + 1, items + len(b.items))
+                senders[b.origin] = sender
+        for origin, sender in senders.items():
+            n, items = unacked[origin]
+            if n >= ACK_EVERY or items >= ACK_ITEMS:
+                self._ack(origin, sender)
         self._deliver(sends)
 
     def _snapshot_due(self) -> bool:
@@ -634,7 +675,19 @@ class Host(RuntimeActor):
     def _ack(self, origin: str, sender: Any) -> None:
         """Ack the channel's applied prefix (everything up to ``in_last``)."""
         if not origin.endswith((":resync", ":timer")):
+            self._unacked.pop(origin, None)
             self.send(sender, EngineAck(host=self.host_id, seq=self.in_last.get(origin, 0)))
+
+    def receiveMsg_EngineProbe(self, msg: EngineProbe, sender: Any) -> None:
+        """A recovered sender waits for this ack before it resends its outbox: at once."""
+        if self._dead:
+            return  # the re-created host's DirectoryUpdate makes the sender resend all
+        if self._inflight is not None:
+            # ``in_last`` covers the staged turn: make it durable before acking it.
+            self._finish_inflight()
+            if self._stopping():
+                return
+        self._ack(msg.origin, sender)
 
     def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
         box = self.outbox.get(ack.host)
@@ -799,6 +852,7 @@ __all__ = [
     "EngineAck",
     "EngineBatch",
     "EngineConfig",
+    "EngineProbe",
     "GatewayBatch",
     "Host",
     "HostFault",
