@@ -341,13 +341,13 @@ def test_a_simple_system_queues_its_sends_in_a_deque_and_keeps_their_order(
 class RuntimeTestAlarm(ActorTypeDispatcher):  # type: ignore[misc]
     """Asked ``("arm", seconds)``: answers ``("rang", payload)`` when its wakeup fires."""
 
-    def receiveMsg_tuple(self, msg: tuple[Any, ...], sender: Any) -> None:
+    def receiveMsg_tuple(self, msg: tuple[Any, ...], sender: Any) -> None:  # noqa: N802
         from datetime import timedelta
 
         self.asker = sender
         self.wakeupAfter(timedelta(seconds=msg[1]), payload=msg[1])
 
-    def receiveMsg_WakeupMessage(self, msg: Any, sender: Any) -> None:
+    def receiveMsg_WakeupMessage(self, msg: Any, sender: Any) -> None:  # noqa: N802
         self.send(self.asker, ("rang", msg.payload))
 
 
