@@ -101,6 +101,12 @@ COMPACT_JOURNAL = True
 #: 1 acks every committed turn.
 ACK_EVERY = 16
 ACK_ITEMS = 256
+#: Channels from these hosts are acked after every turn all the same. A book sends
+#: to every account that trades: acked lazily, its outbox (and so its snapshot) held
+#: up to ACK_EVERY - 1 batches per account. Measured with bench/gateway.py's 1,000
+#: users: the book's snapshot grew from 0.26 MB / 12 ms to 1.29 MB / 229 ms, a
+#: pause on the engine thread bigger than the router's chunked snapshot (78 ms).
+EAGER_ACK_ORIGINS = ("book:",)
 
 Desk = AccountDesk | BookDesk | RouterDesk
 
@@ -655,7 +661,7 @@ class Host(RuntimeActor):
                 senders[b.origin] = sender
         for origin, sender in senders.items():
             n, items = unacked[origin]
-            if n >= ACK_EVERY or items >= ACK_ITEMS:
+            if n >= ACK_EVERY or items >= ACK_ITEMS or origin.startswith(EAGER_ACK_ORIGINS):
                 self._ack(origin, sender)
         self._deliver(sends)
 

@@ -926,3 +926,32 @@ def test_a_big_snapshot_leaves_the_record_pickler_small() -> None:
         j.snapshot(BOOK, 1, {i: (str(i), (i,)) for i in range(20_000)})
         j.append(BOOK, [_orders(1, 3)])
         assert len(j._pickler.memo.copy()) < 100
+
+
+def test_a_deferring_connection_is_checkpointed_by_a_background_thread(tmp_path: Path) -> None:
+    # SQLite's autocheckpoint ran inside the pass commit on the engine thread; a
+    # deferring connection turns it off and a thread of its own checkpoints the WAL.
+    import threading
+
+    import actors.journal as journal_module
+    from actors.journal import flush_shared
+
+    a = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        entry = next(e for e in journal_module._SHARED.values() if e[0] is a._conn)
+        checkpointer = entry[journal_module._CHECKPOINTER]
+        assert checkpointer is not None
+        assert a._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        for i in range(50):
+            a.append("host:a", [f"a{i}" * 100])
+            a.commit()
+        flush_shared()
+        checkpointer.done.clear()
+        assert checkpointer.done.wait(10)  # the next round, after the commit
+        assert checkpointer.last is not None
+        busy, frames, done = checkpointer.last
+        assert busy == 0 and frames > 0 and done == frames
+        assert _other_reader(tmp_path, "host:a") == [f"a{i}" * 100 for i in range(50)]
+    finally:
+        a.close()
+    assert not any(t.name == "journal-checkpointer" for t in threading.enumerate())
