@@ -548,22 +548,7 @@ def test_a_batch_lost_to_a_dead_receiver_survives_its_senders_death_too(
         directory = t.link.refresh()
         ben = directory.hosts["account:ben"]
 
-        def deposit(rid: int, amount: int) -> EngineBatch:
-            reply_to = ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=rid)
-            return EngineBatch(origin=t.link.origin, items=((Dest("account", "ben"), AccountDeposit(
-                reply_to=reply_to, user="ben", amount=amount, ts=10 + rid)),))
-
-        saboteur = t.link.asys.createActor(ChaosSaboteur)
-        t.link.asys.tell(saboteur, ChaosScript(items=(
-            (directory.hosts["router"], HostFault(mode="exit")),
-            (ben, deposit(101, 1)),
-            (ben, deposit(102, 2)),
-            (ben, HostFault(mode="exit")),
-        )))
-        t.link.asys.tell(saboteur, ActorExitRequest())
-        t._take(t.link.wait_for(lambda got: {101, 102} <= {
-            m.reply_to.request_id for m in got if isinstance(m, Reply)}))
-        assert t.replies[101].ok and t.replies[102].ok
+        _router_then_ben_die_around_two_deposits(t, directory, ben)
         t.pump(0.05)
         t.link.refresh()
         assert t.query("ben", "account")["balance"] == "1000000.0003"
@@ -575,6 +560,29 @@ def test_a_batch_lost_to_a_dead_receiver_survives_its_senders_death_too(
         assert balances == ["1000000.0000", "1000000.0001", "1000000.0003", "1000000.0007"]
         assert [e.data["kind"] for e in events if e.kind == "system_notice"] == [
             "resync", "resync"]  # the router's and the account's restarts
+
+
+def _router_then_ben_die_around_two_deposits(t: Trader, directory: Any, ben: Any) -> None:
+    """In one script (nothing runs in between): the router exits, ben's account
+    takes two deposits (requests 101 and 102: 1 and 2 minor units), and ben's
+    account exits; returns once both deposits are answered."""
+
+    def deposit(rid: int, amount: int) -> EngineBatch:
+        reply_to = ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=rid)
+        return EngineBatch(origin=t.link.origin, items=((Dest("account", "ben"), AccountDeposit(
+            reply_to=reply_to, user="ben", amount=amount, ts=10 + rid)),))
+
+    saboteur = t.link.asys.createActor(ChaosSaboteur)
+    t.link.asys.tell(saboteur, ChaosScript(items=(
+        (directory.hosts["router"], HostFault(mode="exit")),
+        (ben, deposit(101, 1)),
+        (ben, deposit(102, 2)),
+        (ben, HostFault(mode="exit")),
+    )))
+    t.link.asys.tell(saboteur, ActorExitRequest())
+    t._take(t.link.wait_for(lambda got: {101, 102} <= {
+        m.reply_to.request_id for m in got if isinstance(m, Reply)}))
+    assert t.replies[101].ok and t.replies[102].ok
 
 
 def _outbox(t: Trader, host: str) -> int:
@@ -602,22 +610,7 @@ def test_a_recovered_sender_is_acked_at_once_though_acks_are_lazy(
         directory = t.link.refresh()
         ben = directory.hosts["account:ben"]
 
-        def deposit(rid: int, amount: int) -> EngineBatch:
-            reply_to = ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=rid)
-            return EngineBatch(origin=t.link.origin, items=((Dest("account", "ben"), AccountDeposit(
-                reply_to=reply_to, user="ben", amount=amount, ts=10 + rid)),))
-
-        saboteur = t.link.asys.createActor(ChaosSaboteur)
-        t.link.asys.tell(saboteur, ChaosScript(items=(
-            (directory.hosts["router"], HostFault(mode="exit")),
-            (ben, deposit(101, 1)),
-            (ben, deposit(102, 2)),
-            (ben, HostFault(mode="exit")),
-        )))
-        t.link.asys.tell(saboteur, ActorExitRequest())
-        t._take(t.link.wait_for(lambda got: {101, 102} <= {
-            m.reply_to.request_id for m in got if isinstance(m, Reply)}))
-        assert t.replies[101].ok and t.replies[102].ok
+        _router_then_ben_die_around_two_deposits(t, directory, ben)
         t.pump(0.05)
         t.link.refresh()
         assert t.deposit("ben", 4).ok
