@@ -730,6 +730,7 @@ def running_system(
     *,
     log_dir: str | os.PathLike[str] | None = None,
     free_admin_port: bool = True,
+    grace: float = 5.0,
 ) -> Iterator[Any]:
     """A started actor system that is always stopped, leaving no process behind.
 
@@ -742,6 +743,8 @@ def running_system(
         config: A :class:`SystemConfig` or just a base name.
         log_dir: Directory for the actor and Thespian logs.
         free_admin_port: Pick a free port for the TCP admin.
+        grace: Seconds the system's processes get to exit after the shutdown
+            before they are killed and reported (see :func:`stop_system`).
 
     Yields:
         The ``ActorSystem`` handle (see :func:`tracked` for its processes).
@@ -767,7 +770,7 @@ def running_system(
         try:
             yield asys
         finally:
-            leftovers = stop_system(asys)
+            leftovers = stop_system(asys, grace=grace)
         if leftovers:
             raise RuntimeLeakError(f"killed surviving actor-system processes {leftovers}")
 

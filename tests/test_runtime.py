@@ -285,7 +285,12 @@ def test_tcp_sockets_bind_loopback_only(tmp_path: Any) -> None:
 
 
 def test_relay_keeps_traffic_flowing_past_a_dead_actor(tmp_path: Any) -> None:
-    with running_system(SystemConfig(base=TCP), log_dir=tmp_path) as system:
+    # The relay still holds sends to the killed actor's address when the system
+    # shuts down. Once (one full-suite run of several), a process of this system
+    # outlived the default 5 s grace; a send to a kill -9'd actor can take ~35 s to
+    # give up (ARCHITECTURE.md), so this test grants the shutdown 40 s before it
+    # counts a leak. A clean shutdown still takes well under a second.
+    with running_system(SystemConfig(base=TCP), log_dir=tmp_path, grace=40.0) as system:
         victim = system.createActor(RuntimeSink)
         live = system.createActor(RuntimeSink)
         victim_ident = _ask(system, victim, RuntimeWhoAreYou())
