@@ -212,7 +212,6 @@ class _Checkpointer:
         self._path = path
         self._synchronous = synchronous
         self._stop = threading.Event()
-        self.checkpoints = 0
         #: The last checkpoint's ``(busy, WAL frames, frames checkpointed)``; ``done``
         #: is set after every checkpoint (tests wait on it).
         self.last: tuple[int, int, int] | None = None
@@ -233,7 +232,6 @@ class _Checkpointer:
                 try:
                     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.last = (int(row[0]), int(row[1]), int(row[2]))
-                    self.checkpoints += 1
                     self.done.set()
                 except sqlite3.Error as exc:  # e.g. busy: the next round retries
                     log.warning("journal checkpointer: %s", exc)

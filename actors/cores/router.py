@@ -207,8 +207,8 @@ class _ReplayLog:
         if len(tail) >= _CHUNK or (cap is not None and len(tail) >= cap):
             chunks.append((tail[0].seq, seq, pickle.dumps(list(map(_seq_values, tail)), 5)))
             self.tail = []
-        if cap is not None and chunks and chunks[0][1] <= seq - cap:
-            first = seq - cap + 1
+        if cap is not None:
+            first = seq - cap + 1  # the oldest seq kept: drop chunks wholly before it
             while chunks and chunks[0][1] < first:
                 chunks.popleft()
 
@@ -232,9 +232,6 @@ class _ReplayLog:
                 out += [_sequenced(v) for v in pickle.loads(blob) if v[_SEQ_INDEX] >= lo]
         out += [event for event in self.tail if event.seq >= lo]
         return tuple(out)
-
-    def __len__(self) -> int:
-        return self.last_seq - self.first_seq() + 1
 
 
 def _restore_lane(last_seq: int, maxlen: int | None, log: list[tuple[object, ...]],
