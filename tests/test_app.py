@@ -29,6 +29,9 @@ async def test_run_trades_and_stops_cleanly(tmp_path: Path) -> None:
     assert "demo1" in text
     assert (tmp_path / "journal.sqlite3").exists()
     assert any(_quoted(text, s) for s in ("BTC-PERP", "ETH-PERP", "ESZ6")), text  # traders quoted
+    # Every trader has disconnected when the summary prints: it shows the peak.
+    peak = re.search(r"peak\s+(\d+)\s+connections", text)
+    assert peak is not None and int(peak.group(1)) >= 4, text
     await trio.lowlevel.checkpoint()
 
 
