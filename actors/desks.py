@@ -211,10 +211,16 @@ class AccountDesk:
             return _error(msg.reply_to, ErrorCode.UNKNOWN_SYMBOL.value,
                           f"unknown symbol {msg.symbol}")
         ids = self.ledger.open_order_ids(msg.symbol)
-        symbols = sorted({self.ledger.order(i).symbol for i in ids})  # type: ignore[union-attr]
+        # Each book gets the ids of this account's open orders in its symbol, so it
+        # looks up those rather than scanning its whole depth for the user's.
+        by_symbol: dict[str, list[int]] = {}
+        for i in ids:
+            by_symbol.setdefault(self.ledger.order(i).symbol, []).append(  # type: ignore[union-attr]
+                i)
         out: list[Out] = [
-            (book_dest(s), CancelUserOrders(user=self.user, symbol=s, ts=msg.ts))
-            for s in symbols
+            (book_dest(s), CancelUserOrders(user=self.user, symbol=s, ts=msg.ts,
+                                            order_ids=tuple(sorted(by_symbol[s]))))
+            for s in sorted(by_symbol)
         ]
         return out + _ok(msg.reply_to, {"canceled": len(ids)})
 

@@ -322,11 +322,54 @@ def _own_reduce(obj: Any) -> Any:
 
 def _attrs_restore(cls: type, names: tuple[str, ...], values: tuple[Any, ...]) -> Any:
     """Unpickle what :class:`_Reducers` pickled: set the fields as attrs' own
-    ``__setstate__`` does (no ``__init__``, no validators)."""
+    ``__setstate__`` does (no ``__init__``, no validators).
+
+    A field the class gained since the object was written (not in ``names``)
+    gets its default, so adding a field with a default to an engine message or
+    a core's state keeps old records and snapshots loadable.
+
+    Raises:
+        TypeError: such a field has no default.
+    """
     obj: Any = object.__new__(cls)
     for name, value in zip(names, values, strict=True):
         object.__setattr__(obj, name, value)
+    if len(names) != _FIELD_COUNTS.get(cls, -1):
+        for name, default, factory in _added_fields(cls, names):
+            object.__setattr__(obj, name, default() if factory else default)
     return obj
+
+
+#: How many attrs fields each class restored by :func:`_attrs_restore` has.
+_FIELD_COUNTS: dict[type, int] = {}
+_ADDED: dict[tuple[type, tuple[str, ...]], tuple[tuple[str, Any, bool], ...]] = {}
+
+
+def _added_fields(cls: type, names: tuple[str, ...]) -> tuple[tuple[str, Any, bool], ...]:
+    """The fields of ``cls`` missing from ``names``, each with its default and
+    whether the default is a factory to call (cached per class and names)."""
+    key = (cls, names)
+    added = _ADDED.get(key)
+    if added is None:
+        fields = attrs.fields(cast(Any, cls))
+        missing = []
+        for field in fields:
+            if field.name in names:
+                continue
+            default = field.default
+            if default is attrs.NOTHING:
+                raise TypeError(f"{cls.__qualname__} was written without {field.name!r}, "
+                                "which has no default")
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                if default.takes_self:
+                    raise TypeError(f"{cls.__qualname__}.{field.name}: a default that "
+                                    "takes self cannot be restored")
+                missing.append((field.name, default.factory, True))
+            else:
+                missing.append((field.name, default, False))
+        added = _ADDED[key] = tuple(missing)
+        _FIELD_COUNTS[cls] = len(fields)
+    return added
 
 
 def _is_plain_attrs(cls: type) -> bool:

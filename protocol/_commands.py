@@ -71,11 +71,22 @@ class CancelOrder:
 
 @attrs.frozen(kw_only=True)
 class CancelUserOrders:
-    """Cancel every resting order of ``user`` in this book."""
+    """Cancel every resting order of ``user`` in this book.
+
+    ``order_ids``, when given, are the user's orders its account still holds open
+    in this symbol: the book then looks up only those (ids not resting here or of
+    another user are passed over) instead of scanning every resting order for the
+    user's — a mass cancel-on-disconnect on a deep book stays O(orders of the
+    user). None (and commands journaled before the field existed) scans.
+    """
 
     user: str
     symbol: str
     ts: int = attrs.field(validator=_nonneg)
+    order_ids: tuple[int, ...] | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.deep_iterable(
+            _pos, attrs.validators.instance_of(tuple))))
 
 
 # -- engine events (book → accounts) -----------------------------------------------

@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
+from actors.desks import BookDesk
 from actors.local import LocalEngine
 from actors.messages import (
     AccountCancel,
+    AccountCancelAll,
     AccountDeposit,
     AccountPlace,
     Delivery,
@@ -17,7 +19,7 @@ from actors.messages import (
     ReplyTo,
     RouterReplay,
 )
-from protocol import CASH_STEP, Instrument, NewOrder, RemoteProtocolError
+from protocol import CASH_STEP, CancelUserOrders, Instrument, NewOrder, RemoteProtocolError
 
 MS = 1_000_000
 
@@ -124,6 +126,33 @@ def test_cancel_someone_elses_order_is_unknown_order(h: Harness) -> None:
                                    ts=h.now))
     assert mine.ok
     assert mine.result == {"order_id": oid, "status": "canceled"}
+    assert h.engine.account("alice").ledger.frozen == 0
+
+
+def test_cancel_all_names_the_accounts_open_orders_to_the_book(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[CancelUserOrders] = []
+    real = BookDesk.handle
+
+    def spy(self: BookDesk, msg: Any) -> Any:
+        if isinstance(msg, CancelUserOrders):
+            seen.append(msg)
+        return real(self, msg)
+
+    monkeypatch.setattr(BookDesk, "handle", spy)
+    mine = [h.place("alice", f"a{i}", "buy", 599_990 - i, 1) for i in range(3)]
+    theirs = h.place("bob", "b1", "buy", 599_990, 2)
+    assert all(r.ok for r in [*mine, theirs])
+    done = h.request(Dest("account", "alice"),
+                     AccountCancelAll(reply_to=h.ref(), user="alice", ts=h.now))
+    assert done.result == {"canceled": 3}
+    ids = sorted(r.result["order_id"] for r in mine)  # type: ignore[index]
+    assert [(m.symbol, m.order_ids) for m in seen] == [("BTC-PERP", tuple(ids))]
+    book = h.engine.books["BTC-PERP"].book
+    assert book.open_orders("alice") == []
+    assert [o.client_order_id for o in book.open_orders("bob")] == ["b1"]
+    assert h.kinds("alice")[-4:-1] == ["order_canceled"] * 3
     assert h.engine.account("alice").ledger.frozen == 0
 
 

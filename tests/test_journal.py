@@ -902,6 +902,7 @@ def test_a_record_whose_class_changed_does_not_load(tmp_path: Path) -> None:
     bad = [
         ("actors.messages:Dest kind nosuchfield", "account", "u1"),  # a field renamed
         ("actors.messages:Dest kind key", "account"),  # a field dropped
+        ("actors.messages:Dest key", "u1"),  # a field without a default added
         ("actors.messages:NoSuchMessage a", 1),  # a class removed
         ("protocol._commands:Fill", 1, 2),  # a NamedTuple with other fields
         ("no tag", 1),
@@ -916,6 +917,28 @@ def test_a_record_whose_class_changed_does_not_load(tmp_path: Path) -> None:
             )
             with pytest.raises(JournalCorrupted, match="does not unpickle"):
                 j.recover(stream)
+
+
+def test_a_record_written_before_a_field_with_a_default_was_added_gets_the_default(
+    tmp_path: Path,
+) -> None:
+    from actors.journal import _RECORD_PERSON, _checksum, _restore
+    from protocol import CancelUserOrders
+
+    class Old:
+        def __reduce__(self) -> tuple[Any, ...]:
+            # CancelUserOrders as the record encoding wrote it before ``order_ids``.
+            return _restore, ("protocol._commands:CancelUserOrders user symbol ts",
+                              "u1", "BTC-PERP", 7)
+
+    payload = pickle.dumps([Old(), Old()], protocol=5)
+    with Journal.open(tmp_path) as j:
+        j._db.execute("INSERT INTO records VALUES (?, ?, ?, ?)",
+                      ("s", 1, payload, _checksum(_RECORD_PERSON, "s", 1, payload)))
+        [(_, record)] = j.recover("s").records
+    want = CancelUserOrders(user="u1", symbol="BTC-PERP", ts=7)
+    assert record == [want, want] and record[0].order_ids is None
+    assert pickle.loads(pickle.dumps(record)) == record  # whole again: it pickles
 
 
 def test_a_big_snapshot_leaves_the_record_pickler_small() -> None:

@@ -456,6 +456,11 @@ class OrderBook:
     def cancel_user(self, cmd: CancelUserOrders) -> list[BookEvent]:
         """Cancel every resting order of ``cmd.user`` (e.g. on logout or disconnect).
 
+        With ``cmd.order_ids`` only those ids are looked up (the account's open
+        orders; ids not resting here or of another user are passed over), in
+        O(ids) rather than a scan of the whole book; without, every resting
+        order is checked.
+
         Returns:
             One :class:`OrderCanceled` (reason ``cancel_all``) per order in
             ``order_id`` order; market data waits for :meth:`flush_market`.
@@ -468,8 +473,15 @@ class OrderBook:
         ts = cmd.ts
         symbol = self.symbol
         orders = self._orders
+        # getattr: a command journaled before ``order_ids`` existed unpickles without it.
+        wanted = getattr(cmd, "order_ids", None)
+        if wanted is None:
+            ids = self._ids_of(user)
+        else:
+            ids = sorted({oid for oid in wanted
+                          if (e := orders.get(oid)) is not None and e[2] == user})
         events: list[BookEvent] = []
-        for order_id in self._ids_of(user):
+        for order_id in ids:
             entry = orders.pop(order_id)
             remaining = entry[0]
             self._take(entry)
@@ -623,8 +635,8 @@ class OrderBook:
 
         A scan of the whole book: there is no per-user index, because keeping
         one up to date cost every add, cancel and fill a lookup in a large
-        dict, for the sake of the rare per-user query (a logout's cancel-all,
-        a resync).
+        dict, for the sake of the rare per-user query (:meth:`open_orders`, a
+        cancel-all without ids). The account's cancel-all names its ids.
         """
         return sorted([oid for oid, entry in self._orders.items() if entry[2] == user])
 
