@@ -15,7 +15,8 @@ stream across reconnects. A request in flight when the connection dropped
 is sent again on the next connection (up to ``retries`` times) — safe because
 a ``place`` carries its ``client_order_id`` and the server answers a repeat
 with the original order and ``duplicate: true``; past that it fails with
-:class:`ClientError` code ``disconnected``.
+:class:`ClientError` code ``disconnected``. A request the engine did not answer
+in time (error ``timeout``) is sent again the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from trio_websocket import (
 )
 
 from protocol import EventData, event_data
+
+#: Error codes after which :meth:`Client.request` sends the request again.
+_RETRIED = frozenset({"disconnected", "timeout"})
 
 
 class ClientError(Exception):
@@ -138,13 +142,15 @@ class Client:
         """
         # Every request here is safe to repeat (place carries its client_order_id,
         # which the server deduplicates), so a drop mid-request is retried on the
-        # next connection instead of surfacing to the caller.
+        # next connection, and a request the engine did not answer in time
+        # (``timeout``) is sent again, instead of surfacing to the caller.
         for attempt in range(self.retries + 1):
             await self._connected.wait()
             try:
                 return await self._request_on(self._ws, op, **fields)
             except ClientError as exc:
-                if exc.code != "disconnected" or attempt == self.retries or self._closing:
+                if (exc.code not in _RETRIED or attempt == self.retries
+                        or self._closing):
                     raise
         raise AssertionError("unreachable")
 

@@ -95,6 +95,10 @@ class GatewayConfig:
     #: get this long to go out, then the close handshake this long again.
     close_drain_s: float = 1.0
     max_consecutive_bad: int = 32
+    #: An engine request not answered in this long is answered ``timeout`` (a login
+    #: fails, a resume is refused, a book snapshot is asked for again): a request can
+    #: die with an actor that is killed before it journaled the request.
+    request_timeout_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     session: SessionConfig = attrs.field(factory=SessionConfig)
 
     @property
@@ -290,6 +294,7 @@ class _Pending:
     request_id: Any
     op: str
     extra: Any = None
+    deadline: float = 0.0  # time.monotonic() past which it is answered ``timeout``
 
 
 class Gateway:
@@ -334,6 +339,7 @@ class Gateway:
                     handler_nursery=nursery, max_message_size=self.config.message_cap,
                     task_status=task_status))
                 self.port = server.port
+                nursery.start_soon(self._expire_requests)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
@@ -507,7 +513,8 @@ class Gateway:
         token = next(self._tokens)
         reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
                            request_id=token)
-        self._pending[token] = _Pending(conn.id, request_id, op, extra)
+        self._pending[token] = _Pending(conn.id, request_id, op, extra,
+                                        time.monotonic() + self.config.request_timeout_s)
         if not self._submit(dest, make(reply_to)):
             self._pending.pop(token, None)
             self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
@@ -616,16 +623,67 @@ class Gateway:
         added = self.hub.sessions[conn.id].subscribe(req.channels)
         self._push(conn, Response(id=req.id, result={"channels": list(req.channels)}))
         for ch in added:
-            kind, symbol = ch.split(".", 1)
+            kind = ch.split(".", 1)[0]
             if kind == "book":
                 conn.waiting_snapshot.add(ch)
-                def make(r: ReplyTo, s: str = symbol) -> BookSnapshotRequest:
-                    return BookSnapshotRequest(reply_to=r, symbol=s, ts=time.time_ns())
-
-                self._ask(conn, None, "snapshot", Dest("book", symbol), make, extra=ch)
+                self._ask_snapshot(conn, ch)
             else:
                 conn.subs.add(ch)
                 self._subscribers.setdefault(ch, {})[conn.id] = conn
+
+    def _ask_snapshot(self, conn: _Conn, channel: str) -> None:
+        symbol = channel.split(".", 1)[1]
+
+        def make(r: ReplyTo) -> BookSnapshotRequest:
+            return BookSnapshotRequest(reply_to=r, symbol=symbol, ts=time.time_ns())
+
+        self._ask(conn, None, "snapshot", Dest("book", symbol), make, extra=channel)
+
+    async def _expire_requests(self) -> None:
+        """Answer the engine requests past their deadline (:meth:`_expire`)."""
+        period = min(1.0, self.config.request_timeout_s / 4)
+        while True:
+            await trio.sleep(period)  # the sweep's period, not a wait for an event
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        """Answer ``timeout`` to every engine request asked before ``now`` minus the
+        request timeout: the engine lost it (an actor killed before it journaled the
+        request) or is stuck, and the client must not wait for ever.
+
+        The pending requests are in the order they were asked, and all have the
+        same timeout, so the expired ones are a prefix. A reply that comes after
+        all is dropped (its request is no longer pending). The request may have
+        taken effect: a ``place`` repeated with its ``client_order_id`` is answered
+        with the original order (``duplicate``), as after a dropped connection.
+        """
+        pending = self._pending
+        expired = []
+        for token, p in pending.items():
+            if p.deadline > now:
+                break
+            expired.append(token)
+        timeout = self.config.request_timeout_s
+        for token in expired:
+            p = pending.pop(token)
+            conn = self.conns.get(p.conn)
+            if conn is None or conn.closed:
+                continue
+            log.warning("gateway: %s of connection %d unanswered for %g s", p.op, p.conn,
+                        timeout)
+            if p.op == "snapshot":
+                if p.extra in conn.waiting_snapshot:
+                    self._ask_snapshot(conn, p.extra)  # read-only: ask again
+                continue
+            if p.op == "login":
+                conn.login_pending = False
+                conn.proto.login_failed()
+            self._error(conn, p.request_id, ErrorCode.TIMEOUT,
+                        f"the engine did not answer within {timeout:g} s; the request may "
+                        "have taken effect (a place repeated with the same client_order_id "
+                        "is answered with the original order)")
+            if p.op == "resume":
+                self._resumed(conn, None, [])
 
     # -- from the engine -----------------------------------------------------------------
 

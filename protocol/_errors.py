@@ -24,6 +24,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_SESSIONS = "too_many_sessions"
     REPLAY_UNAVAILABLE = "replay_unavailable"
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 

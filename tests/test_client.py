@@ -164,3 +164,28 @@ async def test_heartbeats_keep_a_quiet_client_past_the_idle_timeout() -> None:
             assert beating.reconnects == 0
             await beating.ping()
             assert beating.reconnects == 0
+
+
+async def test_a_place_the_engine_did_not_answer_in_time_is_sent_again() -> None:
+    from typing import Any
+
+    from gateway.server import GatewayConfig
+
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw:
+        real, dropped = gw._reply, []
+
+        def reply(msg: Any) -> None:  # the order is placed, its answer is lost
+            pending = gw._pending.get(int(msg.reply_to.request_id or 0))
+            if pending is not None and pending.op == "place" and not dropped:
+                dropped.append(msg)
+                return
+            real(msg)
+
+        gw._reply = reply  # type: ignore[method-assign]
+        async with open_client(f"ws://127.0.0.1:{gw.port}/v1", "alice", "pw") as alice:
+            placed = await alice.place("BTC-PERP", "buy", "limit", qty="0.001",
+                                       price="59000.0", client_order_id="slow-1")
+        assert dropped  # the first answer was lost; the SDK sent the place again
+        assert placed["duplicate"] is True
+        assert placed["order_id"] == dropped[0].result["order_id"]
+        assert len(gw._pending) == 0

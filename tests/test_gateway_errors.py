@@ -666,6 +666,84 @@ async def test_internal_when_the_engine_fails(gateway: Gateway,
         assert (await c.call("query", what="account"))["ok"]  # the actor survived
 
 
+# -- timeout ----------------------------------------------------------------------------
+
+
+def lose_first(gw: Gateway, kind: type) -> list[Any]:
+    """Make the bridge drop the first request of ``kind`` (as a host killed before it
+    journaled the request loses it); returns the list of dropped requests."""
+    lost: list[Any] = []
+    real = gw.bridge.submit
+
+    def submit(dest: Dest, item: Any) -> None:
+        if isinstance(item, kind) and not lost:
+            lost.append(item)
+            return
+        real(dest, item)
+
+    gw.bridge.submit = submit  # type: ignore[method-assign]
+    return lost
+
+
+async def test_timeout_answers_a_request_the_engine_lost() -> None:
+    from actors.messages import AccountQuery
+
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw, \
+            client(gw, "json") as c:
+        assert (await c.call("login", user="alice", password="pw"))["ok"]
+        lost = lose_first(gw, AccountQuery)
+        r = await c.call("query", what="account")
+        assert code(r) == "timeout" and lost, r
+        assert "0.3 s" in r["error"]["message"]
+        assert (await c.call("query", what="account"))["ok"]  # the next one is answered
+        assert not gw._pending
+
+
+async def test_a_timed_out_place_repeated_gets_the_original_order() -> None:
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw, \
+            client(gw, "json") as c:
+        assert (await c.call("login", user="alice", password="pw"))["ok"]
+        real, dropped = gw._reply, []
+
+        def reply(msg: Any) -> None:  # the order is placed, its answer is lost
+            pending = gw._pending.get(int(msg.reply_to.request_id or 0))
+            if pending is not None and pending.op == "place" and not dropped:
+                dropped.append(msg)
+                return
+            real(msg)
+
+        gw._reply = reply  # type: ignore[method-assign]
+        r = await c.call("place", **limit("t1", "59000.0", "0.001"))
+        assert code(r) == "timeout" and dropped, r
+        again = await c.call("place", **limit("t1", "59000.0", "0.001"))
+        assert again["ok"] and again["result"]["duplicate"] is True, again
+        assert again["result"]["order_id"] == dropped[0].result["order_id"]
+
+
+async def test_a_login_that_timed_out_can_be_tried_again() -> None:
+    from actors.messages import RouterAttach
+
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw, \
+            client(gw, "json") as c:
+        lose_first(gw, RouterAttach)
+        assert code(await c.call("login", user="alice", password="pw")) == "timeout"
+        assert code(await c.call("query", what="account")) == "not_logged_in"
+        assert (await c.call("login", user="alice", password="pw"))["ok"]
+        assert (await c.call("query", what="account"))["ok"]
+
+
+async def test_a_lost_book_snapshot_is_asked_for_again() -> None:
+    from actors.messages import BookSnapshotRequest
+
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw, \
+            client(gw, "json") as c:
+        lost = lose_first(gw, BookSnapshotRequest)
+        assert (await c.call("subscribe", channels=["book.BTC-PERP"]))["ok"]
+        while not c.market:
+            await c.frame()
+        assert lost and c.market[0]["kind"] == "snapshot" and c.market[0]["seq"] == 1
+
+
 async def test_1008_after_consecutive_bad_frames() -> None:
     async with running_gateway(GatewayConfig(max_consecutive_bad=3)) as gw, \
             client(gw, "json") as c:
