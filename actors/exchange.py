@@ -15,6 +15,16 @@ its last turn's outputs and sends a sequenced ``resync`` notice to the users
 whose state it holds. Every other host then resends what the dead one had not
 acknowledged.
 
+Forwarding: a batch that comes through the Exchange (a fan-out link's whole
+pass, split per host; items for accounts that did not exist yet) goes to each
+host on the Exchange's own channel, numbered per host and kept until the host
+acks it, like a host→host batch: a host killed before it journaled a forwarded
+request gets the unacked ones again once it is re-created (duplicates are
+dropped by their seq). Without it a gateway's request queued for a dying host
+died with it and its client waited for an answer that never came. The
+channel's name (``exchange@<boot time>``) is new at every boot of the
+Exchange, since a new Exchange numbers from 1 again.
+
 Journal preparation: before it creates any host, the Exchange opens the
 journal once itself (creating the file, switching it to WAL and creating the
 schema) and closes it. Hosts must never be the first to open a fresh journal
@@ -40,6 +50,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,6 +61,7 @@ from thespian.actors import ActorExitRequest, PoisonMessage
 from actors.host import (
     Directory,
     DirectoryUpdate,
+    EngineAck,
     EngineBatch,
     EngineConfig,
     GatewayBatch,
@@ -157,6 +170,11 @@ class Exchange(RuntimeActor):
         self._start_failures: dict[str, int] = {}
         self._recovered = 0
         self._stopping = False
+        # The forwarding channel (see the module docstring): its name, the last seq
+        # per host and the batches a host has not acked yet.
+        self._channel = f"exchange@{time.time_ns():x}"
+        self._fwd_seq: dict[str, int] = {}
+        self._fwd_box: dict[str, deque[EngineBatch]] = {}
 
     # -- boot -------------------------------------------------------------------------
 
@@ -278,6 +296,10 @@ class Exchange(RuntimeActor):
         update = DirectoryUpdate(directory=self.directory, restarted=restarted)
         for addr in self.directory.hosts.values():
             self.send(addr, update)
+        for hid in restarted:  # after its HostInit: what it had not acked, again
+            addr = self.directory.hosts[hid]
+            for batch in self._fwd_box.get(hid, ()):
+                self.send(addr, batch)
 
     def _ensure_account(self, user: str) -> bool:
         """Create ``user``'s host if the placement needs one; True when it was created."""
@@ -316,8 +338,22 @@ class Exchange(RuntimeActor):
         if created:
             self._broadcast()
         for hid, items in per_host.items():
-            self.send(self.directory.hosts[hid],
-                      EngineBatch(origin=batch.origin, items=tuple(items)))
+            self._forward(hid, tuple(items))
+
+    def _forward(self, hid: str, items: tuple[tuple[Dest, Any], ...]) -> None:
+        """Send ``items`` to host ``hid`` as the next batch of the forwarding channel,
+        kept until the host acks it (see the module docstring)."""
+        seq = self._fwd_seq.get(hid, 0) + 1
+        self._fwd_seq[hid] = seq
+        out = EngineBatch(origin=self._channel, seq=seq, items=items)
+        self._fwd_box.setdefault(hid, deque()).append(out)
+        self.send(self.directory.hosts[hid], out)
+
+    def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
+        """A host committed the forwarded batches up to ``ack.seq``: forget them."""
+        box = self._fwd_box.get(ack.host)
+        while box and box[0].seq <= ack.seq:
+            box.popleft()
 
     def _unroutable(self, dest: Dest, item: Any) -> None:
         """An item for a book this engine does not have (the gateway checks symbols

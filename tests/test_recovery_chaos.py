@@ -585,6 +585,39 @@ def _router_then_ben_die_around_two_deposits(t: Trader, directory: Any, ben: Any
     assert t.replies[101].ok and t.replies[102].ok
 
 
+@pytest.mark.parametrize("group_commit", ["turn", "pass"])
+def test_a_request_queued_for_a_host_that_dies_is_answered_after_its_restart(
+    tmp_path: Path, group_commit: str
+) -> None:
+    # In one script (nothing runs in between): ben's account exits, and a request for
+    # it goes to the Exchange (as the embedded bridge's fan-out link sends), which
+    # forwards it to the dying host behind its exit. A gateway's requests were not
+    # numbered like host→host batches, so nothing resent it and it was never
+    # answered; the Exchange's forwarding channel now keeps it until the host acks.
+    with _engine(tmp_path, {"group_commit": group_commit}) as t:
+        t.link.attach("ben")
+        assert t.deposit("ben", MONEY).ok
+        if group_commit == "pass":
+            flush_shared()
+        directory = t.link.refresh()
+        reply_to = ReplyTo(gateway=t.link.gateway_id, conn=1, request_id=201)
+        request = EngineBatch(origin=t.link.origin, items=((Dest("account", "ben"),
+                              AccountDeposit(reply_to=reply_to, user="ben", amount=5, ts=11)),))
+        saboteur = t.link.asys.createActor(ChaosSaboteur)
+        t.link.asys.tell(saboteur, ChaosScript(items=(
+            (directory.hosts["account:ben"], HostFault(mode="exit")),
+            (directory.exchange, request),
+        )))
+        t.link.asys.tell(saboteur, ActorExitRequest())
+        t._take(t.link.wait_for(lambda got: any(
+            isinstance(m, Reply) and m.reply_to.request_id == 201 for m in got), timeout=5))
+        assert t.replies[201].ok
+        if group_commit == "pass":
+            flush_shared()
+        t.link.refresh()
+        assert t.query("ben", "account")["balance"] == "1000000.0005"  # applied once
+
+
 def _outbox(t: Trader, host: str) -> int:
     stats = t.link.asys.ask(t.link.refresh().hosts[host], HostStatsQuery(), timedelta(seconds=10))
     assert isinstance(stats, HostStats), stats
