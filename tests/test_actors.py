@@ -40,15 +40,17 @@ def _cross(t: engine, *, a: str = "alice", b: str = "bob") -> None:  # type: ign
 def test_a_crossing_order_gives_both_users_the_full_sequence() -> None:
     with engine(BASE) as t:
         _cross(t)
-        alice = t.wait_events("alice", 6)
+        alice = t.wait_events("alice", 7)
         bob = t.wait_events("bob", 6)
+        # Alice's order rested first (its frozen funds: an account_update), then filled;
+        # bob's filled in the turn it was accepted (one account_update after all of it).
         assert [e.kind for e in alice] == [
-            "account_update", "order_accepted", "trade_executed", "order_partially_filled",
-            "position_update", "account_update"]
+            "account_update", "order_accepted", "account_update", "trade_executed",
+            "order_partially_filled", "position_update", "account_update"]
         assert [e.kind for e in bob] == [
             "account_update", "order_accepted", "trade_executed", "order_filled",
             "position_update", "account_update"]
-        assert t.seqs("alice") == [1, 2, 3, 4, 5, 6]
+        assert t.seqs("alice") == [1, 2, 3, 4, 5, 6, 7]
         assert t.seqs("bob") == [1, 2, 3, 4, 5, 6]
         # Ledger effects, as the accounts hold them.
         assert t.query("bob", "positions")["positions"][0]["long_qty"] == "0.003"
@@ -83,7 +85,7 @@ def test_a_handler_that_raises_is_retried_without_double_apply() -> None:
 def test_a_killed_account_is_rebuilt_from_the_journal(tmp_path: Path) -> None:
     with engine(BASE, tmp_path) as t:
         _cross(t)
-        t.wait_events("alice", 6)
+        t.wait_events("alice", 7)
         before = t.query("alice", "account")
         positions = t.query("alice", "positions")
         t.link.refresh()
@@ -92,13 +94,13 @@ def test_a_killed_account_is_rebuilt_from_the_journal(tmp_path: Path) -> None:
         t.link.refresh()
         assert t.query("alice", "account") == before
         assert t.query("alice", "positions") == positions
-        events = t.wait_events("alice", 7)
-        assert events[6].kind == "system_notice"
-        assert events[6].data["kind"] == "resync"
-        assert t.seqs("alice") == list(range(1, 8))
+        events = t.wait_events("alice", 8)
+        assert events[7].kind == "system_notice"
+        assert events[7].data["kind"] == "resync"
+        assert t.seqs("alice") == list(range(1, 9))
         # Trading goes on: alice's resting order still fills.
         assert t.place("bob", "b2", "buy", 600010, 2).ok
-        t.wait_events("alice", 11)
+        t.wait_events("alice", 12)
         assert t.seqs("alice") == list(range(1, len(t.seqs("alice")) + 1))
 
 
@@ -281,16 +283,16 @@ def test_a_host_killed_right_after_a_snapshot_turn_numbers_on(
     monkeypatch.setattr(actors.host, "SNAPSHOT_BYTES_FACTOR", 0)
     with engine(BASE, tmp_path) as t:
         _cross(t)  # alice rests 2 lots at 600010
-        t.wait_events("alice", 6)
+        t.wait_events("alice", 7)
         t.link.refresh()
         t.link.asys.tell(t.link.directory.hosts["account:alice"], HostFault(mode="exit"))
         t.pump()
         t.link.refresh()
-        events = t.wait_events("alice", 7)
-        assert events[6].kind == "system_notice"
+        events = t.wait_events("alice", 8)
+        assert events[7].kind == "system_notice"
         assert t.place("bob", "b2", "buy", 600010, 2).ok
-        alice = t.wait_events("alice", 11)
-        assert [e.kind for e in alice[7:11]] == [
+        alice = t.wait_events("alice", 12)
+        assert [e.kind for e in alice[8:12]] == [
             "trade_executed", "order_filled", "position_update", "account_update"]
         assert t.seqs("alice") == list(range(1, len(t.seqs("alice")) + 1))
         # And the book, killed right after its snapshot turn, still answers the account.

@@ -33,7 +33,7 @@ def _setup(t: Trader) -> None:
     reply = t.place("bob", "b1", "buy", 600020, 3)
     assert reply.result is not None
     assert reply.result["status"] == "filled"
-    t.wait_events("alice", 6)
+    t.wait_events("alice", 7)  # her resting order's accept is followed by an account_update
     t.wait_events("bob", 6)
 
 
@@ -43,7 +43,7 @@ def test_order_fill_events_across_processes(tmp_path: Path) -> None:
         assert t.kinds("bob") == [
             "account_update", "order_accepted", "trade_executed", "order_filled",
             "position_update", "account_update"]
-        assert t.seqs("alice") == [1, 2, 3, 4, 5, 6]
+        assert t.seqs("alice") == [1, 2, 3, 4, 5, 6, 7]
         # Placement: two account shards host every account; the book has its own process.
         assert t.link.directory.account_shards == ("accounts:0", "accounts:1")
         pids = {_pid(t, h) for h in ("accounts:0", "accounts:1", "book:BTC-PERP", "router")}
@@ -56,8 +56,8 @@ def test_kill_9_of_a_book_and_an_account_process(tmp_path: Path) -> None:
         book_before = inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book.depth()
 
         os.kill(_pid(t, "book:BTC-PERP"), signal.SIGKILL)
-        t.wait_events("alice", 7)  # alice rested an order there: she gets resync
-        assert t.events["alice"][6].data["kind"] == "resync"
+        t.wait_events("alice", 8)  # alice rested an order there: she gets resync
+        assert t.events["alice"][7].data["kind"] == "resync"
         assert inspect(t.link, "book:BTC-PERP")["BTC-PERP"].book.depth() == book_before
 
         shard = t.link.directory.accounts.get("bob") or next(

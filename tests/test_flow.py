@@ -93,9 +93,9 @@ def test_a_crossing_order_gives_both_users_their_events_in_order(h: Harness) -> 
     taker = h.place("bob", "b1", "buy", 600020, 3)
     assert taker.ok
     assert taker.result == {"order_id": 2, "client_order_id": "b1", "status": "filled"}
-    assert h.kinds("alice") == [
-        "account_update", "order_accepted", "trade_executed", "order_partially_filled",
-        "position_update", "account_update",
+    assert h.kinds("alice") == [  # her order rested first: its frozen funds, then the fill
+        "account_update", "order_accepted", "account_update", "trade_executed",
+        "order_partially_filled", "position_update", "account_update",
     ]
     assert h.kinds("bob") == [
         "account_update", "order_accepted", "trade_executed", "order_filled",

@@ -423,7 +423,11 @@ def test_accept_emits_order_accepted_with_the_order_fields() -> None:
     ledger = funded()
     o = order(1, "buy", 1_500, 600_005)
     ledger.place(o, ref_price=BTC_60K)
-    [ev] = ledger.on_book_event(accepted(o, ts=33))
+    ev, update = ledger.on_book_event(accepted(o, ts=33))
+    # The funds frozen at placement change ``frozen`` and ``available``: reported.
+    assert (update.kind, update.ts) == ("account_update", 33)
+    assert update.data == ledger.account_view()
+    assert update.data["frozen"] != "0.0000"
     assert ev.kind == "order_accepted"
     assert ev.ts == 33
     assert ev.data == {

@@ -53,8 +53,9 @@ Decisions (the contract of this module):
 * **Events.** Event ids come from a per-ledger counter, so a replay yields the
   same ids. Order events carry ``order_id``, ``client_order_id``, ``symbol``,
   ``side``, ``type``, ``price``, ``qty``, ``filled_qty``, ``remaining_qty``
-  (untraded quantity) and ``status``. Rejects, cancels and expiries are
-  followed by an ``account_update`` because they change ``available``.
+  (untraded quantity) and ``status``. Accepts, rejects, cancels and expiries
+  are followed by an ``account_update`` because they change ``frozen`` and
+  ``available`` (an accept reports the funds frozen at placement).
 * **Coalesced updates** (``coalesce_updates=True``, as the account actor runs
   it): fills, closes and cash moves do not emit ``position_update`` /
   ``account_update`` each; they mark the symbol and the account dirty, and
@@ -1023,6 +1024,15 @@ class Ledger:
         events = [_user_event(self.user, event_id, "order_accepted", "", data, ev.ts)]
         self._orders[new.order_id] = new
         self._next_event_id = event_id + 1
+        # The order's funds were frozen at placement: ``frozen`` and ``available``
+        # changed, so an account_update follows, as after a reject, cancel or expiry.
+        if self.coalesce_updates:
+            self._mark_dirty(ev.ts)
+        else:
+            events.append(_user_event(
+                self.user, event_id + 1, "account_update", "account",
+                self._account_data(self._bal, self._positions, self._marks), ev.ts))
+            self._next_event_id = event_id + 2
         return events
 
     def _close(
