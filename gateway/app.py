@@ -35,6 +35,9 @@ from gateway.server import Gateway, GatewayConfig
 from protocol import CASH_STEP, Instrument, parse_instruments
 
 FUNDING = int(1_000_000 / CASH_STEP)
+#: A simulated trader's largest net position per symbol, as notional (quote currency)
+#: at the reference price; see :func:`max_position_lots`.
+POSITION_NOTIONAL = Decimal(1_000_000)
 #: The highest priority class that is never conflated (PROTOCOL.md): the live view's
 #: notification latency counts these events only.
 _UNCONFLATED = 1
@@ -82,17 +85,36 @@ class Stats:
     peak_connections: int = 0
 
 
+def max_position_lots(inst: Instrument) -> int:
+    """The net position, in lots, past which a simulated trader only trades back
+    towards flat: :data:`POSITION_NOTIONAL` at the reference price (at least one
+    lot). Without it the traders' positions walked at random until their margin
+    ate their cash and most of their orders were refused (``insufficient_funds``)."""
+    lot_value = inst.ref_price * inst.tick * inst.lot * inst.multiplier
+    return max(1, int(POSITION_NOTIONAL / lot_value))
+
+
 async def agent(url: str, user: str, password: str, symbols: list[Instrument], seed: int,
                 stats: Stats, role: str) -> None:
     """One simulated trader: a market maker quotes around the last price, a taker
-    crosses the spread now and then. Its decisions come from its own seeded RNG."""
+    crosses the spread now and then; past :func:`max_position_lots` either one only
+    trades back towards flat. Its decisions come from its own seeded RNG."""
     rng = random.Random(seed)
     mid = {i.symbol: i.ref_price for i in symbols}
+    by_symbol = {i.symbol: i for i in symbols}
+    limit = {i.symbol: max_position_lots(i) for i in symbols}
+    net = dict.fromkeys(mid, 0)  # lots, from the account's position_update events
     async with open_client(url, user, password) as c:
         await c.subscribe([f"ticker.{i.symbol}" for i in symbols])
 
         async def listen() -> None:
             async for ev in c.events():
+                if isinstance(ev, PrivateUpdate) and ev.kind == "position_update":
+                    data = ev.raw["data"]
+                    inst = by_symbol.get(data.get("symbol"))
+                    if inst is not None:
+                        net[inst.symbol] = int((Decimal(data["long_qty"])
+                                                - Decimal(data["short_qty"])) / inst.lot)
                 if isinstance(ev, PrivateUpdate) and ev.priority <= _UNCONFLATED:
                     stats.notify.add(max(0.0, (time.time_ns() - ev.ts) / 1e9))
                 elif isinstance(ev, MarketUpdate) and ev.kind == "ticker":
@@ -108,20 +130,26 @@ async def agent(url: str, user: str, password: str, symbols: list[Instrument], s
                 m = mid[inst.symbol] + rng.randint(-3, 3)
                 t0 = time.perf_counter()
                 try:
+                    pos, cap = net[inst.symbol], limit[inst.symbol]
                     if role == "maker":
                         if rng.random() < 0.2:
                             await c.cancel_all(inst.symbol)
                         spread = rng.randint(1, 4)
-                        size = inst.qty_str(rng.randint(1, 5))
-                        await c.place(inst.symbol, "buy", "limit", qty=size,
-                                      price=inst.price_str(m - spread))
-                        await c.place(inst.symbol, "sell", "limit", qty=size,
-                                      price=inst.price_str(m + spread))
-                        stats.orders += 2
+                        size = inst.qty_str(rng.randint(1, min(5, cap)))
+                        if pos < cap:  # long enough: quote only the offer
+                            await c.place(inst.symbol, "buy", "limit", qty=size,
+                                          price=inst.price_str(m - spread))
+                            stats.orders += 1
+                        if pos > -cap:  # short enough: quote only the bid
+                            await c.place(inst.symbol, "sell", "limit", qty=size,
+                                          price=inst.price_str(m + spread))
+                            stats.orders += 1
                     else:
                         side = rng.choice(("buy", "sell"))
+                        if abs(pos) >= cap:
+                            side = "sell" if pos > 0 else "buy"  # back towards flat
                         await c.place(inst.symbol, side, "market",
-                                      qty=inst.qty_str(rng.randint(1, 3)))
+                                      qty=inst.qty_str(rng.randint(1, min(3, cap))))
                         stats.orders += 1
                     stats.ack.add(time.perf_counter() - t0)
                 except ClientError:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import re
+from decimal import Decimal
 from pathlib import Path
 
+import attrs
 import trio
 from rich.console import Console
 
@@ -84,3 +86,15 @@ def test_cli_users_add_and_list(tmp_path: Path, capsys: object) -> None:
     assert "erin\t2500.5000" in out
     assert "s3cret" not in (tmp_path / "users.json").read_text()
     assert main(["users", "add", "erin", "--password", "x", "--users-file", users]) == 1
+
+
+def test_simulated_traders_cap_their_positions_by_notional() -> None:
+    from gateway.app import POSITION_NOTIONAL, max_position_lots
+    from gateway.cli import load_instruments
+
+    inst = load_instruments(None)
+    # BTC-PERP: 60,000.0 x 0.001 x 1 = 60 per lot; ESZ6: 6,000.00 x 1 x 50 = 300,000 per lot.
+    assert max_position_lots(inst["BTC-PERP"]) == int(POSITION_NOTIONAL / 60)
+    assert max_position_lots(inst["ESZ6"]) == int(POSITION_NOTIONAL / 300_000)
+    tiny = attrs.evolve(inst["ESZ6"], multiplier=Decimal(10_000_000))
+    assert max_position_lots(tiny) == 1  # never below one lot
