@@ -180,7 +180,7 @@ class AccountDesk:
         try:
             events = self.ledger.place(order, msg.ref_price)
         except DuplicateOrder as dup:
-            return _ok(msg.reply_to, {**_place_result(dup.original), "duplicate": True})
+            return _ok(msg.reply_to, {**dup.result, "duplicate": True})
         except RemoteProtocolError as exc:
             return _error(msg.reply_to, exc.code.value, exc.message)
         self._pending_place[order.order_id] = msg.reply_to
@@ -286,6 +286,7 @@ class AccountDesk:
                 for reply_to in self._pending_cancel.pop(oid):
                     out += _ok(reply_to, {"order_id": oid, "status": record.status.value})
         self._resolved.clear()
+        self.ledger.forget_closed()  # after the replies above read the closed records
         return out
 
 

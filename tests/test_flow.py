@@ -156,6 +156,30 @@ def test_cancel_all_names_the_accounts_open_orders_to_the_book(
     assert h.engine.account("alice").ledger.frozen == 0
 
 
+def test_an_account_forgets_old_closed_orders_but_not_their_client_order_ids(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import actors.cores.ledger
+
+    monkeypatch.setattr(actors.cores.ledger, "CLOSED_KEPT", 2)
+    placed = [h.place("alice", f"a{i}", "buy", 599_990 - i, 1) for i in range(4)]
+    for r in placed:
+        assert r.result is not None
+        done = h.request(Dest("account", "alice"), AccountCancel(
+            reply_to=h.ref(), user="alice", order_id=r.result["order_id"], ts=h.now))
+        assert done.result == {"order_id": r.result["order_id"], "status": "canceled"}
+    ledger = h.engine.account("alice").ledger
+    first = placed[0].result["order_id"]  # type: ignore[index]
+    assert ledger.order(first) is None  # forgotten: 2 closed orders are kept whole
+    assert ledger.order(placed[3].result["order_id"]) is not None  # type: ignore[index]
+    again = h.place("alice", "a0", "buy", 599_990, 1)
+    assert again.result == {"order_id": first, "client_order_id": "a0",
+                            "status": "canceled", "duplicate": True}
+    gone = h.request(Dest("account", "alice"), AccountCancel(
+        reply_to=h.ref(), user="alice", order_id=first, ts=h.now))
+    assert (gone.ok, gone.code) == (False, "unknown_order")
+
+
 def test_a_retried_place_returns_the_original_with_duplicate(h: Harness) -> None:
     first = h.place("alice", "a1", "sell", 600010, 5)
     again = h.place("alice", "a1", "sell", 600010, 5)

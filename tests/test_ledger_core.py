@@ -394,7 +394,8 @@ def test_a_reused_client_order_id_returns_the_original_for_ever() -> None:
     before = snapshot(ledger)
     with pytest.raises(DuplicateOrder) as dup:
         ledger.place(order(2, "sell", 9, cid="my-order"), ref_price=BTC_60K)
-    assert dup.value.original.order_id == 1
+    assert dup.value.original is not None and dup.value.original.order_id == 1
+    assert dup.value.result == {"order_id": 1, "client_order_id": "my-order", "status": "pending"}
     assert vars(ledger) == before
     # Still a duplicate once the first order is done.
     ledger.on_book_event(accepted(first))
@@ -405,6 +406,51 @@ def test_a_reused_client_order_id_returns_the_original_for_ever() -> None:
     assert ledger.order_by_client_id("my-order") == dup.value.original
     assert ledger.order(3) is None
     assert pickle.loads(pickle.dumps(dup.value)).original == dup.value.original
+
+
+def test_closed_orders_past_the_kept_ones_are_forgotten_but_stay_duplicates() -> None:
+    ledger = funded()
+    orders = [order(i, "buy", 5, cid=f"c{i}") for i in range(1, 6)]
+    for o in orders:
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+    for o in orders[:3]:
+        ledger.on_book_event(canceled(o, 5))  # closed, oldest first: 1, 2, 3
+    live = ledger.open_order_ids()
+    account = ledger.account_view()
+    assert ledger.forget_closed(keep=1) == 2  # 1 and 2 go, 3 is kept whole
+    assert ledger.order(1) is None and ledger.order_by_client_id("c2") is None
+    assert ledger.order(3) is not None and ledger.order(3).status is OrderState.CANCELED
+    assert ledger.open_order_ids() == live == [4, 5]
+    assert ledger.account_view() == account
+    assert ledger.forget_closed(keep=1) == 0
+    # The client order id stays taken: the answer is the original's id and final status.
+    with pytest.raises(DuplicateOrder) as dup:
+        ledger.place(order(9, "buy", 5, cid="c1"), ref_price=BTC_60K)
+    assert dup.value.original is None
+    assert dup.value.result == {"order_id": 1, "client_order_id": "c1", "status": "canceled"}
+    again = pickle.loads(pickle.dumps(ledger))
+    assert again.order(1) is None and again.forget_closed(keep=0) == 1  # 3 goes now
+    with pytest.raises(DuplicateOrder) as dup:
+        again.place(order(9, "buy", 5, cid="c3"), ref_price=BTC_60K)
+    assert dup.value.result["status"] == "canceled"
+
+
+def test_a_ledger_pickled_before_closed_orders_were_forgotten_loads() -> None:
+    ledger = funded()
+    for i in (1, 2, 3):
+        o = order(i, "buy", 5, cid=f"c{i}")
+        ledger.place(o, ref_price=BTC_60K)
+        ledger.on_book_event(accepted(o))
+        if i != 2:
+            ledger.on_book_event(canceled(o, 5))
+    state = ledger.__getstate__()
+    del state["_closed"], state["_forgotten"]  # as an older snapshot holds it
+    old = Ledger.__new__(Ledger)
+    old.__setstate__(state)
+    assert old.forget_closed(keep=0) == 2  # the closed ones, 1 and 3; 2 is open
+    assert old.open_order_ids() == [2]
+    assert old.order(2) is not None and old.order(1) is None
 
 
 def test_a_rejected_order_keeps_its_client_order_id() -> None:

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from collections import deque
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import MappingProxyType
@@ -451,13 +452,24 @@ class DuplicateOrder(Exception):  # noqa: N818 - a normal outcome, not an error
     and ``duplicate: true``.
 
     Args:
-        original: the order first placed under that client order id.
+        original: the order first placed under that client order id, or None
+            when its record is forgotten (see :data:`CLOSED_KEPT`).
+        result: the original's ``order_id``, ``client_order_id`` and ``status``
+            (its state now), known either way.
     """
 
-    def __init__(self, original: OrderRecord) -> None:
-        super().__init__(original)
+    def __init__(self, original: OrderRecord | None, result: dict[str, object]) -> None:
+        super().__init__(original, result)  # both: an exception unpickles as cls(*args)
         self.original = original
+        self.result = result
 
+
+#: A ledger keeps the whole record of this many most recently closed orders (for
+#: queries, late cancels and duplicate answers); of older ones it keeps the order id
+#: under its client order id (unique for ever) and the final status, ints and
+#: strings the collector does not track, so a long-lived account's memory and
+#: snapshot stop growing by a record per order (see :meth:`Ledger.forget_closed`).
+CLOSED_KEPT = 1_000
 
 #: The book events a ledger handles.
 LedgerBookEvent = (
@@ -678,6 +690,10 @@ class Ledger:
         self._orders: dict[int, OrderRecord] = {}
         self._by_client_id: dict[str, int] = {}
         self._live: dict[int, None] = {}  # live order ids, in placing order
+        #: Ids of the closed orders still in ``_orders``, oldest closed first; and the
+        #: final status of those forgotten (see :data:`CLOSED_KEPT`).
+        self._closed: deque[int] = deque()
+        self._forgotten: dict[int, str] = {}
         #: Untraded lots of the live orders per (symbol, side), no zero entries: the
         #: position-limit check reads it instead of scanning every live order (the
         #: scan grew with the resting orders). Derived state: not pickled, rebuilt on load.
@@ -694,8 +710,13 @@ class Ledger:
         # Snapshots from before coalescing existed get its defaults (off, nothing dirty).
         vars(self).update(
             {"coalesce_updates": False, "_dirty_positions": {}, "_dirty_account": False,
-             "_dirty_ts": 0, **state}
+             "_dirty_ts": 0, "_forgotten": {}, **state}
         )
+        if "_closed" not in state:
+            # Pickled before closed orders were forgotten: every closed order is still
+            # here; their closing order is lost, so the oldest placed go first.
+            live = self._live
+            self._closed = deque(sorted(oid for oid in self._orders if oid not in live))
         self._open_qty = self._scan_open_qty()
 
     # -- integer accessors -------------------------------------------------------------
@@ -790,13 +811,37 @@ class Ledger:
         )
 
     def order(self, order_id: int) -> OrderRecord | None:
-        """The order with this id, in any state, or ``None``."""
+        """The order with this id, in any state, or ``None`` (also once it is closed
+        and forgotten: see :meth:`forget_closed`)."""
         return self._orders.get(order_id)
 
     def order_by_client_id(self, client_order_id: str) -> OrderRecord | None:
-        """The order placed under this client order id (ids are never reused), or ``None``."""
+        """The order placed under this client order id (ids are never reused), or
+        ``None`` (also once it is closed and forgotten)."""
         oid = self._by_client_id.get(client_order_id)
-        return None if oid is None else self._orders[oid]
+        return None if oid is None else self._orders.get(oid)
+
+    def forget_closed(self, keep: int | None = None) -> int:
+        """Drop the records of all but the ``keep`` (default :data:`CLOSED_KEPT`) most
+        recently closed orders; returns how many went. A forgotten order's client
+        order id stays taken (a repeat is still answered as a duplicate, with the
+        order id and final status) and it is no longer open, so a cancel of it is
+        ``unknown_order`` either way.
+
+        The account desk calls this at the end of each turn, after the turn's
+        replies read the records of the orders it closed.
+        """
+        closed = self._closed
+        if keep is None:
+            keep = CLOSED_KEPT
+        orders = self._orders
+        forgotten = self._forgotten
+        n = 0
+        while len(closed) > keep:
+            oid = closed.popleft()
+            forgotten[oid] = orders.pop(oid).status.value
+            n += 1
+        return n
 
     def account_update(self, ts: int) -> list[UserEvent]:
         """An ``account_update`` event of the current state (e.g. after marks moved)."""
@@ -919,7 +964,12 @@ class Ledger:
             raise RemoteProtocolError(ErrorCode.UNKNOWN_SYMBOL, f"unknown symbol {order.symbol}")
         original_id = self._by_client_id.get(order.client_order_id)
         if original_id is not None:
-            raise DuplicateOrder(self._orders[original_id])
+            original = self._orders.get(original_id)
+            status = (original.status.value if original is not None
+                      else self._forgotten[original_id])
+            raise DuplicateOrder(original, {"order_id": original_id,
+                                            "client_order_id": order.client_order_id,
+                                            "status": status})
         if order.order_id in self._orders:
             raise _internal(f"order id {order.order_id} is already taken")
         _check_ts(order.ts)
@@ -1061,6 +1111,7 @@ class Ledger:
             )
         self._orders[new.order_id] = new
         self._live.pop(new.order_id, None)
+        self._closed.append(new.order_id)
         self._take_open(rec, rec.remaining_qty)
         self._bal = bal
         self._next_event_id = em.next_id
@@ -1181,6 +1232,7 @@ class Ledger:
             self._orders[new.order_id] = new
             if new.status not in LIVE_STATES:
                 self._live.pop(new.order_id, None)
+                self._closed.append(new.order_id)
             self._take_open(new, qty)
         if coalesce:
             # Nothing left to compute from the new maps: set the entries in place
