@@ -232,7 +232,10 @@ class AccountDesk:
                 events = self.ledger.withdraw(-msg.amount, msg.ts)
         except RemoteProtocolError as exc:
             return _error(msg.reply_to, exc.code.value, exc.message)
-        return [(ROUTER, ev) for ev in events] + _ok(msg.reply_to, self.ledger.account_view())
+        out: list[Out] = [(ROUTER, ev) for ev in events]
+        if msg.reply_to is not None:  # the view is ~15 decimal strings: only when asked
+            out += _ok(msg.reply_to, self.ledger.account_view())
+        return out
 
     def _query(self, msg: AccountQuery) -> list[Out]:
         result: dict[str, Any]
