@@ -374,3 +374,40 @@ def test_a_fanned_out_request_for_an_unknown_book_is_answered_not_dropped() -> N
         assert t.replies[good].ok
         assert not t.replies[bad].ok
         assert t.replies[bad].code == "unknown_symbol"
+
+
+def test_opening_accounts_tells_the_hosts_that_route_to_accounts_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new one-user account host used to be announced to every host, accounts
+    # included: N accounts cost N²/2 directory updates (4.4 s for 1,000).
+    import collections
+
+    from actors.host import Host
+
+    got: collections.Counter[str] = collections.Counter()
+    real = Host.receiveMsg_DirectoryUpdate
+
+    def counting(self: Host, msg: Any, sender: Any) -> None:
+        got[self.host_id] += 1
+        real(self, msg, sender)
+
+    monkeypatch.setattr(Host, "receiveMsg_DirectoryUpdate", counting)
+    with engine(BASE) as t:
+        got.clear()
+        users = [f"u{i}" for i in range(10)]
+        for u in users:
+            t.link.open_account(u)
+        assert got["book:BTC-PERP"] == 10 and got["router"] == 10
+        assert not any(got[f"account:{u}"] for u in users)
+        # They trade with each other all the same: the book knows every account.
+        for u in users[:2]:
+            assert t.deposit(u, MILLION).ok
+        assert t.place("u0", "a", "sell", 600010, 1).ok
+        assert t.place("u1", "b", "buy", 600010, 1).result["status"] == "filled"  # type: ignore[index]
+        # A restart still reaches every host: each resends what the dead one lacks.
+        got.clear()
+        t.link.refresh()
+        t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
+        t.pump()
+        assert all(got[f"account:{u}"] == 1 for u in users), got
