@@ -14,6 +14,7 @@ threads sharing one).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -29,7 +30,14 @@ from actors.exchange import (
     GatewayRegister,
     GatewayUnregister,
 )
-from actors.host import Directory, EngineAck, EngineBatch, EngineConfig, GatewayBatch
+from actors.host import (
+    Directory,
+    DirectoryUpdate,
+    EngineAck,
+    EngineBatch,
+    EngineConfig,
+    GatewayBatch,
+)
 from actors.host import account_host_id as _account_host_id
 from actors.messages import Dest, RouterAttach
 
@@ -70,6 +78,14 @@ class EngineLink:
         fanout: send each :meth:`send` call's requests as one batch to the Exchange,
             which splits it per host in one turn (the embedded deployment; see
             :meth:`send`), instead of one ``tell`` per host.
+
+    Without ``fanout`` (an attached gateway) the link's batches to each host are a
+    channel like a host's: numbered per host (the channel is named anew for each
+    link) and kept in :attr:`outbox` until the host acks them; when the Exchange
+    says a host was re-created (a ``DirectoryUpdate`` naming it, sent to the
+    gateways too) the link sends it what it had not acked, so a request queued
+    for a host that died before journaling it is not lost. (With ``fanout`` the
+    Exchange's own forwarding channel does this.)
     """
 
     def __init__(self, asys: Any, gateway_id: str, *, timeout: float = 10.0,
@@ -78,6 +94,10 @@ class EngineLink:
         self.gateway_id = gateway_id
         self.fanout = fanout
         self.origin = f"gateway:{gateway_id}"
+        #: The numbered channel of this link's batches (see the class docstring).
+        self.channel = f"{self.origin}@{time.time_ns():x}"
+        self._out_seq: dict[str, int] = {}
+        self.outbox: dict[str, deque[EngineBatch]] = {}
         self.exchange = exchange_address(asys)
         self._timeout = timedelta(seconds=timeout)
         self.backlog: list[Any] = []
@@ -102,8 +122,30 @@ class EngineLink:
     def _keep(self, msg: Any) -> None:
         if isinstance(msg, GatewayBatch):
             self.backlog.extend(msg.items)
-        elif not isinstance(msg, EngineAck | Directory):
+        elif not self._control(msg):
             self.backlog.append(msg)
+
+    def _control(self, msg: Any) -> bool:
+        """Apply an engine control message to this link; True if ``msg`` was one.
+
+        An :class:`EngineAck` trims the acking host's outbox; a
+        :class:`DirectoryUpdate` replaces the directory and resends the outbox of
+        each host it names as re-created (its HostInit is already on its way, so
+        the batches follow the recovery; those it journaled are dropped by seq).
+        """
+        if isinstance(msg, EngineAck):
+            box = self.outbox.get(msg.host)
+            while box and box[0].seq <= msg.seq:
+                box.popleft()
+            return True
+        if isinstance(msg, DirectoryUpdate):
+            self.directory = msg.directory
+            for hid in msg.restarted:
+                addr = self.directory.hosts.get(hid)
+                for batch in self.outbox.get(hid, ()) if addr is not None else ():
+                    self.asys.tell(addr, batch)
+            return True
+        return isinstance(msg, Directory)
 
     def refresh(self) -> Directory:
         self.directory = self._ask_directory(ExchangeDirectoryQuery())
@@ -159,8 +201,11 @@ class EngineLink:
         for dest, item in items:
             per_host.setdefault(self.host_of(dest), []).append((dest, item))
         for hid, batch in per_host.items():
-            self.asys.tell(self.directory.hosts[hid],
-                           EngineBatch(origin=self.origin, items=tuple(batch)))
+            seq = self._out_seq.get(hid, 0) + 1
+            self._out_seq[hid] = seq
+            out = EngineBatch(origin=self.channel, seq=seq, items=tuple(batch))
+            self.outbox.setdefault(hid, deque()).append(out)
+            self.asys.tell(self.directory.hosts[hid], out)
         return len(per_host)
 
     def receive(self, timeout: float = 0.5) -> list[Any]:
@@ -172,7 +217,7 @@ class EngineLink:
         while msg is not None:
             if isinstance(msg, GatewayBatch):
                 out.extend(msg.items)
-            elif not isinstance(msg, EngineAck | Directory):
+            elif not self._control(msg):
                 out.append(msg)
             msg = self.asys.listen(timedelta(seconds=0.0 if out else timeout))
         return out

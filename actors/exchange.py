@@ -310,6 +310,9 @@ class Exchange(RuntimeActor):
             if new_accounts and kind == "account" and key:  # a one-user account host
                 continue
             self.send(addr, update)
+        if restarted:  # attached gateways' links resend what the host had not acked
+            for addr in self.directory.gateways.values():
+                self.send(addr, update)
         for hid in restarted:  # after its HostInit: what it had not acked, again
             addr = self.directory.hosts[hid]
             for batch in self._fwd_box.get(hid, ()):

@@ -618,6 +618,24 @@ def test_a_request_queued_for_a_host_that_dies_is_answered_after_its_restart(
         assert t.query("ben", "account")["balance"] == "1000000.0005"  # applied once
 
 
+def test_a_request_a_host_died_with_is_resent_by_the_attached_link(tmp_path: Path) -> None:
+    # The link of an attached gateway sends to hosts directly. The account applies a
+    # deposit, its commit fails and it dies with the deposit unjournaled: nothing
+    # resent it and the requester was never answered. The link's batches are now a
+    # numbered channel kept until acked; the Exchange tells gateways of the restart.
+    with engine(BASE, tmp_path) as t:
+        assert not t.link.fanout
+        t.link.attach("ben")
+        assert t.deposit("ben", MONEY).ok
+        directory = t.link.refresh()
+        t.link.asys.tell(directory.hosts["account:ben"], HostFault(mode="commit_fails"))
+        reply = t.deposit("ben", 7)  # applied, not committed, host dead; then resent
+        assert reply.ok
+        t.link.refresh()
+        assert t.query("ben", "account")["balance"] == "1000000.0007"  # applied once
+        assert sum(len(box) for box in t.link.outbox.values()) < 16  # acks trim it
+
+
 def _outbox(t: Trader, host: str) -> int:
     stats = t.link.asys.ask(t.link.refresh().hosts[host], HostStatsQuery(), timedelta(seconds=10))
     assert isinstance(stats, HostStats), stats
