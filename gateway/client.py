@@ -16,7 +16,7 @@ is sent again on the next connection (up to ``retries`` times) — safe because
 a ``place`` carries its ``client_order_id`` and the server answers a repeat
 with the original order and ``duplicate: true``; past that it fails with
 :class:`ClientError` code ``disconnected``. A request the engine did not answer
-in time (error ``timeout``) is sent again the same way.
+in time (error ``timeout``) is sent again the same way, once.
 """
 
 from __future__ import annotations
@@ -144,14 +144,19 @@ class Client:
         # which the server deduplicates), so a drop mid-request is retried on the
         # next connection, and a request the engine did not answer in time
         # (``timeout``) is sent again, instead of surfacing to the caller.
+        # A timeout is repeated once only: the engine resends what a restarted actor
+        # lost, so a second timeout means it is overloaded or stuck, and repeating
+        # every request again would add to the load that made them time out.
+        timed_out = False
         for attempt in range(self.retries + 1):
             await self._connected.wait()
             try:
                 return await self._request_on(self._ws, op, **fields)
             except ClientError as exc:
-                if (exc.code not in _RETRIED or attempt == self.retries
-                        or self._closing):
+                if (exc.code not in _RETRIED or attempt == self.retries or self._closing
+                        or (exc.code == "timeout" and timed_out)):
                     raise
+                timed_out = timed_out or exc.code == "timeout"
         raise AssertionError("unreachable")
 
     async def _request_on(self, ws: WebSocketConnection | None, op: str,

@@ -189,3 +189,29 @@ async def test_a_place_the_engine_did_not_answer_in_time_is_sent_again() -> None
         assert placed["duplicate"] is True
         assert placed["order_id"] == dropped[0].result["order_id"]
         assert len(gw._pending) == 0
+
+
+async def test_a_second_timeout_reaches_the_caller() -> None:
+    from typing import Any
+
+    from actors.messages import AccountQuery
+    from gateway.server import GatewayConfig
+
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw:
+        real, lost = gw.bridge.submit, []
+
+        def submit(dest: Any, item: Any) -> None:  # the engine never sees a query
+            if isinstance(item, AccountQuery):
+                lost.append(item)
+                return
+            real(dest, item)
+
+        gw.bridge.submit = submit  # type: ignore[method-assign]
+        async with open_client(f"ws://127.0.0.1:{gw.port}/v1", "alice", "pw") as alice:
+            try:
+                await alice.query("account")
+            except ClientError as exc:
+                assert exc.code == "timeout"
+            else:
+                raise AssertionError("a query nothing answers succeeded")
+        assert len(lost) == 2  # sent, timed out, sent once more, timed out: given up
