@@ -171,7 +171,7 @@ async def test_a_place_the_engine_did_not_answer_in_time_is_sent_again() -> None
 
     from gateway.server import GatewayConfig
 
-    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw:
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw:
         real, dropped = gw._reply, []
 
         def reply(msg: Any) -> None:  # the order is placed, its answer is lost
@@ -197,7 +197,7 @@ async def test_a_second_timeout_reaches_the_caller() -> None:
     from actors.messages import AccountQuery
     from gateway.server import GatewayConfig
 
-    async with running_gateway(GatewayConfig(port=0, request_timeout_s=0.3)) as gw:
+    async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw:
         real, lost = gw.bridge.submit, []
 
         def submit(dest: Any, item: Any) -> None:  # the engine never sees a query
