@@ -295,9 +295,9 @@ class Exchange(RuntimeActor):
         """Send every host the new directory (and resend the forwarding channel's unacked
         batches to the ``restarted`` hosts).
 
-        ``new_accounts``: the change is only account hosts created, and only the hosts
-        that route to accounts get it — books and account shards, not the one-user
-        account hosts, which never send to another account. Telling every account
+        ``new_accounts``: the change is only account hosts created, and the one-user
+        account hosts do not get it (they never send to another account); books (which
+        do), the router and account shards do. Telling every account
         host about every new one made opening N accounts cost N²/2 messages (1,000
         accounts: 4.4 s on the embedded engine). An account host still gets the whole
         directory in its HostInit and with every other change (gateways, restarts).
