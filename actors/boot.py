@@ -14,7 +14,6 @@ threads sharing one).
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -37,6 +36,7 @@ from actors.host import (
     EngineBatch,
     EngineConfig,
     GatewayBatch,
+    SendChannel,
 )
 from actors.host import account_host_id as _account_host_id
 from actors.messages import Dest, RouterAttach
@@ -81,7 +81,7 @@ class EngineLink:
 
     Without ``fanout`` (an attached gateway) the link's batches to each host are a
     channel like a host's: numbered per host (the channel is named anew for each
-    link) and kept in :attr:`outbox` until the host acks them; when the Exchange
+    link) and kept in its :attr:`channel`'s outbox until the host acks them; when the Exchange
     says a host was re-created (a ``DirectoryUpdate`` naming it, sent to the
     gateways too) the link sends it what it had not acked, so a request queued
     for a host that died before journaling it is not lost. (With ``fanout`` the
@@ -95,9 +95,7 @@ class EngineLink:
         self.fanout = fanout
         self.origin = f"gateway:{gateway_id}"
         #: The numbered channel of this link's batches (see the class docstring).
-        self.channel = f"{self.origin}@{time.time_ns():x}"
-        self._out_seq: dict[str, int] = {}
-        self.outbox: dict[str, deque[EngineBatch]] = {}
+        self.channel = SendChannel(f"{self.origin}@{time.time_ns():x}")
         self.exchange = exchange_address(asys)
         self._timeout = timedelta(seconds=timeout)
         self.backlog: list[Any] = []
@@ -134,15 +132,13 @@ class EngineLink:
         the batches follow the recovery; those it journaled are dropped by seq).
         """
         if isinstance(msg, EngineAck):
-            box = self.outbox.get(msg.host)
-            while box and box[0].seq <= msg.seq:
-                box.popleft()
+            self.channel.acked(msg)
             return True
         if isinstance(msg, DirectoryUpdate):
             self.directory = msg.directory
             for hid in msg.restarted:
                 addr = self.directory.hosts.get(hid)
-                for batch in self.outbox.get(hid, ()) if addr is not None else ():
+                for batch in self.channel.unacked(hid) if addr is not None else ():
                     self.asys.tell(addr, batch)
             return True
         return isinstance(msg, Directory)
@@ -201,11 +197,7 @@ class EngineLink:
         for dest, item in items:
             per_host.setdefault(self.host_of(dest), []).append((dest, item))
         for hid, batch in per_host.items():
-            seq = self._out_seq.get(hid, 0) + 1
-            self._out_seq[hid] = seq
-            out = EngineBatch(origin=self.channel, seq=seq, items=tuple(batch))
-            self.outbox.setdefault(hid, deque()).append(out)
-            self.asys.tell(self.directory.hosts[hid], out)
+            self.asys.tell(self.directory.hosts[hid], self.channel.batch(hid, tuple(batch)))
         return len(per_host)
 
     def receive(self, timeout: float = 0.5) -> list[Any]:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Final
 
@@ -68,6 +67,7 @@ from actors.host import (
     Host,
     HostInit,
     HostReady,
+    SendChannel,
     account_host_id,
 )
 from actors.journal import Journal, JournalError
@@ -172,9 +172,7 @@ class Exchange(RuntimeActor):
         self._stopping = False
         # The forwarding channel (see the module docstring): its name, the last seq
         # per host and the batches a host has not acked yet.
-        self._channel = f"exchange@{time.time_ns():x}"
-        self._fwd_seq: dict[str, int] = {}
-        self._fwd_box: dict[str, deque[EngineBatch]] = {}
+        self._forwarding = SendChannel(f"exchange@{time.time_ns():x}")
 
     # -- boot -------------------------------------------------------------------------
 
@@ -315,7 +313,7 @@ class Exchange(RuntimeActor):
                 self.send(addr, update)
         for hid in restarted:  # after its HostInit: what it had not acked, again
             addr = self.directory.hosts[hid]
-            for batch in self._fwd_box.get(hid, ()):
+            for batch in self._forwarding.unacked(hid):
                 self.send(addr, batch)
 
     def _ensure_account(self, user: str) -> bool:
@@ -360,17 +358,11 @@ class Exchange(RuntimeActor):
     def _forward(self, hid: str, items: tuple[tuple[Dest, Any], ...]) -> None:
         """Send ``items`` to host ``hid`` as the next batch of the forwarding channel,
         kept until the host acks it (see the module docstring)."""
-        seq = self._fwd_seq.get(hid, 0) + 1
-        self._fwd_seq[hid] = seq
-        out = EngineBatch(origin=self._channel, seq=seq, items=items)
-        self._fwd_box.setdefault(hid, deque()).append(out)
-        self.send(self.directory.hosts[hid], out)
+        self.send(self.directory.hosts[hid], self._forwarding.batch(hid, items))
 
     def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
         """A host committed the forwarded batches up to ``ack.seq``: forget them."""
-        box = self._fwd_box.get(ack.host)
-        while box and box[0].seq <= ack.seq:
-            box.popleft()
+        self._forwarding.acked(ack)
 
     def _unroutable(self, dest: Dest, item: Any) -> None:
         """An item for a book this engine does not have (the gateway checks symbols

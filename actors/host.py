@@ -191,6 +191,40 @@ class EngineAck:
     seq: int
 
 
+class SendChannel:
+    """The sending end of a numbered channel that is not a host (the Exchange's
+    forwarding, an attached gateway's link): each batch to a host gets that host's
+    next seq and stays in the outbox until the host acks it (a host's own channels
+    keep their seqs and outboxes in its state, for its snapshots).
+
+    Args:
+        origin: the channel's name, as the receivers key it.
+    """
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self._seq: dict[str, int] = {}
+        self.outbox: dict[str, deque[EngineBatch]] = {}
+
+    def batch(self, host: str, items: tuple[tuple[Dest, Any], ...]) -> EngineBatch:
+        """The next batch to ``host``, numbered and kept until acked."""
+        seq = self._seq.get(host, 0) + 1
+        self._seq[host] = seq
+        out = EngineBatch(origin=self.origin, seq=seq, items=items)
+        self.outbox.setdefault(host, deque()).append(out)
+        return out
+
+    def acked(self, ack: EngineAck) -> None:
+        """Forget the batches ``ack`` covers."""
+        box = self.outbox.get(ack.host)
+        while box and box[0].seq <= ack.seq:
+            box.popleft()
+
+    def unacked(self, host: str) -> tuple[EngineBatch, ...]:
+        """What ``host`` has not acked, oldest first (to resend after its restart)."""
+        return tuple(self.outbox.get(host, ()))
+
+
 @attrs.frozen(kw_only=True)
 class EngineProbe:
     """A recovered host asks a receiver how far it applied the channel ``origin`` → it:
@@ -867,6 +901,7 @@ __all__ = [
     "DirectoryUpdate",
     "EngineAck",
     "EngineBatch",
+    "SendChannel",
     "EngineConfig",
     "EngineProbe",
     "GatewayBatch",

@@ -635,7 +635,7 @@ def test_a_request_a_host_died_with_is_resent_by_the_attached_link(tmp_path: Pat
         assert t.query("ben", "account")["balance"] == "1000000.0007"  # applied once
         for _ in range(actors.host.LINK_ACK_EVERY + 1):
             assert t.deposit("ben", 1).ok
-        assert 0 < sum(len(box) for box in t.link.outbox.values()) < (
+        assert 0 < sum(len(box) for box in t.link.channel.outbox.values()) < (
             actors.host.LINK_ACK_EVERY)  # the host's acks trim the link's outbox
 
 
