@@ -89,3 +89,35 @@ async def client(gw: Gateway, enc: str) -> AsyncIterator[Client]:
     async with open_websocket_url(f"ws://127.0.0.1:{gw.port}/v1",
                                   subprotocols=[f"emporion.v1.{enc}"]) as ws:
         yield Client(ws, enc)
+
+
+def lose(gw: Gateway, kind: type, times: int | None = 1) -> list[Any]:
+    """Make the bridge drop the first ``times`` requests of ``kind`` (None: every one),
+    as a host killed before it journaled a request loses it; returns what was dropped."""
+    lost: list[Any] = []
+    real = gw.bridge.submit
+
+    def submit(dest: Dest, item: Any) -> None:
+        if isinstance(item, kind) and (times is None or len(lost) < times):
+            lost.append(item)
+            return
+        real(dest, item)
+
+    gw.bridge.submit = submit  # type: ignore[method-assign]
+    return lost
+
+
+def drop_first_reply(gw: Gateway, op: str) -> list[Any]:
+    """Make the gateway drop the engine's first reply to an ``op`` request (the request
+    took effect, its answer is lost); returns the dropped reply once it came."""
+    real, dropped = gw._reply, []
+
+    def reply(msg: Any) -> None:
+        pending = gw._pending.get(int(msg.reply_to.request_id or 0))
+        if pending is not None and pending.op == op and not dropped:
+            dropped.append(msg)
+            return
+        real(msg)
+
+    gw._reply = reply  # type: ignore[method-assign]
+    return dropped

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import trio
-from gateway_kit import running_gateway
+from gateway_kit import drop_first_reply, lose, running_gateway
 
 from gateway.client import ClientError, MarketUpdate, PrivateUpdate, Strategy, open_client
 from protocol import OrderEventData, TradeData
@@ -167,21 +167,11 @@ async def test_heartbeats_keep_a_quiet_client_past_the_idle_timeout() -> None:
 
 
 async def test_a_place_the_engine_did_not_answer_in_time_is_sent_again() -> None:
-    from typing import Any
 
     from gateway.server import GatewayConfig
 
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw:
-        real, dropped = gw._reply, []
-
-        def reply(msg: Any) -> None:  # the order is placed, its answer is lost
-            pending = gw._pending.get(int(msg.reply_to.request_id or 0))
-            if pending is not None and pending.op == "place" and not dropped:
-                dropped.append(msg)
-                return
-            real(msg)
-
-        gw._reply = reply  # type: ignore[method-assign]
+        dropped = drop_first_reply(gw, "place")  # the order is placed, its answer lost
         async with open_client(f"ws://127.0.0.1:{gw.port}/v1", "alice", "pw") as alice:
             placed = await alice.place("BTC-PERP", "buy", "limit", qty="0.001",
                                        price="59000.0", client_order_id="slow-1")
@@ -192,21 +182,12 @@ async def test_a_place_the_engine_did_not_answer_in_time_is_sent_again() -> None
 
 
 async def test_a_second_timeout_reaches_the_caller() -> None:
-    from typing import Any
 
     from actors.messages import AccountQuery
     from gateway.server import GatewayConfig
 
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw:
-        real, lost = gw.bridge.submit, []
-
-        def submit(dest: Any, item: Any) -> None:  # the engine never sees a query
-            if isinstance(item, AccountQuery):
-                lost.append(item)
-                return
-            real(dest, item)
-
-        gw.bridge.submit = submit  # type: ignore[method-assign]
+        lost = lose(gw, AccountQuery, times=None)  # the engine never sees a query
         async with open_client(f"ws://127.0.0.1:{gw.port}/v1", "alice", "pw") as alice:
             try:
                 await alice.query("account")

@@ -21,7 +21,15 @@ import cbor2
 import pytest
 import trio
 from engine_kit import config
-from gateway_kit import MILLION, USERS, Client, client, running_gateway
+from gateway_kit import (
+    MILLION,
+    USERS,
+    Client,
+    client,
+    drop_first_reply,
+    lose,
+    running_gateway,
+)
 from trio_websocket import ConnectionClosed
 
 from actors.boot import EngineLink
@@ -669,29 +677,13 @@ async def test_internal_when_the_engine_fails(gateway: Gateway,
 # -- timeout ----------------------------------------------------------------------------
 
 
-def lose_first(gw: Gateway, kind: type) -> list[Any]:
-    """Make the bridge drop the first request of ``kind`` (as a host killed before it
-    journaled the request loses it); returns the list of dropped requests."""
-    lost: list[Any] = []
-    real = gw.bridge.submit
-
-    def submit(dest: Dest, item: Any) -> None:
-        if isinstance(item, kind) and not lost:
-            lost.append(item)
-            return
-        real(dest, item)
-
-    gw.bridge.submit = submit  # type: ignore[method-assign]
-    return lost
-
-
 async def test_timeout_answers_a_request_the_engine_lost() -> None:
     from actors.messages import AccountQuery
 
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw, \
             client(gw, "json") as c:
         assert (await c.call("login", user="alice", password="pw"))["ok"]
-        lost = lose_first(gw, AccountQuery)
+        lost = lose(gw, AccountQuery)
         r = await c.call("query", what="account")
         assert code(r) == "timeout" and lost, r
         assert "within 1 s" in r["error"]["message"]
@@ -703,16 +695,7 @@ async def test_a_timed_out_place_repeated_gets_the_original_order() -> None:
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw, \
             client(gw, "json") as c:
         assert (await c.call("login", user="alice", password="pw"))["ok"]
-        real, dropped = gw._reply, []
-
-        def reply(msg: Any) -> None:  # the order is placed, its answer is lost
-            pending = gw._pending.get(int(msg.reply_to.request_id or 0))
-            if pending is not None and pending.op == "place" and not dropped:
-                dropped.append(msg)
-                return
-            real(msg)
-
-        gw._reply = reply  # type: ignore[method-assign]
+        dropped = drop_first_reply(gw, "place")  # the order is placed, its answer lost
         r = await c.call("place", **limit("t1", "59000.0", "0.001"))
         assert code(r) == "timeout" and dropped, r
         again = await c.call("place", **limit("t1", "59000.0", "0.001"))
@@ -725,7 +708,7 @@ async def test_a_login_that_timed_out_can_be_tried_again() -> None:
 
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw, \
             client(gw, "json") as c:
-        lose_first(gw, RouterAttach)
+        lose(gw, RouterAttach)
         assert code(await c.call("login", user="alice", password="pw")) == "timeout"
         assert code(await c.call("query", what="account")) == "not_logged_in"
         assert (await c.call("login", user="alice", password="pw"))["ok"]
@@ -737,7 +720,7 @@ async def test_a_lost_book_snapshot_is_asked_for_again() -> None:
 
     async with running_gateway(GatewayConfig(port=0, request_timeout_s=1.0)) as gw, \
             client(gw, "json") as c:
-        lost = lose_first(gw, BookSnapshotRequest)
+        lost = lose(gw, BookSnapshotRequest)
         assert (await c.call("subscribe", channels=["book.BTC-PERP"]))["ok"]
         while not c.market:
             await c.frame()
