@@ -113,8 +113,8 @@ async def agent(url: str, user: str, password: str, symbols: list[Instrument], s
                     data = ev.raw["data"]
                     inst = by_symbol.get(data.get("symbol"))
                     if inst is not None:
-                        net[inst.symbol] = int((Decimal(data["long_qty"])
-                                                - Decimal(data["short_qty"])) / inst.lot)
+                        net[inst.symbol] = (inst.qty_to_lots(data["long_qty"], zero_ok=True)
+                                            - inst.qty_to_lots(data["short_qty"], zero_ok=True))
                 if isinstance(ev, PrivateUpdate) and ev.priority <= _UNCONFLATED:
                     stats.notify.add(max(0.0, (time.time_ns() - ev.ts) / 1e9))
                 elif isinstance(ev, MarketUpdate) and ev.kind == "ticker":

@@ -68,9 +68,15 @@ class Instrument:
         value = parse_decimal(text, field="price", code=ErrorCode.INVALID_PRICE)
         return to_units(value, self.tick, field="price", code=ErrorCode.INVALID_PRICE)
 
-    def qty_to_lots(self, text: object) -> int:
-        """Wire qty string → lots. Raises ``invalid_qty`` when off the grid."""
+    def qty_to_lots(self, text: object, *, zero_ok: bool = False) -> int:
+        """Wire qty string → lots. Raises ``invalid_qty`` when off the grid.
+
+        ``zero_ok``: zero is 0 lots rather than an error (a quantity the server
+        reports, such as a flat position's ``long_qty``, not an order's).
+        """
         value = parse_decimal(text, field="qty", code=ErrorCode.INVALID_QTY)
+        if zero_ok and value == 0:
+            return 0
         return to_units(value, self.lot, field="qty", code=ErrorCode.INVALID_QTY)
 
     def price_str(self, ticks: int) -> str:

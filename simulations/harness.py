@@ -493,7 +493,8 @@ async def query_final(client: Any, instruments: Mapping[str, Instrument]) -> Use
     for p in positions:
         inst = instruments.get(p["symbol"])
         if inst is not None:
-            pos[p["symbol"]] = _lots(inst, p["long_qty"]) - _lots(inst, p["short_qty"])
+            pos[p["symbol"]] = (inst.qty_to_lots(p["long_qty"], zero_ok=True)
+                                - inst.qty_to_lots(p["short_qty"], zero_ok=True))
     # A final resume: its to_seq is the engine's last seq for the user (and any event
     # still missing comes with it, through the client's gap-free hand-out).
     last = await client.request("resume", after_seq=client.last_seq)
@@ -508,10 +509,6 @@ def _cash(text: str) -> int:
     if units != units.to_integral_value():
         raise ValueError(f"cash {text!r} is off the {CASH_STEP} grid")
     return int(units)
-
-
-def _lots(inst: Instrument, text: str) -> int:
-    return 0 if Decimal(text) == 0 else inst.qty_to_lots(text)
 
 
 # -- child processes -------------------------------------------------------------------------

@@ -111,11 +111,9 @@ def _instrument(instruments: Mapping[str, Instrument], symbol: object) -> Instru
 
 def _lots(inst: Instrument, text: object, field: str = "qty") -> int:
     """A wire quantity in lots; zero allowed (``filled_qty``, a removed level)."""
-    value = _decimal(text, field)
-    if value == 0:
-        return 0
+    _decimal(text, field)
     try:
-        return inst.qty_to_lots(text)
+        return inst.qty_to_lots(text, zero_ok=True)
     except RemoteProtocolError as exc:
         raise _BadDataError(f"{field} {text!r}: {exc.message}") from None
 

@@ -41,6 +41,18 @@ def test_price_and_qty_become_integers(instruments: dict[str, p.Instrument]) -> 
     assert es.notional(24001, 2) == 24001 * 2 * 125000
 
 
+def test_a_reported_quantity_may_be_zero(instruments: dict[str, p.Instrument]) -> None:
+    btc = instruments["BTC-PERP"]
+    assert btc.qty_to_lots("0.000", zero_ok=True) == 0
+    assert btc.qty_to_lots("0.002", zero_ok=True) == 2
+    for bad in ("-0.001", "0.0015", "junk"):
+        with pytest.raises(RemoteProtocolError) as info:
+            btc.qty_to_lots(bad, zero_ok=True)
+        assert info.value.code is ErrorCode.INVALID_QTY
+    with pytest.raises(RemoteProtocolError):
+        btc.qty_to_lots("0.000")  # an order's quantity is never zero
+
+
 @pytest.mark.parametrize(
     ("price", "qty", "code"),
     [
