@@ -30,6 +30,7 @@ from actors.exchange import (
     GatewayUnregister,
 )
 from actors.host import (
+    LINK_ORIGIN_PREFIX,
     Directory,
     DirectoryUpdate,
     EngineAck,
@@ -93,7 +94,7 @@ class EngineLink:
         self.asys = asys
         self.gateway_id = gateway_id
         self.fanout = fanout
-        self.origin = f"gateway:{gateway_id}"
+        self.origin = f"{LINK_ORIGIN_PREFIX}{gateway_id}"
         #: The numbered channel of this link's batches (see the class docstring).
         self.channel = SendChannel(f"{self.origin}@{time.time_ns():x}")
         self.exchange = exchange_address(asys)

@@ -114,6 +114,8 @@ EAGER_ACK_ORIGINS = ("book:",)
 #: not in any snapshot. Acked by ACK_EVERY / ACK_ITEMS, bench/actors.py's batched
 #: multiprocTCPBase run (100 orders a batch, an ack every ~3 batches) lost 10-20 %.
 LINK_ACK_EVERY = 64
+#: How the origin of a link's channel begins (``EngineLink`` names it).
+LINK_ORIGIN_PREFIX = "gateway:"
 
 Desk = AccountDesk | BookDesk | RouterDesk
 
@@ -702,7 +704,7 @@ class Host(RuntimeActor):
                 senders[b.origin] = sender
         for origin, sender in senders.items():
             n, items = unacked[origin]
-            if origin.startswith("gateway:"):
+            if origin.startswith(LINK_ORIGIN_PREFIX):
                 if n >= LINK_ACK_EVERY:
                     self._ack(origin, sender)
             elif n >= ACK_EVERY or items >= ACK_ITEMS or origin.startswith(EAGER_ACK_ORIGINS):
