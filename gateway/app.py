@@ -208,9 +208,10 @@ async def run_exchange(options: RunOptions, instruments_toml: str,
         url = f"ws://{options.host}:{gw.port}/v1"
         funding = [(u, FUNDING) for u in demo + bots] + list(options.deposits)
         for user, amount in funding:
-            bridge.open_account(user)
+            # The waiting calls: thousands of users may outgrow the bridge's queue.
+            await bridge.open_accounts_waiting(user)
             if amount > 0 and not _funded(options.data_dir, user):
-                bridge.submit(Dest("account", user), AccountDeposit(
+                await bridge.submit_waiting(Dest("account", user), AccountDeposit(
                     reply_to=None, user=user, amount=amount, ts=time.time_ns()))
         _mark_funded(options.data_dir, [u for u, _ in funding])
         console.print(f"[bold]Emporion[/] listening on [cyan]{url}[/] — demo users "

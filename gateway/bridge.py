@@ -13,8 +13,11 @@ and boots the engine, so every actor runs on the bridge thread. Multi-process:
 it attaches to a booted ``multiprocTCPBase`` system by admin port.
 
 Bounds: the request queue holds ``max_pending`` requests; when it is full,
-:meth:`EngineBridge.submit` raises :class:`BridgeBusy` and the gateway answers
-``rate_limited`` rather than queue without limit. The listen timeout (a few ms)
+:meth:`EngineBridge.submit` (and every other call from trio) raises
+:class:`BridgeBusy` at once and the gateway answers ``rate_limited`` rather than
+queue without limit or block the event loop; bulk work that must not be refused
+(funding accounts at boot) uses the ``*_waiting`` variants, which wait off the
+event loop. The listen timeout (a few ms)
 is the most a request waits for the bridge thread's next pass.
 
 Recording (``BridgeOptions.record``): the bridge thread journals every engine
@@ -87,7 +90,12 @@ class BridgeOptions:
     #: simpleSystemBase: the engine to boot in-thread; attached: only for a recording's header.
     engine: EngineConfig | None = None
     gateway_id: str = "gw1"
-    max_pending: int = 100_000
+    #: Requests queued for the bridge thread before trio's calls raise BridgeBusy
+    #: (clients get ``rate_limited``). About 3.5-5 s of work at the embedded engine's
+    #: measured saturating rate (2,100-2,900 orders/s, bench/gateway.py), under the
+    #: gateway's ``request_timeout_s`` (10 s): a request the queue takes is one the
+    #: engine can reach before its client is told ``timeout``. 100,000 was 35-48 s.
+    max_pending: int = 10_000
     listen_s: float = 0.002
     #: Embedded only: the interpreter's GIL switch interval while the bridge runs
     #: (``sys.setswitchinterval``, process-wide, restored at stop; None keeps it).
@@ -545,23 +553,22 @@ class EngineBridge:
             BridgeBusy: the queue is full.
             BridgeStopped: the bridge is not running.
         """
-        if self._stop.is_set() or self._thread is None:
-            raise BridgeStopped("the engine bridge is not running")
-        try:
-            self._requests.put_nowait((dest, item))
-        except queue.Full:
-            raise BridgeBusy("the engine is behind; try again") from None
+        self._enqueue((dest, item))
 
     def open_accounts(self, *users: str) -> threading.Event:
         """Make sure each user's account host exists, in order with the requests
-        queued before and after; a typed call (recorded as data).
+        queued before and after; a typed call (recorded as data). Non-blocking.
 
         Returns:
             An event set on the bridge thread once the accounts are open (or the
             attempt failed and was logged).
+
+        Raises:
+            BridgeBusy: the queue is full.
+            BridgeStopped: the bridge is not running.
         """
         done = threading.Event()
-        self._requests.put(_Typed(OpenAccounts(users=users), done))
+        self._enqueue(_Typed(OpenAccounts(users=users), done))
         return done
 
     def open_account(self, user: str) -> threading.Event:
@@ -570,8 +577,48 @@ class EngineBridge:
 
     def call(self, fn: Callable[[EngineLink], Any]) -> None:
         """Run ``fn(link)`` on the bridge thread. A recording keeps only an
-        :class:`OpaqueCall` marker: prefer a typed call where there is one."""
-        self._requests.put(fn)
+        :class:`OpaqueCall` marker: prefer a typed call where there is one.
+        Non-blocking; raises as :meth:`submit` does."""
+        self._enqueue(fn)
+
+    async def submit_waiting(self, dest: Dest, item: Any) -> None:
+        """:meth:`submit`, but wait (off the event loop) while the queue is full:
+        for bulk work that must not be refused, such as funding accounts at boot."""
+        await self._enqueue_waiting((dest, item))
+
+    async def open_accounts_waiting(self, *users: str) -> threading.Event:
+        """:meth:`open_accounts`, but wait (off the event loop) while the queue is full."""
+        done = threading.Event()
+        await self._enqueue_waiting(_Typed(OpenAccounts(users=users), done))
+        return done
+
+    def _enqueue(self, request: _Request) -> None:
+        # Never a blocking put: this runs on the trio thread, and a full queue would
+        # stop every connection until the bridge thread's next pass.
+        if self._stop.is_set() or self._thread is None:
+            raise BridgeStopped("the engine bridge is not running")
+        try:
+            self._requests.put_nowait(request)
+        except queue.Full:
+            raise BridgeBusy("the engine is behind; try again") from None
+
+    async def _enqueue_waiting(self, request: _Request) -> None:
+        try:
+            self._enqueue(request)
+            return
+        except BridgeBusy:
+            pass
+
+        def put() -> None:  # on a worker thread: a blocking put, until the bridge stops
+            while not self._stop.is_set():
+                try:
+                    self._requests.put(request, timeout=0.05)
+                    return
+                except queue.Full:
+                    continue
+            raise BridgeStopped("the engine bridge is not running")
+
+        await trio.to_thread.run_sync(put)
 
     async def start(self, deliver: Callable[[list[Any]], None]) -> None:
         """Start the bridge thread; returns when the engine is reachable.

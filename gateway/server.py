@@ -612,10 +612,17 @@ class Gateway:
                             f"{req.user} already has {limit} sessions")
                 return
             conn.cancel_on_disconnect = req.cancel_on_disconnect
-            self.bridge.open_account(req.user)
-            self._ask(conn, req.id, "login", Dest("router"), lambda r: RouterAttach(
-                user=req.user, gateway=self.bridge.options.gateway_id, reply_to=r),
-                extra=req.user)
+            try:
+                self.bridge.open_account(req.user)
+                asked = self._ask(conn, req.id, "login", Dest("router"), lambda r: RouterAttach(
+                    user=req.user, gateway=self.bridge.options.gateway_id, reply_to=r),
+                    extra=req.user)
+            except BridgeBusy:  # _ask answers its own busy queue; this is open_account's
+                self._error(conn, req.id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
+                asked = False
+            if not asked:  # the login may be sent again
+                conn.login_pending = False
+                conn.proto.login_failed()
 
         trio.lowlevel.spawn_system_task(verify)
 

@@ -228,11 +228,11 @@ class EmbeddedExchange:
 
     async def fund(self, users: list[str], amount: int) -> None:
         # A typed bridge call: a recording (--record) keeps it as data for the replay.
-        opened = self.bridge.open_accounts(*users)
+        opened = await self.bridge.open_accounts_waiting(*users)
         with trio.fail_after(120):
             await trio.to_thread.run_sync(opened.wait, abandon_on_cancel=True)
         for user in users:
-            self.bridge.submit(Dest("account", user), AccountDeposit(
+            await self.bridge.submit_waiting(Dest("account", user), AccountDeposit(
                 reply_to=None, user=user, amount=amount, ts=time.time_ns()))
 
     async def host_fault(self, kind: str, target: str, mode: str) -> str:

@@ -20,6 +20,7 @@ import attrs
 import cbor2
 import pytest
 import trio
+import trio.testing
 from engine_kit import config
 from gateway_kit import (
     MILLION,
@@ -36,7 +37,7 @@ from actors.boot import EngineLink
 from actors.cores.session import SessionConfig
 from actors.desks import AccountDesk
 from actors.messages import AccountDeposit, Dest
-from gateway.bridge import BridgeOptions, EngineBridge
+from gateway.bridge import BridgeBusy, BridgeOptions, EngineBridge
 from gateway.server import Gateway, GatewayConfig
 from protocol import ErrorCode, parse_instruments
 
@@ -962,3 +963,67 @@ async def test_frames_in_flight_after_a_slow_consumer_cut_are_harmless() -> None
             with trio.fail_after(5):
                 assert (await other.call("login", user="bob", password="pw"))["ok"]
                 assert (await other.call("query", what="account"))["ok"]
+
+
+async def test_a_full_engine_queue_refuses_at_once_and_a_login_can_be_sent_again() -> None:
+    """The bridge's queue full (its thread held in a call): every call from trio raises
+    BridgeBusy at once instead of blocking the event loop, a login is answered
+    ``rate_limited`` and can be sent again (it used to stay "in progress" for ever when
+    its RouterAttach found the queue full), and a waiting submit goes in once there
+    is room."""
+    bridge = EngineBridge(BridgeOptions(engine=config(), max_pending=4))
+    gw = Gateway(bridge, parse_instruments(TOML), lambda u, p: p == "pw",
+                 GatewayConfig(port=0))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(link: EngineLink) -> None:
+        entered.set()
+        release.wait(30)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.serve)
+        try:
+            # Eight requests through a queue of four: the waiting calls wait for room.
+            opened = await bridge.open_accounts_waiting(*USERS)
+            for user in USERS:
+                await bridge.submit_waiting(Dest("account", user), AccountDeposit(
+                    reply_to=None, user=user, amount=MILLION, ts=1))
+            with trio.fail_after(10):
+                await trio.to_thread.run_sync(opened.wait)
+            async with client(gw, "json") as c:
+                bridge.call(hold)
+                with trio.fail_after(10):
+                    await trio.to_thread.run_sync(entered.wait)
+                for _ in range(3):
+                    bridge.call(lambda link: None)
+                # One slot left: the login's open_account takes it, its RouterAttach
+                # finds the queue full.
+                assert code(await c.call("login", user="alice", password="pw")) == "rate_limited"
+                # Full: the open_account itself is refused.
+                assert code(await c.call("login", user="alice", password="pw")) == "rate_limited"
+                with pytest.raises(BridgeBusy):
+                    bridge.submit(Dest("account", "bob"), AccountDeposit(
+                        reply_to=None, user="bob", amount=1, ts=2))
+                with pytest.raises(BridgeBusy):
+                    bridge.open_accounts("erin")
+                with pytest.raises(BridgeBusy):
+                    bridge.call(lambda link: None)
+                deposited = trio.Event()
+
+                async def deposit() -> None:
+                    await bridge.submit_waiting(Dest("account", "alice"), AccountDeposit(
+                        reply_to=None, user="alice", amount=MILLION, ts=3))
+                    deposited.set()
+
+                nursery.start_soon(deposit)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not deposited.is_set()  # no room while the bridge is held
+                release.set()
+                with trio.fail_after(10):
+                    await deposited.wait()
+                assert (await c.call("login", user="alice", password="pw"))["ok"]
+                account = await c.call("query", what="account")
+                assert account["result"]["balance"] == "2000000.0000"  # both deposits
+        finally:
+            release.set()
+            nursery.cancel_scope.cancel()
