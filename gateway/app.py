@@ -23,9 +23,10 @@ from pathlib import Path
 
 import attrs
 import trio
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from actors.host import EngineConfig
 from actors.messages import AccountDeposit, Dest
@@ -158,15 +159,20 @@ async def agent(url: str, user: str, password: str, symbols: list[Instrument], s
 
 
 def _view(gw: Gateway, stats: Stats, instruments: Mapping[str, Instrument],
-          books: dict[str, tuple[str, str]], url: str, *, final: bool = False) -> Table:
+          books: dict[str, tuple[str, str]], url: str, *, final: bool = False) -> Group:
+    """The live view (or, ``final``, the summary at stop): a header line, top of book
+    per symbol, and a latency line. The lines are text outside the table, so they
+    wrap at the console's width rather than the table's."""
     elapsed = max(1e-9, time.monotonic() - stats.started)
     now = time.monotonic()
     recent = sum(1 for t in stats.trades_window if now - t <= 5.0)
     stats.peak_connections = max(stats.peak_connections, len(gw.conns))
     conns = (f"peak {stats.peak_connections} connections" if final
              else f"{len(gw.conns)} connections")
-    t = Table(title=f"Emporion on {url} — {conns}, "
-                    f"{recent / 5:.1f} trades/s, {stats.orders / elapsed:.0f} orders/s")
+    header = Text.from_markup(
+        f"[bold]Emporion[/] on {url} — {conns}, "
+        f"{recent / 5:.1f} trades/s, {stats.orders / elapsed:.0f} orders/s")
+    t = Table()
     for col in ("symbol", "bid", "ask", "last"):
         t.add_column(col, justify="left" if col == "symbol" else "right")
     for sym in instruments:
@@ -177,10 +183,11 @@ def _view(gw: Gateway, stats: Stats, instruments: Mapping[str, Instrument],
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:.2f} ms"
 
-    t.caption = (f"order/trade notification latency P50 {ms(stats.notify.pct(50))}  "
-                 f"P99 {ms(stats.notify.pct(99))}  ·  submit→ack P50 "
-                 f"{ms(stats.ack.pct(50))}  ·  refused {stats.refused}  ·  Ctrl-C stops")
-    return t
+    footer = Text(
+        f"order/trade notification latency P50 {ms(stats.notify.pct(50))}  "
+        f"P99 {ms(stats.notify.pct(99))}  ·  submit→ack P50 {ms(stats.ack.pct(50))}  ·  "
+        f"refused {stats.refused}" + ("" if final else "  ·  Ctrl-C stops"), style="dim")
+    return Group(header, t, footer)
 
 
 async def run_exchange(options: RunOptions, instruments_toml: str,
@@ -260,7 +267,7 @@ async def run_exchange(options: RunOptions, instruments_toml: str,
     return 0
 
 
-async def _refresh(live: Live, make: Callable[[], Table]) -> None:
+async def _refresh(live: Live, make: Callable[[], Group]) -> None:
     while True:
         await trio.sleep(0.25)  # the view's refresh period
         live.update(make())

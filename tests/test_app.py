@@ -34,6 +34,12 @@ async def test_run_trades_and_stops_cleanly(tmp_path: Path) -> None:
     # Every trader has disconnected when the summary prints: it shows the peak.
     peak = re.search(r"peak\s+(\d+)\s+connections", text)
     assert peak is not None and int(peak.group(1)) >= 4, text
+    # The summary's lines wrap at the console's width, not the table's, and it no
+    # longer offers Ctrl-C.
+    assert re.search(r"Emporion on ws://\S+ — peak \d+ connections, [\d.]+ trades/s, "
+                     r"\d+ orders/s\n", text), text
+    summary = text[text.index("— peak"):]
+    assert "refused " in summary and "Ctrl-C" not in summary, text
     await trio.lowlevel.checkpoint()
 
 
