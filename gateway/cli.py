@@ -264,7 +264,7 @@ def _simulate(args: argparse.Namespace) -> int:
         report_dir=Path(args.report) if args.report else None, processes=args.processes,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         record=Path(args.record) if args.record else None, fsync=args.fsync,
-        live=not args.no_live, instruments_path=args.instruments)
+        live=not args.no_live and sys.stdout.isatty(), instruments_path=args.instruments)
     return run_simulation(options)
 
 

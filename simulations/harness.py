@@ -83,6 +83,8 @@ CONNECT_CONCURRENCY = 64
 SETTLE_QUIET_S = 0.5
 SETTLE_MAX_S = 15.0
 MONITOR_USER = "sim-monitor"
+#: Without a live view, a status line every this many seconds.
+LOG_EVERY_S = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -755,18 +757,41 @@ class _Run:
                       f"{len(self.history.faults)}/{engine_faults}", self.live.status())
             return t
 
+        def line() -> str:  # the same figures as one plain line, for logs
+            elapsed = max(1e-9, trio.current_time() - started)
+            acked = self.acked()
+            gw = self.exchange.gw if self.exchange is not None else None
+            conns = "-" if gw is None else str(len(gw.conns))
+            return (f"{sc.name}: {elapsed:.0f} s, {acked} orders acked "
+                    f"({acked / elapsed:,.0f}/s), {conns} connections, "
+                    f"faults {len(self.history.faults)}/{engine_faults}, "
+                    f"live checks {self.live.status()}")
+
+        def finished() -> bool:
+            if sc.seconds is None and sc.orders is not None and self.acked() >= sc.orders:
+                self.control.stop.set()
+            if self.control.stop.is_set():
+                phase.cancel_scope.cancel()
+                return True
+            return False
+
+        if not self.options.live:
+            # No terminal (or --no-live): a status line every LOG_EVERY_S seconds, which
+            # a log keeps, instead of a live view that a log cannot redraw.
+            next_line = started + LOG_EVERY_S
+            while not finished():
+                if trio.current_time() >= next_line:
+                    self.console.print(line(), highlight=False)
+                    next_line += LOG_EVERY_S
+                await trio.sleep(0.25)  # the check's period
+            return
         with Live(Group(progress, table()), console=self.console, refresh_per_second=4,
-                  transient=not self.options.live, auto_refresh=self.options.live) as live:
-            while True:
-                if self.control.stop.is_set():
-                    phase.cancel_scope.cancel()
-                    return
+                  transient=False) as live:
+            while not finished():
                 done = (trio.current_time() - started if sc.seconds is not None
                         else float(self.acked()))
                 progress.update(task, completed=min(total, done))
                 live.update(Group(progress, table()))
-                if sc.seconds is None and sc.orders is not None and self.acked() >= sc.orders:
-                    self.control.stop.set()
                 await trio.sleep(0.25)  # the view's refresh period
 
     async def _engine_faults(self, started: float, nursery: trio.Nursery) -> None:

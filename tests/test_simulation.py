@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import attrs
@@ -10,6 +11,7 @@ import pytest
 import trio
 from rich.console import Console
 
+from simulations import harness
 from simulations.harness import SimOptions, simulate
 from simulations.scenario import (
     ENGINE_FAULTS,
@@ -95,15 +97,22 @@ async def test_a_short_simulation_with_every_fault_passes_every_invariant(
         assert (tmp_path / "report" / chart).read_bytes().startswith(b"\x89PNG")
 
 
-async def test_a_recorded_simulation_replays_to_the_same_digests(tmp_path: Path) -> None:
+async def test_a_recorded_simulation_replays_to_the_same_digests(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from simulations.replay import replay
 
     sc = attrs.evolve(load_scenario("basic"), agents=12, seconds=2.0)
     record = tmp_path / "run.rec"
+    monkeypatch.setattr(harness, "LOG_EVERY_S", 0.5)
     with open(tmp_path / "console.txt", "w") as out:
         result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data",
                                            record=record, live=False), Console(file=out))
     assert result.passed
+    # Without a live view, the run logs plain status lines.
+    status = re.findall(r"^basic: \d+ s, \d+ orders acked \([\d,]+/s\), \d+ connections, "
+                        r"faults 0/0, live checks ok$",
+                        (tmp_path / "console.txt").read_text(), re.M)
+    assert len(status) >= 2, (tmp_path / "console.txt").read_text()
     replayed = await trio.to_thread.run_sync(replay, record)
     assert replayed.ok, replayed.differences
     assert set(replayed.matched) == {"trades", "balances", "events"}
