@@ -734,7 +734,7 @@ async def gateway(users: list[str], *, deposit: bool,
     from actors.cores.session import SessionConfig
     from actors.host import EngineConfig
     from actors.messages import AccountDeposit, Delivery, Dest
-    from gateway.bridge import BridgeBusy, BridgeOptions, EngineBridge
+    from gateway.bridge import BridgeOptions, EngineBridge
     from gateway.cli import load_instruments
     from gateway.server import Gateway, GatewayConfig
     from protocol import CASH_STEP
@@ -762,10 +762,10 @@ async def gateway(users: list[str], *, deposit: bool,
         async with trio.open_nursery() as nursery:
             await nursery.start(gw.serve)
             million = int(1_000_000 / CASH_STEP)
-            for u in users:
-                bridge.open_account(u)
+            for u in users:  # the waiting calls: thousands of users outgrow the queue
+                await bridge.open_accounts_waiting(u)
                 if deposit:
-                    await submit(bridge, BridgeBusy, Dest("account", u), AccountDeposit(
+                    await bridge.submit_waiting(Dest("account", u), AccountDeposit(
                         reply_to=None, user=u, amount=million, ts=time.time_ns()))
             done = threading.Event()
             bridge.call(lambda link: done.set())
@@ -775,18 +775,6 @@ async def gateway(users: list[str], *, deposit: bool,
                 yield gw
             finally:
                 nursery.cancel_scope.cancel()
-
-
-async def submit(bridge: Any, busy: type[Exception], dest: Any, item: Any) -> None:
-    import trio
-
-    for _ in range(100_000):
-        try:
-            bridge.submit(dest, item)
-            return
-        except busy:
-            await trio.sleep(0.001)
-    raise RuntimeError("the bridge stayed busy")
 
 
 @contextlib.asynccontextmanager
@@ -863,7 +851,6 @@ async def run_push(args: argparse.Namespace, conns: int, rounds: int,
     from trio_websocket import ConnectionClosed
 
     from actors.messages import AccountDeposit, Dest
-    from gateway.bridge import BridgeBusy
 
     frame = bare_frame()
     # bare: every connection gets `rounds` pre-encoded frames on "go"
@@ -917,8 +904,8 @@ async def run_push(args: argparse.Namespace, conns: int, rounds: int,
                     counter.event = None
                 ts = time.time_ns()
                 for u in users:
-                    await submit(gw.bridge, BridgeBusy, Dest("account", u),
-                                 AccountDeposit(reply_to=None, user=u, amount=1, ts=ts))
+                    await gw.bridge.submit_waiting(
+                        Dest("account", u), AccountDeposit(reply_to=None, user=u, amount=1, ts=ts))
                 await trio.sleep(0)
         got = await ch.read(120)
         prof.report(f"push c{conns}")
