@@ -17,8 +17,8 @@ Bounds: the request queue holds ``max_pending`` requests; when it is full,
 :class:`BridgeBusy` at once and the gateway answers ``rate_limited`` rather than
 queue without limit or block the event loop; bulk work that must not be refused
 (funding accounts at boot) uses the ``*_waiting`` variants, which wait off the
-event loop. The listen timeout (a few ms)
-is the most a request waits for the bridge thread's next pass.
+event loop. The listen timeout (a few ms) is the most a request waits for the
+bridge thread's next pass.
 
 Recording (``BridgeOptions.record``): the bridge thread journals every engine
 input it sends, in order and with its batch boundaries, the typed engine calls

@@ -762,8 +762,9 @@ class _Run:
             acked = self.acked()
             gw = self.exchange.gw if self.exchange is not None else None
             conns = "-" if gw is None else str(len(gw.conns))
+            trades = "-" if gw is None else str(gw.trades)
             return (f"{sc.name}: {elapsed:.0f} s, {acked} orders acked "
-                    f"({acked / elapsed:,.0f}/s), {conns} connections, "
+                    f"({acked / elapsed:,.0f}/s), {conns} connections, {trades} trades, "
                     f"faults {len(self.history.faults)}/{engine_faults}, "
                     f"live checks {self.live.status()}")
 
@@ -781,7 +782,7 @@ class _Run:
             next_line = started + LOG_EVERY_S
             while not finished():
                 if trio.current_time() >= next_line:
-                    self.console.print(line(), highlight=False)
+                    self.console.print(line(), highlight=False, soft_wrap=True)
                     next_line += LOG_EVERY_S
                 await trio.sleep(0.25)  # the check's period
             return

@@ -109,7 +109,7 @@ async def test_a_recorded_simulation_replays_to_the_same_digests(
                                            record=record, live=False), Console(file=out))
     assert result.passed
     # Without a live view, the run logs plain status lines.
-    status = re.findall(r"^basic: \d+ s, \d+ orders acked \([\d,]+/s\), \d+ connections, "
+    status = re.findall(r"^basic: \d+ s, \d+ orders acked \([\d,]+/s\), \d+ connections, \d+ trades, "
                         r"faults 0/0, live checks ok$",
                         (tmp_path / "console.txt").read_text(), re.M)
     assert len(status) >= 2, (tmp_path / "console.txt").read_text()
