@@ -137,10 +137,7 @@ class EngineLink:
             return True
         if isinstance(msg, DirectoryUpdate):
             self.directory = msg.directory
-            for hid in msg.restarted:
-                addr = self.directory.hosts.get(hid)
-                for batch in self.channel.unacked(hid) if addr is not None else ():
-                    self.asys.tell(addr, batch)
+            self.channel.resend(msg.restarted, self.directory.hosts, self.asys.tell)
             return True
         return isinstance(msg, Directory)
 

@@ -311,10 +311,8 @@ class Exchange(RuntimeActor):
         if restarted:  # attached gateways' links resend what the host had not acked
             for addr in self.directory.gateways.values():
                 self.send(addr, update)
-        for hid in restarted:  # after its HostInit: what it had not acked, again
-            addr = self.directory.hosts[hid]
-            for batch in self._forwarding.unacked(hid):
-                self.send(addr, batch)
+        # After its HostInit: what it had not acked, again.
+        self._forwarding.resend(restarted, self.directory.hosts, self.send)
 
     def _ensure_account(self, user: str) -> bool:
         """Create ``user``'s host if the placement needs one; True when it was created."""

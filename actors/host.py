@@ -63,6 +63,7 @@ import os
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,13 +219,27 @@ class SendChannel:
 
     def acked(self, ack: EngineAck) -> None:
         """Forget the batches ``ack`` covers."""
-        box = self.outbox.get(ack.host)
-        while box and box[0].seq <= ack.seq:
-            box.popleft()
+        trim_outbox(self.outbox, ack)
 
-    def unacked(self, host: str) -> tuple[EngineBatch, ...]:
-        """What ``host`` has not acked, oldest first (to resend after its restart)."""
-        return tuple(self.outbox.get(host, ()))
+    def resend(self, restarted: tuple[str, ...], hosts: Mapping[str, Any],
+               send: Callable[[Any, EngineBatch], Any]) -> None:
+        """Send each re-created host in ``restarted`` (its address in ``hosts``) what
+        it has not acked, oldest first; it drops by seq what it journaled already."""
+        for hid in restarted:
+            addr = hosts.get(hid)
+            if addr is not None:
+                for batch in self.outbox.get(hid, ()):
+                    send(addr, batch)
+
+
+def trim_outbox(outbox: Mapping[str, deque[EngineBatch]],
+                ack: EngineAck) -> deque[EngineBatch] | None:
+    """Drop from ``outbox[ack.host]`` the batches ``ack`` covers; returns what is left
+    (None when nothing was ever sent there)."""
+    box = outbox.get(ack.host)
+    while box and box[0].seq <= ack.seq:
+        box.popleft()
+    return box
 
 
 @attrs.frozen(kw_only=True)
@@ -742,9 +757,7 @@ class Host(RuntimeActor):
         self._ack(msg.origin, sender)
 
     def receiveMsg_EngineAck(self, ack: EngineAck, sender: Any) -> None:
-        box = self.outbox.get(ack.host)
-        while box and box[0].seq <= ack.seq:
-            box.popleft()
+        box = trim_outbox(self.outbox, ack)
         if ack.host in self._probing:
             # The receiver's answer to the recovery's first resend: what is left, it
             # lacks (or has in flight from this incarnation; duplicates are dropped).
