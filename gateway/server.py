@@ -600,14 +600,12 @@ class Gateway:
             if conn.closed:
                 return
             if not ok:
-                conn.login_pending = False
-                conn.proto.login_failed()
+                self._login_failed(conn)
                 self._error(conn, req.id, ErrorCode.AUTH_FAILED, "wrong user or password")
                 return
             limit = self.hub.config.max_sessions_per_user
             if len(self.hub.by_user.get(req.user, {})) >= limit:
-                conn.login_pending = False
-                conn.proto.login_failed()
+                self._login_failed(conn)
                 self._error(conn, req.id, ErrorCode.TOO_MANY_SESSIONS,
                             f"{req.user} already has {limit} sessions")
                 return
@@ -620,11 +618,16 @@ class Gateway:
             except BridgeBusy:  # _ask answers its own busy queue; this is open_account's
                 self._error(conn, req.id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
                 asked = False
-            if not asked:  # the login may be sent again
-                conn.login_pending = False
-                conn.proto.login_failed()
+            if not asked:
+                self._login_failed(conn)
 
         trio.lowlevel.spawn_system_task(verify)
+
+    @staticmethod
+    def _login_failed(conn: _Conn) -> None:
+        """The login in progress failed (and was answered): it may be sent again."""
+        conn.login_pending = False
+        conn.proto.login_failed()
 
     def _subscribe(self, conn: _Conn, req: Subscribe) -> None:
         added = self.hub.sessions[conn.id].subscribe(req.channels)
@@ -683,8 +686,7 @@ class Gateway:
                     self._ask_snapshot(conn, p.extra)  # read-only: ask again
                 continue
             if p.op == "login":
-                conn.login_pending = False
-                conn.proto.login_failed()
+                self._login_failed(conn)
             self._error(conn, p.request_id, ErrorCode.TIMEOUT,
                         f"the engine did not answer within {timeout:g} s; the request may "
                         "have taken effect (a place repeated with the same client_order_id "
