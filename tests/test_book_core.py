@@ -527,13 +527,18 @@ def test_cancel_in_another_symbol_is_rejected(book: OrderBook) -> None:
     assert book.order(mine.order_id) is not None
 
 
-def test_cancel_user_cancels_all_in_order_id_order(book: OrderBook) -> None:
-    b1 = new("a", "buy", REF - 1, 2, order_id=30)
-    s1 = new("a", "sell", REF + 1, 3, order_id=10)
-    b2 = new("a", "buy", REF - 2, 4, order_id=20)
-    other = new("b", "buy", REF - 1, 5, order_id=40)
-    for cmd in (b1, s1, b2, other):
+def rest_three_of_a_and_one_of_b(book: OrderBook) -> None:
+    """a: buy 2 @ REF-1 (id 30), sell 3 @ REF+1 (id 10), buy 4 @ REF-2 (id 20);
+    b: buy 5 @ REF-1 (id 40) — ids out of placing order."""
+    for cmd in (new("a", "buy", REF - 1, 2, order_id=30),
+                new("a", "sell", REF + 1, 3, order_id=10),
+                new("a", "buy", REF - 2, 4, order_id=20),
+                new("b", "buy", REF - 1, 5, order_id=40)):
         book.submit(cmd)
+
+
+def test_cancel_user_cancels_all_in_order_id_order(book: OrderBook) -> None:
+    rest_three_of_a_and_one_of_b(book)
     events = book.cancel_user(CancelUserOrders(user="a", symbol=SYM, ts=T0))
     assert kinds(events) == ["OrderCanceled"] * 3 + ["BookDelta", "TickerUpdate"]
     assert [(e.order_id, e.remaining, e.reason) for e in of(events, OrderCanceled)] == [
@@ -550,12 +555,7 @@ def test_cancel_user_cancels_all_in_order_id_order(book: OrderBook) -> None:
 
 
 def test_cancel_user_with_ids_looks_up_only_those_of_the_user(book: OrderBook) -> None:
-    a1 = new("a", "buy", REF - 1, 2, order_id=30)
-    a2 = new("a", "sell", REF + 1, 3, order_id=10)
-    a3 = new("a", "buy", REF - 2, 4, order_id=20)
-    other = new("b", "buy", REF - 1, 5, order_id=40)
-    for cmd in (a1, a2, a3, other):
-        book.submit(cmd)
+    rest_three_of_a_and_one_of_b(book)
     # 40 is b's, 99 rests nowhere, 20 is a's but not named: only 10 and 30 go.
     events = book.cancel_user(CancelUserOrders(user="a", symbol=SYM, ts=T0,
                                                order_ids=(40, 30, 99, 10, 30)))
