@@ -743,30 +743,36 @@ class _Run:
 
         engine_faults = sum(1 for f in sc.faults if f.kind not in CLIENT_FAULTS)
 
-        def table() -> Table:
+        def figures() -> dict[str, str]:
+            """What the live table and the plain status line show, by column."""
             elapsed = max(1e-9, trio.current_time() - started)
             acked = self.acked()
-            t = Table(show_header=True, header_style="bold", box=None)
-            for col in ("orders acked", "orders/s", "connections", "trades", "faults",
-                        "live checks"):
-                t.add_column(col, justify="right")
             gw = self.exchange.gw if self.exchange is not None else None
-            t.add_row(str(acked), f"{acked / elapsed:,.0f}",
-                      "-" if gw is None else str(len(gw.conns)),
-                      "-" if gw is None else str(gw.trades),
-                      f"{len(self.history.faults)}/{engine_faults}", self.live.status())
+            return {
+                "orders acked": str(acked),
+                "orders/s": f"{acked / elapsed:,.0f}",
+                "connections": "-" if gw is None else str(len(gw.conns)),
+                "trades": "-" if gw is None else str(gw.trades),
+                "faults": f"{len(self.history.faults)}/{engine_faults}",
+                "live checks": self.live.status(),
+                "elapsed": f"{elapsed:.0f}",
+            }
+
+        def table() -> Table:
+            t = Table(show_header=True, header_style="bold", box=None)
+            row = figures()
+            del row["elapsed"]
+            for col in row:
+                t.add_column(col, justify="right")
+            t.add_row(*row.values())
             return t
 
         def line() -> str:  # the same figures as one plain line, for logs
-            elapsed = max(1e-9, trio.current_time() - started)
-            acked = self.acked()
-            gw = self.exchange.gw if self.exchange is not None else None
-            conns = "-" if gw is None else str(len(gw.conns))
-            trades = "-" if gw is None else str(gw.trades)
-            return (f"{sc.name}: {elapsed:.0f} s, {acked} orders acked "
-                    f"({acked / elapsed:,.0f}/s), {conns} connections, {trades} trades, "
-                    f"faults {len(self.history.faults)}/{engine_faults}, "
-                    f"live checks {self.live.status()}")
+            f = figures()
+            return (f"{sc.name}: {f['elapsed']} s, {f['orders acked']} orders acked "
+                    f"({f['orders/s']}/s), {f['connections']} connections, "
+                    f"{f['trades']} trades, faults {f['faults']}, "
+                    f"live checks {f['live checks']}")
 
         def finished() -> bool:
             if sc.seconds is None and sc.orders is not None and self.acked() >= sc.orders:
