@@ -9,9 +9,12 @@ import sys
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol import Instrument, parse_instruments
+
+if TYPE_CHECKING:
+    from simulations.scenario import Scenario
 
 
 def instruments_toml(path: str | None) -> str:
@@ -231,24 +234,40 @@ def _shutdown(args: argparse.Namespace) -> int:
     return 0 if report.stopped else 1
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def simulate_scenario(args: argparse.Namespace) -> Scenario:
+    """The scenario ``emporion simulate`` runs: ``--scenario`` with the options applied.
+
+    Raises:
+        ScenarioError: an unknown scenario, a bad field, or a bad override.
+    """
     import attrs
 
-    from simulations.harness import SimOptions, run_simulation
     from simulations.scenario import ScenarioError, load_scenario, validate
 
+    scenario = load_scenario(args.scenario)
+    changes: dict[str, Any] = {}
+    if args.agents is not None:
+        changes["agents"] = args.agents
+    if args.seconds is not None:
+        changes.update(seconds=args.seconds, orders=None)
+    if args.orders is not None:
+        changes.update(orders=args.orders, seconds=None)
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.rate_scale is not None:
+        if not args.rate_scale > 0:
+            raise ScenarioError(f"--rate-scale must be > 0, not {args.rate_scale}")
+        changes["rates"] = {role: rate * args.rate_scale
+                            for role, rate in scenario.rates.items()}
+    return validate(attrs.evolve(scenario, **changes))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.harness import SimOptions, run_simulation
+    from simulations.scenario import ScenarioError
+
     try:
-        scenario = load_scenario(args.scenario)
-        changes: dict[str, Any] = {}
-        if args.agents is not None:
-            changes["agents"] = args.agents
-        if args.seconds is not None:
-            changes.update(seconds=args.seconds, orders=None)
-        if args.orders is not None:
-            changes.update(orders=args.orders, seconds=None)
-        if args.seed is not None:
-            changes["seed"] = args.seed
-        scenario = validate(attrs.evolve(scenario, **changes))
+        scenario = simulate_scenario(args)
     except ScenarioError as exc:
         print(f"emporion simulate: {exc}", file=sys.stderr)
         return 2
@@ -333,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--orders", type=int, default=None,
                        help="an order budget instead of a trading time")
     sim.add_argument("--seed", type=int, default=None, help="RNG seed (overrides the scenario)")
+    sim.add_argument("--rate-scale", type=float, default=None, metavar="F",
+                     help="multiply every role's rate by F (0.5: half the scenario's load)")
     sim.add_argument("--report", default="sim-report",
                      help="report directory: report.json, report.md, charts (default ./sim-report)")
     sim.add_argument("--processes", type=int, default=None,

@@ -272,6 +272,7 @@ class SimAgent(Strategy):
 
     async def _cancel(self, order_id: int) -> None:
         self.live.pop(order_id, None)
+        self.log.cancels += 1
         try:
             await self._c().cancel(order_id)
         except ClientError as exc:

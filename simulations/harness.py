@@ -75,6 +75,7 @@ from simulations.history import (
     UserFinal,
 )
 from simulations.live import LiveMarketCheck
+from simulations.load import LoadProbe, ProcessLoad, assess
 from simulations.scenario import CLIENT_FAULTS, FaultSpec, Scenario, ScenarioError
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,7 @@ class GroupSpec:
     users: tuple[str, ...]  # every agent of the run, in agent order
     indices: tuple[int, ...]  # the agents this group runs
     budget: int | None
+    name: str = "agents"  # the process's name in the report's load section
 
 
 @attrs.define
@@ -305,6 +307,7 @@ class GroupResult:
     finals: dict[str, UserFinal]
     settled: bool
     errors: list[str]
+    load: ProcessLoad | None = None  # the agent process's own (None: the harness's process)
 
 
 class AgentGroup:
@@ -525,6 +528,7 @@ def _child_main(spec_path: str, result_path: str, shared_acked: Any, ready: Any,
     async def main() -> GroupResult:
         control = Control(budget=spec.budget, shared_acked=shared_acked)
         group = AgentGroup(spec, control)
+        probe = LoadProbe(spec.name, len(spec.indices))
         async with trio.open_nursery() as nursery:
             box: list[GroupResult] = []
 
@@ -532,10 +536,12 @@ def _child_main(spec_path: str, result_path: str, shared_acked: Any, ready: Any,
                 box.append(await group.run())
 
             nursery.start_soon(run)
+            nursery.start_soon(probe.run)
             await group.connected.wait()
             ready.set()
             await trio.to_thread.run_sync(go.wait, abandon_on_cancel=True)
             group.start()
+            probe.start()
 
             async def watch_stop() -> None:
                 await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)
@@ -543,6 +549,8 @@ def _child_main(spec_path: str, result_path: str, shared_acked: Any, ready: Any,
 
             nursery.start_soon(watch_stop)
             await control.stop.wait()
+            load = probe.stop()  # also ends the probe's task
+        box[0].load = load
         return box[0]
 
     result = trio.run(main)
@@ -634,6 +642,11 @@ class _Run:
         self.monitor_ready = trio.Event()
         self.monitor_client: Any = None
         self._shared: list[Any] = []
+        p = max(0, options.processes)
+        where = "engine + gateway" if exchange is not None else "harness (monitor)"
+        #: This process's CPU and event-loop lag over the trading phase.
+        self.probe = LoadProbe(where + (" + agents" if p == 0 else ""),
+                               len(users) if p == 0 else 0)
 
     def acked(self) -> int:
         return self.control.acked + sum(int(v.value) for v in self._shared)
@@ -641,6 +654,7 @@ class _Run:
     async def go(self, nursery: trio.Nursery) -> None:
         sc, opts = self.sc, self.options
         nursery.start_soon(self._monitor)
+        nursery.start_soon(self.probe.run)
         await self.monitor_ready.wait()
         p = max(0, opts.processes)
         groups = [tuple(range(len(self.users)))] if p == 0 else [
@@ -650,7 +664,8 @@ class _Run:
                    for k in range(len(groups))]
         specs = [GroupSpec(url=self.url, password=opts.password, scenario=sc,
                            instruments=self.instruments, users=tuple(self.users),
-                           indices=g, budget=b) for g, b in zip(groups, budgets, strict=True)]
+                           indices=g, budget=b, name=f"agents {k}")
+                 for k, (g, b) in enumerate(zip(groups, budgets, strict=True))]
         results: list[GroupResult] = []
         if p == 0:
             self.control = Control(budget=specs[0].budget)
@@ -663,6 +678,7 @@ class _Run:
                 self.console.print(f"connecting {len(self.users)} agents…")
                 await group.connected.wait()
                 group.start()
+                self.probe.start()
                 await self._trade_phase(nursery, group.go_ns)
                 self.control.stop.set()
         else:
@@ -694,6 +710,7 @@ class _Run:
                         raise RuntimeError(f"agent process {k} exited with "
                                            f"{procs[k].exitcode} before connecting")
             go.set()
+            self.probe.start()
             go_ns = time.monotonic_ns()
             budget_total = self.sc.orders
             self.control = Control(budget=None)
@@ -732,6 +749,7 @@ class _Run:
             await self._view(phase, started)
         self.control.stop.set()
         self.history.ended_ns = time.monotonic_ns()
+        self.probe.stop()
 
     async def _view(self, phase: trio.Nursery, started: float) -> None:
         sc = self.sc
@@ -866,8 +884,20 @@ class _Run:
                       for o in a.orders.values() if o.acked_ns is not None)
         self.history.progress = _progress(self.history.started_ns, acks)
         self.extra["live_checks"] = self.live.to_json()
+        self.extra["load"] = self._load(results)
         self.extra.update({"settled": settled, "agent_errors": errors[:20],
                            "agent_error_count": len(errors)})
+
+    def _load(self, results: list[GroupResult]) -> dict[str, Any]:
+        """The report's ``load`` section (simulations.load): this process and every
+        agent process, the agents' nominal and achieved request rates, a verdict."""
+        processes = [self.probe.stop()] + [r.load for r in results if r.load is not None]
+        span = (self.history.ended_ns - self.history.started_ns) / 1e9
+        sent = sum(len(a.orders) + a.cancels for a in self.history.agents.values())
+        rates = self.sc.rates
+        nominal = sum(rates.get(role, 1.0) for role in self.sc.roles())
+        return assess(processes, nominal_per_s=nominal,
+                      requests_per_s=sent / span if span > 0 else 0.0)
 
     async def _final_books(self) -> dict[str, BookFinal]:
         c = self.monitor_client

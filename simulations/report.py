@@ -505,6 +505,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{report.get('duration_s', 0.0):,.2f} s: "
         f"**{report.get('orders_per_s', 0.0):,.1f} orders/s**.",
         "",
+    ]
+    lines += _load_markdown(report.get("load"))
+    lines += [
         "## Faults",
         "",
     ]
@@ -529,6 +532,26 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_markdown(load: Mapping[str, Any] | None) -> list[str]:
+    """The ``## Load`` section: the verdict, then CPU and event-loop lag per process."""
+    if not load:
+        return []
+    verdict = str(load.get("verdict", ""))
+    lines = ["## Load", "", f"{verdict[:1].upper()}{verdict[1:]}.", ""]
+    processes: Sequence[Mapping[str, Any]] = load.get("processes", [])
+    if processes:
+        lines += ["| process | agents | CPU cores | loop lag p50 | p99 | max (ms) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for p in processes:
+            lag: Mapping[str, float | None] = p.get("loop_lag_ms", {})
+            lines.append(
+                f"| {_md_cell(p.get('name'))} | {p.get('agents', 0):,} | "
+                f"{p.get('cpu_cores', 0.0):.2f} | "
+                + " | ".join(_fmt_ms(lag.get(k)) for k in ("p50", "p99", "max")) + " |")
+        lines.append("")
+    return lines
 
 
 def write_report(
@@ -588,6 +611,14 @@ def render_table(report: Mapping[str, Any]) -> Table:
     table.add_row("throughput", f"{report.get('orders_per_s', 0.0):,.1f} orders/s")
     table.add_row("trades", f"{report.get('trades', 0):,}")
     table.add_row("reconnects", f"{report.get('reconnects', 0):,}")
+    load: Mapping[str, Any] | None = report.get("load")
+    if load:
+        for p in load.get("processes", []):
+            lag = p.get("loop_lag_ms", {})
+            table.add_row(escape(str(p.get("name"))),
+                          f"{p.get('cpu_cores', 0.0):.2f} CPU cores, loop lag "
+                          f"p99 {_fmt_ms(lag.get('p99'))} ms")
+        table.add_row("load", escape(str(load.get("verdict", ""))))
     table.add_section()
     invariants: Mapping[str, Mapping[str, Any]] = report.get("invariants", {})
     for name, inv in invariants.items():

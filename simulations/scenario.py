@@ -16,7 +16,7 @@ A scenario is a TOML file (see ``simulations/scenarios/`` for the shipped
     maker = 3
     noise = 4
 
-    [rates]              # orders/s per agent of each role
+    [rates]              # decisions (place or cancel) per second per agent of each role
     maker = 4.0
 
     [[faults]]

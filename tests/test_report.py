@@ -287,3 +287,24 @@ def test_render_table() -> None:
     out = io.StringIO()
     Console(file=out, width=140, color_system=None).print(render_table(empty))
     assert "PASS" in out.getvalue() and "no samples" in out.getvalue()
+
+
+def test_the_load_section_renders_in_both_summaries() -> None:
+    from simulations.load import ProcessLoad, assess
+
+    procs = [ProcessLoad(name="engine + gateway", agents=0, cpu_s=1.6, wall_s=2.0,
+                         lag_ms={"p50": 1.0, "p99": 51.0, "max": 80.0, "count": 180}),
+             ProcessLoad(name="agents 0", agents=1000, cpu_s=1.9, wall_s=2.0,
+                         lag_ms={"p50": 23.0, "p99": 326.0, "max": 357.0, "count": 150})]
+    load = assess(procs, nominal_per_s=6000.0, requests_per_s=1421.0)
+    report = build_report(make_history(), CHECKS, extra={"load": load})
+    assert json.loads(json.dumps(report))["load"]["behind"] == ["engine + gateway", "agents 0"]
+    md = render_markdown(report)
+    assert "## Load\n\nSaturated: the event loop of engine + gateway, agents 0 woke tasks up " \
+           "to 326 ms late (p99; agents 0 at 0.95 CPU cores)" in md
+    assert "| agents 0 | 1,000 | 0.95 | 23.000 | 326.000 | 357.000 |" in md
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(render_table(report))
+    text = out.getvalue()
+    assert "0.80 CPU cores, loop lag p99 51.000 ms" in text and "saturated: the event" in text
+    assert "## Load" not in render_markdown(build_report(make_history(), CHECKS))

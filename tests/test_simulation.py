@@ -95,6 +95,33 @@ async def test_a_short_simulation_with_every_fault_passes_every_invariant(
     assert live["passed"] is True and live["violations"] == 0 and live["frames"] > 100, live
     for chart in ("latency.png", "throughput.png", "mid_price.png"):
         assert (tmp_path / "report" / chart).read_bytes().startswith(b"\x89PNG")
+    # The agents ran in this process: one probe covers engine, gateway and agents.
+    load = report["load"]
+    assert [(p["name"], p["agents"]) for p in load["processes"]] == [
+        ("engine + gateway + agents", 50)]
+    assert load["processes"][0]["loop_lag_ms"]["count"] > 100  # ~100 wake-ups a second
+    assert load["requests_per_s"] > 0 and load["nominal_requests_per_s"] == sum(
+        sc.rates[role] for role in sc.roles())
+    assert "## Load" in (tmp_path / "report" / "report.md").read_text()
+
+
+async def test_agents_in_a_client_process_report_their_own_load(tmp_path: Path) -> None:
+    sc = attrs.evolve(load_scenario("basic"), agents=6, seconds=1.5)
+    with open(tmp_path / "console.txt", "w") as out:
+        result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data",
+                                           processes=1, live=False), Console(file=out))
+    assert result.passed, [(c.name, c.detail) for c in result.checks if not c.passed]
+    assert len(result.history.agents) == 6 and result.report["orders_acked"] > 0
+    load = result.report["load"]
+    harness_proc, agents_proc = load["processes"]
+    assert (harness_proc["name"], harness_proc["agents"]) == ("engine + gateway", 0)
+    assert (agents_proc["name"], agents_proc["agents"]) == ("agents 0", 6)
+    for proc in (harness_proc, agents_proc):
+        assert proc["loop_lag_ms"]["count"] > 10 and proc["cpu_s"] > 0, proc
+        assert 1.0 < proc["wall_s"] < 10.0
+    sent = sum(len(a.orders) + a.cancels for a in result.history.agents.values())
+    assert load["requests_per_s"] == round(sent / result.report["duration_s"], 1)
+    assert load["verdict"].split(":")[0] in ("saturated", "not saturated")
 
 
 async def test_a_recorded_simulation_replays_to_the_same_digests(
@@ -117,3 +144,17 @@ async def test_a_recorded_simulation_replays_to_the_same_digests(
     assert replayed.ok, replayed.differences
     assert set(replayed.matched) == {"trades", "balances", "events"}
     assert replayed.counts["trades"] == result.report["trades"] > 0
+
+
+def test_the_command_line_scales_the_rates_and_refuses_a_bad_scale(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import build_parser, main, simulate_scenario
+
+    stress = load_scenario("stress")
+    args = build_parser().parse_args(["simulate", "--scenario", "stress", "--rate-scale",
+                                      "0.25", "--agents", "40", "--seconds", "3"])
+    sc = simulate_scenario(args)
+    assert sc.rates == {role: rate / 4 for role, rate in stress.rates.items()}
+    assert (sc.agents, sc.seconds, sc.mix) == (40, 3.0, stress.mix)
+    assert main(["simulate", "--rate-scale", "0"]) == 2
+    assert "--rate-scale must be > 0, not 0.0" in capsys.readouterr().err
