@@ -11,6 +11,8 @@ import pytest
 import trio
 from rich.console import Console
 
+from gateway.cli import instruments_toml
+from protocol import parse_instruments
 from simulations import harness
 from simulations.harness import SimOptions, simulate
 from simulations.scenario import (
@@ -106,12 +108,17 @@ async def test_a_short_simulation_with_every_fault_passes_every_invariant(
 
 
 async def test_agents_in_a_client_process_report_their_own_load(tmp_path: Path) -> None:
-    sc = attrs.evolve(load_scenario("basic"), agents=6, seconds=1.5)
+    sc = attrs.evolve(load_scenario("basic"), agents=6, seconds=1.5, market_data="shared")
     with open(tmp_path / "console.txt", "w") as out:
         result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data",
                                            processes=1, live=False), Console(file=out))
     assert result.passed, [(c.name, c.detail) for c in result.checks if not c.passed]
     assert len(result.history.agents) == 6 and result.report["orders_acked"] > 0
+    # One shared ticker feed for the process, logged under its first agent.
+    tickers = {a.user: sum(r.kind == "ticker" for r in a.market)
+               for a in result.history.agents.values()}
+    first = result.history.agents[min(tickers)].user
+    assert tickers.pop(first) > 0 and set(tickers.values()) == {0}, tickers
     load = result.report["load"]
     harness_proc, agents_proc = load["processes"]
     assert (harness_proc["name"], harness_proc["agents"]) == ("engine + gateway", 0)
@@ -158,3 +165,19 @@ def test_the_command_line_scales_the_rates_and_refuses_a_bad_scale(
     assert (sc.agents, sc.seconds, sc.mix) == (40, 3.0, stress.mix)
     assert main(["simulate", "--rate-scale", "0"]) == 2
     assert "--rate-scale must be > 0, not 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("feed", "shared"), [("shared", True), ("agent", False)])
+def test_agents_of_a_shared_feed_share_its_prices(feed: str, shared: bool) -> None:
+    from simulations.agents import Control
+
+    sc = attrs.evolve(load_scenario("basic"), agents=4, market_data=feed)
+    instruments = parse_instruments(instruments_toml(None))
+    spec = harness.GroupSpec(url="ws://127.0.0.1:1/v1", password="sim", scenario=sc,
+                             instruments=instruments, users=("a", "b", "c", "d"),
+                             indices=(0, 1, 2, 3), budget=None)
+    agents = harness.AgentGroup(spec, Control()).agents
+    symbol = sc.symbols[0]
+    agents[0].on_ticks(symbol, 12_345)  # what the shared feed does with a ticker
+    assert [a.mid[symbol] == 12_345 for a in agents] == [True] + [shared] * 3
+    assert [a.last_trades[symbol] == [12_345] for a in agents] == [True] + [shared] * 3
