@@ -856,6 +856,26 @@ class RuntimeSinkCount:
 # Actors
 
 
+#: (actor class, message class) → the (class, handler name) pairs whose handlers
+#: ActorTypeDispatcher would try, in its order (see :meth:`RuntimeActor.receiveMessage`).
+_HANDLERS: dict[tuple[type, type], tuple[tuple[type, str], ...]] = {}
+
+
+def _handlers(actor_cls: type, msg_cls: type) -> tuple[tuple[type, str], ...]:
+    """ActorTypeDispatcher's lookup, done once: for each class of the message's MRO
+    with a ``receiveMsg_<Name>`` on the actor, every class of the actor's MRO that has
+    that attribute (Thespian calls each until one does not return SUPER). Pairs, not
+    functions: the attribute is read at each call, so a handler replaced on its class
+    (a test's monkeypatch) is the one called."""
+    found: list[tuple[type, str]] = []
+    for each in msg_cls.__mro__:
+        name = "receiveMsg_" + each.__name__
+        if hasattr(actor_cls, name):
+            found += [(klass, name) for klass in actor_cls.__mro__ if hasattr(klass, name)]
+    handlers = _HANDLERS[actor_cls, msg_cls] = tuple(found)
+    return handlers
+
+
 class RuntimeActor(ActorTypeDispatcher):  # type: ignore[misc]
     """Base of every Emporion actor shell.
 
@@ -869,11 +889,29 @@ class RuntimeActor(ActorTypeDispatcher):  # type: ignore[misc]
     _runtime_ready: bool = False
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
-        """Prepare the process once, then dispatch by message type."""
+        """Prepare the process once, then dispatch by message type.
+
+        The dispatch is ``ActorTypeDispatcher.receiveMessage``'s, with its lookup
+        cached per (actor class, message class): Thespian walks both classes' MROs,
+        building ``receiveMsg_<Name>`` strings and calling ``hasattr`` on each, for
+        every message. The handlers are tried in the same order, each until one
+        returns something other than ``SUPER``; with none (or all ``SUPER``),
+        ``receiveUnrecognizedMessage`` if the actor has it.
+        """
         if not self._runtime_ready:
             self._runtime_ready = True
             self._runtime_prepare()
-        return super().receiveMessage(message, sender)
+        handlers = _HANDLERS.get((type(self), type(message)))
+        if handlers is None:
+            handlers = _handlers(type(self), type(message))
+        for klass, name in handlers:
+            r = getattr(klass, name)(self, message, sender)
+            if r != self.SUPER:
+                return r
+        unrecognized = getattr(self, "receiveUnrecognizedMessage", None)
+        if unrecognized is not None:
+            return unrecognized(message, sender)
+        return None
 
     def _runtime_prepare(self) -> None:
         adopt_module_loggers()

@@ -374,3 +374,51 @@ def test_a_simple_system_skips_the_wakeup_scan_but_still_delivers_wakeups(
         system.tell(early, ("arm", 0.05))
         got = [system.listen(ASK), system.listen(ASK)]
         assert got == [("rang", 0.05), ("rang", 0.5)]
+
+
+class _Base:
+    pass
+
+
+class _Derived(_Base):
+    pass
+
+
+class _Other:
+    pass
+
+
+class _DispatchParent(runtime.RuntimeActor):
+    def receiveMsg__Base(self, msg: Any, sender: Any) -> Any:  # noqa: N802
+        return ("parent base", type(msg).__name__)
+
+
+class _DispatchChild(_DispatchParent):
+    def receiveMsg__Derived(self, msg: Any, sender: Any) -> Any:  # noqa: N802
+        return self.SUPER if sender == "pass" else "child derived"
+
+    def receiveMsg__Base(self, msg: Any, sender: Any) -> Any:  # noqa: N802
+        return self.SUPER if sender == "pass base" else "child base"
+
+    def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> Any:  # noqa: N802
+        return ("unrecognized", type(msg).__name__)
+
+
+@pytest.mark.parametrize("sender", [None, "pass", "pass base"])
+@pytest.mark.parametrize("msg", [_Derived(), _Base(), _Other()], ids=type)
+def test_the_cached_dispatch_answers_as_thespians_does(msg: Any, sender: Any) -> None:
+    actor = _DispatchChild()
+    actor._runtime_ready = True  # no actor system here: skip the process preparation
+    expected = ActorTypeDispatcher.receiveMessage(actor, msg, sender)
+    assert actor.receiveMessage(msg, sender) == expected
+    assert actor.receiveMessage(msg, sender) == expected  # and again, from the cache
+    assert (_DispatchChild, type(msg)) in runtime._HANDLERS
+
+
+def test_a_handler_replaced_after_its_first_message_is_the_one_called(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    actor = _DispatchChild()
+    actor._runtime_ready = True
+    assert actor.receiveMessage(_Derived(), None) == "child derived"
+    monkeypatch.setattr(_DispatchChild, "receiveMsg__Derived", lambda self, m, s: "patched")
+    assert actor.receiveMessage(_Derived(), None) == "patched"
