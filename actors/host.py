@@ -68,12 +68,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from thespian.actors import ActorSystemMessage
 
 from actors.cores.router import RouterTimer
 from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
 from actors.journal import Journal, JournalError
 from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
-from actors.runtime import RuntimeActor
+from actors.runtime import RuntimeActor, RuntimeWhoAreYou
 from protocol import ErrorCode, Instrument, parse_instruments
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,8 @@ class Host(RuntimeActor):
         self._fault: str | None = None
         self._dead = False
         self._timer_at: int | None = None
+        #: Messages that came before this host's HostInit, for after it (see receiveMessage).
+        self._before_init: list[tuple[Any, Any]] = []
         self.turns = 0
         self.items = 0
         self.restarted = False
@@ -387,6 +390,24 @@ class Host(RuntimeActor):
         self._snap_offset = 0
 
     # -- boot and recovery ----------------------------------------------------------
+
+    def receiveMessage(self, message: Any, sender: Any) -> Any:
+        """Dispatch; a message that comes before this host's :class:`HostInit` waits.
+
+        A re-created host's peers learn its address from the Exchange's
+        ``DirectoryUpdate`` and resend their outboxes to it at once; under
+        multiprocTCPBase nothing orders their messages after the Exchange's
+        ``HostInit`` (different senders), and a batch handled by a host with no
+        journal yet raised twice and was lost as a PoisonMessage, stalling its
+        channel for good (`emporion simulate --base multiprocTCPBase` found it). So
+        such messages are kept, in arrival order, and handled right after the init.
+        Thespian's own messages and identity questions are not held back.
+        """
+        if self.journal is None and not isinstance(
+                message, HostInit | ActorSystemMessage | RuntimeWhoAreYou):
+            self._before_init.append((message, sender))
+            return None
+        return super().receiveMessage(message, sender)
 
     def receiveMsg_HostInit(self, msg: HostInit, sender: Any) -> None:
         self.host_id, self.kind, self.key = msg.host_id, msg.kind, msg.key
@@ -427,6 +448,15 @@ class Host(RuntimeActor):
             self._resync(time.time_ns())
         self.send(sender, HostReady(host_id=self.host_id, recovered_turns=recovered,
                                     discarded=tuple(discarded)))
+        early, self._before_init = self._before_init, []
+        for message, from_ in early:
+            try:
+                self.receiveMessage(message, from_)
+            except Exception:
+                # As Thespian would after a retry (a PoisonMessage), but without
+                # re-running this HostInit: the message is dropped and logged.
+                log.exception("%s: %s held until the init failed", self.host_id,
+                              type(message).__name__)
 
     def _recover(self) -> tuple[int, list[int]]:
         assert self.journal is not None

@@ -411,3 +411,28 @@ def test_opening_accounts_tells_the_hosts_that_route_to_accounts_only(
         t.link.asys.tell(t.link.directory.hosts["book:BTC-PERP"], HostFault(mode="exit"))
         t.pump()
         assert all(got[f"account:{u}"] == 1 for u in users), got
+
+
+def test_a_batch_that_comes_before_the_hosts_init_is_applied_after_it() -> None:
+    """A re-created host's peers resend to it as soon as the Exchange announces it, and
+    under multiprocTCPBase that can overtake the Exchange's HostInit. The host used to
+    handle such a batch with no journal: it raised twice and was lost (its channel
+    stalled). It now waits, in order, for the init."""
+    from engine_kit import config
+
+    from actors.host import Directory, EngineBatch, Host, HostInit, HostInspect, HostReady
+    from actors.messages import RouterAttach
+    from actors.runtime import running_system
+
+    with running_system("simpleSystemBase") as asys:
+        host = asys.createActor(Host)
+        for user in ("alice", "bob"):  # before the init, as a peer's resend would be
+            asys.tell(host, EngineBatch(origin="account:x", seq={"alice": 1, "bob": 2}[user],
+                                        items=((Dest("router"), RouterAttach(
+                                            user=user, gateway="gw1")),)))
+        ready = asys.ask(host, HostInit(host_id="router", kind="router", config=config(),
+                                        directory=Directory()), timedelta(seconds=10))
+        assert isinstance(ready, HostReady), ready
+        view = asys.ask(host, HostInspect(), timedelta(seconds=10))
+        desk = view.desks[""]
+        assert list(desk._gateways) == ["alice", "bob"]  # both applied, in their order
