@@ -326,6 +326,9 @@ class Gateway:
         #: Socket writes that carried several queued frames (see ``_writer``).
         self.coalesced_writes = 0
         self.trades = 0
+        #: Gaps in a user's live events that the gateway had the router fill (see
+        #: ``_deliver``).
+        self.gap_repairs = 0
 
     # -- serving ----------------------------------------------------------------------
 
@@ -685,6 +688,9 @@ class Gateway:
                 if p.extra in conn.waiting_snapshot:
                     self._ask_snapshot(conn, p.extra)  # read-only: ask again
                 continue
+            if p.op == "repair":
+                self._repaired(conn, [])  # the gap stays; the client can resume
+                continue
             if p.op == "login":
                 self._login_failed(conn)
             self._error(conn, p.request_id, ErrorCode.TIMEOUT,
@@ -729,13 +735,40 @@ class Gateway:
             conn = self.conns.get(conn_id)
             if conn is None or conn.closed:
                 continue
+            session = self.hub.sessions[conn_id]
+            if not conn.resumes and m.events and m.events[0].seq > session.delivered_seq + 1:
+                # A gap: the router numbers a user's events without gaps and sends them
+                # in order, so the ones before these were lost or are late (under
+                # multiprocTCPBase a killed router's last sends die with it, and its
+                # successor's can overtake them). Passed on, these would leave the
+                # client holding everything after the gap for ever; instead they wait
+                # while the router replays from the session's position, as for a resume.
+                self._repair(conn, session.delivered_seq)
             if conn.resumes:
                 conn.stash.extend(m.events)
                 if len(conn.stash) > self.hub.config.hard_bound:
                     self._cut(conn, "slow_consumer")
                 continue
-            for eff in self.hub.sessions[conn_id].deliver(m.events):
+            for eff in session.deliver(m.events):
                 self._session_effect(conn, eff, shared)
+
+    def _repair(self, conn: _Conn, after_seq: int) -> None:
+        """Ask the router for ``conn``'s user's events after ``after_seq`` (a gap in the
+        live stream); the answer goes to :meth:`_repaired`, with no response to the
+        client. When the engine is too busy to take the request, the events go on with
+        the gap (the client can still resume)."""
+        user = conn.proto.user
+        token = next(self._tokens)
+        reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
+                           request_id=token)
+        self._pending[token] = _Pending(conn.id, None, "repair", after_seq,
+                                        time.monotonic() + self.config.request_timeout_s)
+        if user is None or not self._submit(Dest("router"), RouterReplay(
+                reply_to=reply_to, user=user, after_seq=after_seq)):
+            self._pending.pop(token, None)
+            return
+        conn.resumes += 1
+        self.gap_repairs += 1
 
     def _resumed(self, conn: _Conn, after_seq: int | None, replay: list[Any]) -> None:
         """A resume's answer: ``after_seq`` None when refused (the stash goes out as live)."""
@@ -750,6 +783,15 @@ class Gateway:
             session.begin_resume(after_seq)
             effects = session.replayed([*stash, *replay], last=True)
         for eff in effects:
+            self._session_effect(conn, eff)
+
+    def _repaired(self, conn: _Conn, replay: list[Any]) -> None:
+        """A gap repair's answer: the replay and the stashed live events go to the session
+        as live ones (it sorts them and drops what it has), so the session keeps its
+        positions, its window and the events it holds back, as a resume would not."""
+        conn.resumes -= 1
+        stash, conn.stash = conn.stash, []
+        for eff in self.hub.sessions[conn.id].deliver([*replay, *stash]):
             self._session_effect(conn, eff)
 
     def _session_effect(self, conn: _Conn, effect: Any,
@@ -789,6 +831,14 @@ class Gateway:
             return
         if pending.op == "login":
             conn.login_pending = False
+        if pending.op == "repair":  # the gateway's own request: nothing to answer
+            if reply.ok:
+                self._repaired(conn, list((reply.result or {})["events"]))
+            else:
+                log.warning("gateway: a gap repair for connection %d failed: %s %s",
+                            conn.id, reply.code, reply.message)
+                self._repaired(conn, [])
+            return
         if not reply.ok:
             if pending.op == "login":
                 conn.proto.login_failed()
