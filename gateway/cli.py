@@ -277,13 +277,21 @@ def _simulate(args: argparse.Namespace) -> int:
         print("emporion simulate: --processes must be >= 0", file=sys.stderr)
         return 2
     attach = args.url is not None
+    if args.base == "multiprocTCPBase" and (attach or args.record):
+        print("emporion simulate: --base multiprocTCPBase boots its own engine and cannot "
+              "record; drop --url/--record", file=sys.stderr)
+        return 2
+    if args.account_shards < 1:
+        print("emporion simulate: --account-shards must be >= 1", file=sys.stderr)
+        return 2
     options = SimOptions(
         scenario=scenario, url=args.url, password="demo" if attach else "sim",
         user_prefix="demo" if attach else "sim",
         report_dir=Path(args.report) if args.report else None, processes=args.processes,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         record=Path(args.record) if args.record else None, fsync=args.fsync,
-        live=not args.no_live and sys.stdout.isatty(), instruments_path=args.instruments)
+        live=not args.no_live and sys.stdout.isatty(), instruments_path=args.instruments,
+        base=args.base, account_shards=args.account_shards)
     return run_simulation(options)
 
 
@@ -368,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--record", default=None,
                      help="journal every engine input to FILE (replay: emporion replay FILE)")
     sim.add_argument("--fsync", choices=("always", "batch", "off"), default="batch")
+    sim.add_argument("--base", choices=("simpleSystemBase", "multiprocTCPBase"),
+                     default="simpleSystemBase",
+                     help="the engine: embedded in this process (default), or booted as its "
+                          "own processes (multiprocTCPBase; kills are real kill -9s)")
+    sim.add_argument("--account-shards", type=int, default=2,
+                     help="multiprocTCPBase: account shard hosts, a process each (default 2)")
     sim.add_argument("--instruments", default=None, help="instrument registry TOML file")
     sim.add_argument("--no-live", action="store_true", help="no live view, summary at the end")
     sim.set_defaults(func=_simulate)

@@ -40,10 +40,15 @@ on the same data directory and port; ``drop_client``, ``delay_frames`` and
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
+import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -60,8 +65,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from actors.exchange import ExchangeStatus, ExchangeStatusQuery
-from actors.host import EngineConfig, HostFault
+from actors.host import EngineConfig, HostFault, account_host_id
 from actors.messages import AccountDeposit, Dest
+from actors.runtime import RuntimeActorIdentity, RuntimeWhoAreYou, free_port, session_pids
 from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
@@ -86,6 +92,8 @@ SETTLE_MAX_S = 15.0
 MONITOR_USER = "sim-monitor"
 #: Without a live view, a status line every this many seconds.
 LOG_EVERY_S = 5.0
+#: ``--base multiprocTCPBase``: the longest an ``emporion boot`` or ``shutdown`` may take.
+BOOT_TIMEOUT_S = 180.0
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +109,10 @@ class SimOptions:
     fsync: str = "batch"
     live: bool = True
     instruments_path: str | None = None
+    #: The engine's deployment: embedded (simpleSystemBase, in this process) or its own
+    #: processes (multiprocTCPBase, booted and killed for real: MultiprocExchange).
+    base: str = "simpleSystemBase"
+    account_shards: int = 2  # multiprocTCPBase: account shard hosts (processes)
 
 
 @attrs.define
@@ -241,20 +253,19 @@ class EmbeddedExchange:
     async def host_fault(self, kind: str, target: str, mode: str) -> str:
         """Tell a host to die (``exit``) or raise once; returns the host id."""
         def do(link: Any) -> str:
-            link.refresh()
-            d = link.directory
-            if kind == "book":
-                hid = d.books[target]
-            elif kind == "router":
-                hid = d.router
-            else:
-                hid = d.accounts.get(target)
-                if hid is None:
-                    raise KeyError(f"no account host for {target}")
-            link.asys.tell(d.hosts[hid], HostFault(mode=mode))
-            return str(hid)
+            hid = _host_of(link, kind, target)
+            link.asys.tell(link.directory.hosts[hid], HostFault(mode=mode))
+            return hid
 
         return str(await call_on_bridge(self.bridge, do))
+
+    async def kill_host(self, kind: str, target: str) -> str:
+        """Kill the host of a book, an account or the router; returns what happened.
+
+        Embedded, the host stops at once without a flush and its memory is dropped
+        (the Exchange re-creates it from the journal)."""
+        hid = await self.host_fault(kind, target, "exit")
+        return f"host {hid} stopped without a flush"
 
     def kill_session(self, user: str) -> int:
         """Abort every connection of ``user`` at the gateway, session state and all."""
@@ -283,6 +294,120 @@ class EmbeddedExchange:
         except Exception:  # a report figure, never a reason to fail the run
             log.exception("exchange status")
             return {}
+
+
+def _host_of(link: Any, kind: str, target: str) -> str:
+    """The id of the host of a book (``target`` its symbol), an account (a user) or
+    the router, from the link's refreshed directory."""
+    link.refresh()
+    d = link.directory
+    if kind == "book":
+        return str(d.books[target])
+    if kind == "router":
+        return str(d.router)
+    hid = account_host_id(d, target)
+    if hid is None:
+        raise KeyError(f"no account host for {target}")
+    return str(hid)
+
+
+class MultiprocExchange(EmbeddedExchange):
+    """The engine as its own processes (``emporion boot``, multiprocTCPBase) on the data
+    directory, and the gateway in this process attached to it.
+
+    Faults are real: a host kill is a ``kill -9`` of the host's process, and an engine
+    restart ``kill -9``s every process of the engine (its session: the admin, the
+    Exchange and every host) and boots it again on the same data directory, on a new
+    admin port. Only processes this exchange booted are signalled, by pid.
+    """
+
+    def __init__(self, instruments: Mapping[str, Instrument], instruments_toml: str,
+                 data_dir: Path, *, fsync: str, account_shards: int) -> None:
+        super().__init__(instruments, instruments_toml, data_dir, fsync=fsync, record=None)
+        self.account_shards = account_shards
+        self.admin_port = 0
+        self._session: int | None = None
+
+    def _bridge(self) -> EngineBridge:
+        return EngineBridge(BridgeOptions(base="multiprocTCPBase", admin_port=self.admin_port))
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        await trio.to_thread.run_sync(self._boot)
+        return await super().start(nursery)
+
+    def _boot(self) -> None:
+        instruments = self.data_dir / "instruments.toml"
+        instruments.write_text(self.toml, encoding="utf-8")
+        self.admin_port = free_port()
+        # A child process: booting forks the actor system's admin, which must not
+        # happen in this process (its trio and bridge threads would be copied).
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "boot", "--admin-port", str(self.admin_port),
+             "--data-dir", str(self.data_dir), "--instruments", str(instruments),
+             "--fsync", self.fsync, "--account-shards", str(self.account_shards), "--json"],
+            capture_output=True, text=True, timeout=BOOT_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"emporion boot failed ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout.strip()}")
+        report = json.loads(done.stdout[done.stdout.index("{"):])  # boot --json's report
+        self._session = report.get("session")
+
+    async def stop(self) -> None:
+        await super().stop()  # the gateway and its bridge
+        await trio.to_thread.run_sync(self._shutdown)
+
+    def _shutdown(self) -> None:
+        subprocess.run([sys.executable, "-m", "gateway.cli", "shutdown", "--data-dir",
+                        str(self.data_dir)], capture_output=True, timeout=BOOT_TIMEOUT_S)
+        self._kill_session()  # anything the shutdown left behind
+
+    def _kill_session(self) -> list[int]:
+        """``kill -9`` every process of the engine this exchange booted; wait until gone."""
+        if self._session is None:
+            return []
+        pids = [p for p in session_pids(self._session) if p != os.getpid()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)  # a killed process's exit, which no event announces
+        return pids
+
+    async def restart(self, nursery: trio.Nursery) -> None:
+        """A crash of the whole engine, then a boot on the same data directory."""
+        for hid, n in (await self.host_restarts()).items():
+            self.past_host_restarts[hid] = self.past_host_restarts.get(hid, 0) + n
+        await EmbeddedExchange.stop(self)  # the gateway only: the engine crashes below
+        await trio.to_thread.run_sync(self._kill_session)
+        self.restarts += 1
+        await self.start(nursery)
+
+    async def kill_host(self, kind: str, target: str) -> str:
+        def do(link: Any) -> tuple[str, int]:
+            hid = _host_of(link, kind, target)
+            ident = link.asys.ask(link.directory.hosts[hid], RuntimeWhoAreYou(), 10)
+            while ident is not None and not isinstance(ident, RuntimeActorIdentity):
+                link._keep(ident)
+                ident = link.asys.listen(10)
+            if ident is None:
+                raise RuntimeError(f"host {hid} did not say who it is")
+            if ident.pid in (os.getpid(), None):
+                raise RuntimeError(f"host {hid} is not a process of its own")
+            os.kill(ident.pid, signal.SIGKILL)
+            return hid, int(ident.pid)
+
+        hid, pid = await call_on_bridge(self.bridge, do)
+        return f"host {hid}: its process {pid} killed with SIGKILL"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not: it only waits for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 # -- one group of agents (this process or a child) -----------------------------------------
@@ -421,9 +546,12 @@ class AgentGroup:
                             self.traded.set()
                     await self.finals_ready.wait()
                     try:
-                        self.finals[user] = await query_final(client, spec.instruments)
+                        final = self.finals[user] = await query_final(client,
+                                                                      spec.instruments)
                     except (ClientError, RemoteProtocolError, KeyError, ValueError) as exc:
                         self.errors.append(f"{user}: final query failed: {exc}")
+                    else:
+                        await _handled_up_to(agent, client, final.last_seq)
                     agent.log.skipped = set(client.skipped)
                     agent.log.duplicates_dropped = client.duplicates_dropped
                     agent.log.reconnects = client.reconnects
@@ -470,6 +598,19 @@ class AgentGroup:
         self._go_time = trio.current_time()
         self.go_ns = time.monotonic_ns()
         self.go.set()
+
+
+async def _handled_up_to(agent: SimAgent, client: Any, seq: int) -> None:
+    """Wait (at most :data:`SETTLE_MAX_S`) until ``agent`` has handled every private
+    event up to ``seq``, or the client was told they were skipped: the final resume's
+    replay comes in frames after its answer, and an agent released before they are
+    handled would look as if it never got them."""
+    with trio.move_on_after(SETTLE_MAX_S):
+        while True:
+            seen = agent.log.private[-1].seq if agent.log.private else 0
+            if all(s in client.skipped for s in range(seen + 1, seq + 1)):
+                return
+            await trio.sleep(0.01)  # the agent's hand-out signals nothing; bounded above
 
 
 async def settle(agents: list[SimAgent]) -> bool:
@@ -588,7 +729,8 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
     history = History(seed=sc.seed, scenario=sc.name, started_ns=time.monotonic_ns(),
                       instruments={s: (str(instruments[s].tick), str(instruments[s].lot))
                                    for s in sc.symbols})
-    extra: dict[str, Any] = {"processes": options.processes, "market_data": sc.feed()}
+    extra: dict[str, Any] = {"processes": options.processes, "market_data": sc.feed(),
+                             "base": options.base if options.url is None else None}
     clock_offset = time.time_ns() - time.monotonic_ns()  # wall ↔ monotonic, for the charts
     with contextlib.ExitStack() as stack:
         data_dir = options.data_dir
@@ -601,22 +743,37 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
             if url is None:
                 assert data_dir is not None
                 data_dir.mkdir(parents=True, exist_ok=True)
-                exchange = EmbeddedExchange(instruments, toml_text, data_dir,
-                                            fsync=options.fsync, record=options.record)
-                url = await exchange.start(nursery)
-                console.print(f"[bold]emporion simulate[/] {sc.name}: engine and gateway on "
-                              f"{url}, data in {data_dir}")
-                await exchange.fund(users, deposit_units(sc.deposit))
-            run = _Run(options, sc, instruments, users, url, history, exchange, console)
-            await run.go(nursery)
-            extra.update(run.extra)
-            if exchange is not None:
-                restarts = dict(exchange.past_host_restarts)
-                for hid, n in (await exchange.host_restarts()).items():
-                    restarts[hid] = restarts.get(hid, 0) + n
-                extra["host_restarts"] = {h: n for h, n in sorted(restarts.items()) if n}
-                extra["engine_restarts"] = exchange.restarts
-                await exchange.stop()
+                if options.base == "multiprocTCPBase":
+                    exchange = MultiprocExchange(instruments, toml_text, data_dir,
+                                                 fsync=options.fsync,
+                                                 account_shards=options.account_shards)
+                    console.print(f"[bold]emporion simulate[/] {sc.name}: booting the engine "
+                                  f"(multiprocTCPBase, {options.account_shards} account "
+                                  "shards)…")
+                else:
+                    exchange = EmbeddedExchange(instruments, toml_text, data_dir,
+                                                fsync=options.fsync, record=options.record)
+            try:
+                if exchange is not None:
+                    url = await exchange.start(nursery)
+                    console.print(f"[bold]emporion simulate[/] {sc.name}: engine "
+                                  f"({options.base}) and gateway on {url}, data in {data_dir}")
+                    await exchange.fund(users, deposit_units(sc.deposit))
+                assert url is not None
+                run = _Run(options, sc, instruments, users, url, history, exchange, console)
+                await run.go(nursery)
+                extra.update(run.extra)
+                if exchange is not None:
+                    restarts = dict(exchange.past_host_restarts)
+                    for hid, n in (await exchange.host_restarts()).items():
+                        restarts[hid] = restarts.get(hid, 0) + n
+                    extra["host_restarts"] = {h: n for h, n in sorted(restarts.items()) if n}
+                    extra["engine_restarts"] = exchange.restarts
+            finally:
+                if exchange is not None:
+                    # Also when the run failed: a booted engine's processes outlive this one.
+                    with trio.CancelScope(shield=True):
+                        await exchange.stop()
             nursery.cancel_scope.cancel()
     if history.ended_ns == 0:
         history.ended_ns = time.monotonic_ns()
@@ -837,9 +994,7 @@ class _Run:
             rec = FaultRecord(at_ns=time.monotonic_ns(), kind=spec.kind, target=target)
             try:
                 if spec.kind in ("kill_book", "kill_account", "kill_router"):
-                    kind = spec.kind.removeprefix("kill_")
-                    hid = await ex.host_fault(kind, target, "exit")
-                    rec.detail = f"host {hid} stopped without a flush"
+                    rec.detail = await ex.kill_host(spec.kind.removeprefix("kill_"), target)
                 elif spec.kind == "raise":
                     kind = "book" if target in self.instruments else "account"
                     hid = await ex.host_fault(kind, target, "raise_once")

@@ -181,3 +181,30 @@ def test_agents_of_a_shared_feed_share_its_prices(feed: str, shared: bool) -> No
     agents[0].on_ticks(symbol, 12_345)  # what the shared feed does with a ticker
     assert [a.mid[symbol] == 12_345 for a in agents] == [True] + [shared] * 3
     assert [a.last_trades[symbol] == [12_345] for a in agents] == [True] + [shared] * 3
+
+
+async def test_under_multiproc_tcp_base_the_kills_are_real_and_nothing_is_lost(
+        tmp_path: Path) -> None:
+    """The engine booted as its own processes: each host kill is a kill -9 of the host's
+    process, the engine restart a kill -9 of all of them and a boot on the same data."""
+    sc = load_scenario("faults")
+    engine_faults = [f for f in sc.faults if f.kind in ENGINE_FAULTS]
+    faults = tuple(attrs.evolve(f, at=0.6 + 0.5 * i) for i, f in enumerate(engine_faults))
+    sc = attrs.evolve(sc, agents=16, seconds=4.5, faults=faults)
+    with open(tmp_path / "console.txt", "w") as out:
+        result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data", live=False,
+                                           base="multiprocTCPBase", account_shards=2),
+                                Console(file=out))
+    failed = {c.name: c.detail for c in result.checks if not c.passed}
+    assert not failed, failed
+    done = {f.kind: f for f in result.history.faults if f.ok}
+    assert set(ENGINE_FAULTS) <= set(done), result.history.faults
+    for kind in ("kill_book", "kill_account", "kill_router"):
+        assert "killed with SIGKILL" in done[kind].detail, done[kind]
+    assert result.report["base"] == "multiprocTCPBase"
+    assert result.report["engine_restarts"] == 1
+    assert len(result.report["host_restarts"]) == 3  # a book, an account shard, the router
+    assert result.report["orders_acked"] > 50
+    # Nothing of the engine outlives the run (the test's own processes are by pid).
+    from actors.operations import read_engine_file
+    assert read_engine_file(tmp_path / "data") is None
