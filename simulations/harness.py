@@ -551,7 +551,8 @@ class AgentGroup:
                     except (ClientError, RemoteProtocolError, KeyError, ValueError) as exc:
                         self.errors.append(f"{user}: final query failed: {exc}")
                     else:
-                        await _handled_up_to(agent, client, final.last_seq)
+                        if final.last_seq is not None:
+                            await _handled_up_to(agent, client, final.last_seq)
                     agent.log.skipped = set(client.skipped)
                     agent.log.duplicates_dropped = client.duplicates_dropped
                     agent.log.reconnects = client.reconnects
