@@ -93,7 +93,8 @@ class Client:
     def __init__(self, url: str, user: str, password: str, *, encoding: str = "cbor",
                  reconnect: bool = True, event_buffer: int = 10_000,
                  ack_every: int = 100, retries: int = 3,
-                 resume_from: int | None = None, heartbeat_s: float | None = 15.0) -> None:
+                 resume_from: int | None = None, heartbeat_s: float | None = 15.0,
+                 gap_timeout_s: float | None = 2.0) -> None:
         self.url = url
         self.user = user
         self._password = password
@@ -109,6 +110,13 @@ class Client:
         #: Send a ``ping`` when nothing was sent for this long, so the gateway's idle
         #: timeout (60 s by default) never closes a quiet or waiting client.
         self.heartbeat_s = heartbeat_s
+        #: A gap in the private stream (events held behind a missing seq) that lasts
+        #: this long is asked for again with a ``resume``. The gateway repairs the gaps
+        #: it sees itself; this covers any it could not. None: never.
+        self.gap_timeout_s = gap_timeout_s
+        #: Resumes sent because a gap lasted ``gap_timeout_s``.
+        self.gap_resumes = 0
+        self._gap = trio.Event()  # set while events are held behind a missing seq
         self._last_sent = time.monotonic()
         self.reconnects = 0
         self.session: int | None = None
@@ -269,6 +277,8 @@ class Client:
                         backoff = 0.05
                         if self.heartbeat_s is not None:
                             nursery.start_soon(self._heartbeat, ws, self.heartbeat_s)
+                        if self.gap_timeout_s is not None:
+                            nursery.start_soon(self._gap_watch, ws, self.gap_timeout_s)
                         await trio.sleep_forever()
                     finally:
                         with trio.move_on_after(1) as cleanup:
@@ -337,6 +347,7 @@ class Client:
                     del self._held[s]
                     self.duplicates_dropped += 1
                 if not stale:
+                    self._gap.set()  # events wait behind a missing seq (see _gap_watch)
                     return
                 continue
             self.last_seq = nxt
@@ -357,6 +368,31 @@ class Client:
                     return  # the reader notices the close and reconnects
                 quiet = 0.0
             await trio.sleep(every - quiet)  # a timer: the next heartbeat is due then
+
+    async def _gap_watch(self, ws: WebSocketConnection, timeout: float) -> None:
+        """Resume over a gap in the private stream that lasts ``timeout`` seconds."""
+        while True:
+            await self._gap.wait()
+            stuck_at = self.last_seq
+            await trio.sleep(timeout)  # a timer: how long a gap may last, not an event
+            if self._held and self.last_seq == stuck_at:
+                self.gap_resumes += 1
+                try:
+                    await self._request_on(ws, "resume", after_seq=self.last_seq)
+                except ClientError as exc:
+                    if exc.code == "disconnected":
+                        return  # the next connection resumes anyway
+                    if exc.code == "replay_unavailable":
+                        # The events below the held ones are gone for good: say so,
+                        # and go on from the held ones.
+                        lost = self.last_seq
+                        self.last_seq = min(self._held) - 1
+                        await self._send_events.send(NoticeUpdate(
+                            kind="replay_unavailable",
+                            data={"after_seq": lost, "live_from": self.last_seq}))
+                        await self._release()
+            if not self._held:
+                self._gap = trio.Event()
 
     def _new_epoch(self, channels: Iterable[str]) -> None:
         for channel in channels:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from gateway_kit import Client, client, lose, running_gateway
 
@@ -82,8 +83,9 @@ async def test_an_unanswered_repair_lets_the_events_through_and_a_resume_fills_t
         last = (await alice.call("login", user="alice", password="pw"))["result"]["last_seq"]
         dropped = _intercept(gw, "alice", lambda m: bool(dropped))
         unanswered = lose(gw, RouterReplay)
-        await alice.send(_order("u1"))
-        await alice.send(_order("u2"))
+        for cid in ("u1", "u2"):  # one at a time: their events come in two deliveries
+            assert (await alice.call("place", **{k: v for k, v in _order(cid).items()
+                                                 if k not in ("op", "id")}))["ok"]
         with trio.fail_after(10):  # the repair times out; the later events come anyway
             while not any(e["data"].get("client_order_id") == "u2" for e in alice.private
                           if e["kind"] == "order_accepted"):
@@ -98,3 +100,27 @@ async def test_an_unanswered_repair_lets_the_events_through_and_a_resume_fills_t
                 await alice.frame()
         seqs = sorted({e["seq"] for e in alice.private if e["seq"] > last})
         assert seqs == list(range(last + 1, r["result"]["to_seq"] + 1))
+
+
+async def test_the_sdk_resumes_over_a_gap_the_gateway_did_not_repair(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.client import PrivateUpdate, open_client
+
+    monkeypatch.setattr(Gateway, "_repair", lambda self, conn, after_seq: None)
+    async with running_gateway() as gw:
+        url = f"ws://127.0.0.1:{gw.port}/v1"
+        async with open_client(url, "alice", "pw", gap_timeout_s=0.2) as alice:
+            dropped = _intercept(gw, "alice", lambda m: bool(dropped))
+            for cid in ("s1", "s2"):
+                await alice.place("BTC-PERP", "buy", "limit", qty="0.001", price="59000.0",
+                                  client_order_id=cid)
+            seqs: list[int] = []
+            with trio.fail_after(10):
+                async for ev in alice.events():
+                    if isinstance(ev, PrivateUpdate):
+                        seqs.append(ev.seq)
+                        if ev.kind == "order_accepted" and ev.raw["data"]["client_order_id"] == "s2":
+                            break
+        assert dropped and dropped[0].events[0].seq in seqs
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, each once
+        assert alice.gap_resumes == 1 and gw.gap_repairs == 0
