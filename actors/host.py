@@ -377,6 +377,10 @@ class Host(RuntimeActor):
         self._timer_at: int | None = None
         #: Messages that came before this host's HostInit, for after it (see receiveMessage).
         self._before_init: list[tuple[Any, Any]] = []
+        #: The channels of this incarnation's GatewayBatches: its name, and per gateway
+        #: id the address its numbering started for and the last seq sent.
+        self._gw_origin = ""
+        self._gw_seq: dict[str, tuple[Any, int]] = {}
         self.turns = 0
         self.items = 0
         self.restarted = False
@@ -416,6 +420,7 @@ class Host(RuntimeActor):
         self.restarted = msg.restarted
         self.instruments = msg.config.instruments()
         self.stream = f"host:{msg.host_id}"
+        self._gw_origin = f"{msg.host_id}@{time.time_ns():x}"
         if msg.config.data_dir is None:
             self.journal = Journal(":memory:", fsync="off")
         else:
@@ -840,7 +845,11 @@ class Host(RuntimeActor):
         for gw, msgs in sends.gateways.items():
             addr = self.directory.gateways.get(gw)
             if addr is not None:
-                self.send(addr, GatewayBatch(items=tuple(msgs)))
+                last = self._gw_seq.get(gw)
+                seq = last[1] + 1 if last is not None and last[0] == addr else 1
+                self._gw_seq[gw] = (addr, seq)
+                self.send(addr, GatewayBatch(items=tuple(msgs), origin=self._gw_origin,
+                                             seq=seq))
         if sends.exchange is not None:
             self.send(self.directory.exchange, sends.exchange)
         for host, batch in sends.hosts:
@@ -935,9 +944,18 @@ class HostView:
 
 @attrs.frozen(kw_only=True)
 class GatewayBatch:
-    """Replies, deliveries and market data for one gateway, in order."""
+    """Replies, deliveries and market data for one gateway, in order.
+
+    A host numbers its batches to each gateway (``seq`` from 1) on a channel named
+    by ``origin``, unique to the host's incarnation (``host_id@time``) and restarted
+    when the gateway's address changes; the gateway's :class:`~actors.boot.EngineLink`
+    hands their items out in that order (Thespian's TCP transport does not keep it).
+    ``seq`` 0: unnumbered (the Exchange's), handed out as it comes.
+    """
 
     items: tuple[Any, ...]
+    origin: str = ""
+    seq: int = 0
 
 
 __all__ = [

@@ -436,3 +436,28 @@ def test_a_batch_that_comes_before_the_hosts_init_is_applied_after_it() -> None:
         view = asys.ask(host, HostInspect(), timedelta(seconds=10))
         desk = view.desks[""]
         assert list(desk._gateways) == ["alice", "bob"]  # both applied, in their order
+
+
+def test_a_gateway_link_hands_each_host_incarnations_batches_out_in_send_order() -> None:
+    """Thespian's TCP transport can deliver a host's batches to a gateway out of
+    order; market data applied out of order is a wrong book at every subscriber."""
+    from actors.boot import EngineLink
+    from actors.host import GatewayBatch
+
+    link = EngineLink.__new__(EngineLink)  # only the ordering state: no actor system
+    link._from_hosts = {}
+    old, new = "book:BTC-PERP@10", "book:BTC-PERP@2a"  # incarnations, by hex time
+
+    def got(origin: str, seq: int, *items: str) -> list[Any]:
+        return link._in_order(GatewayBatch(items=items, origin=origin, seq=seq))
+
+    assert got(old, 2, "b") == []  # past a gap: held
+    assert got(old, 1, "a") == ["a", "b"]  # the gap filled: both, in order
+    assert got(old, 1, "a") == []  # a duplicate
+    assert got("", 0, "x") == ["x"]  # unnumbered (the Exchange's): at once
+    assert got(old, 4, "d") == []  # seq 3 died with the host...
+    assert got(new, 2, "f") == ["d"]  # ...its successor's first batch frees what it left
+    assert got(new, 1, "e") == ["e", "f"]
+    assert got(old, 3, "c") == ["c"]  # overtaken by its successor: as it comes
+    assert got(new, 3, "g") == ["g"]
+    assert got("router@10", 1, "r") == ["r"]  # hosts are independent channels
