@@ -14,7 +14,7 @@ threads sharing one).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -100,9 +100,11 @@ class EngineLink:
         self.exchange = exchange_address(asys)
         self._timeout = timedelta(seconds=timeout)
         self.backlog: list[Any] = []
-        #: Per host: its current incarnation's GatewayBatch channel, the next seq to
-        #: hand out, and the batches that came early (see :meth:`_in_order`).
-        self._from_hosts: dict[str, tuple[str, int, dict[int, tuple[Any, ...]]]] = {}
+        #: The GatewayBatch channels of the hosts' current incarnations (see
+        #: :meth:`_in_order`): per channel the next seq to hand out and the batches
+        #: that came early; per host id its current channel.
+        self._channels: dict[str, list[Any]] = {}
+        self._incarnation: dict[str, str] = {}
         self.directory = self._ask_directory(GatewayRegister(gateway_id=gateway_id))
 
     def _ask_directory(self, msg: Any) -> Directory:
@@ -127,7 +129,7 @@ class EngineLink:
         elif not self._control(msg):
             self.backlog.append(msg)
 
-    def _in_order(self, batch: GatewayBatch) -> list[Any]:
+    def _in_order(self, batch: GatewayBatch) -> Sequence[Any]:
         """The items ``batch`` lets through: its own and those of batches held for it.
 
         A host's batches to this gateway are handed out in the order the host sent
@@ -140,24 +142,33 @@ class EngineLink:
         batch of an older incarnation goes out as it comes.
         """
         if not batch.seq:
-            return list(batch.items)
-        host, _, born = batch.origin.rpartition("@")
-        channel = self._from_hosts.get(host)
+            return batch.items
+        state = self._channels.get(batch.origin)
+        if state is not None and batch.seq == state[0] and not state[1]:
+            state[0] += 1  # the usual case: next in line, nothing held
+            return batch.items
+        return self._in_order_slow(batch, state)
+
+    def _in_order_slow(self, batch: GatewayBatch, state: list[Any] | None) -> list[Any]:
         out: list[Any] = []
-        if channel is None or channel[0] != batch.origin:
-            if channel is not None and int(born, 16) < int(channel[0].rpartition("@")[2], 16):
-                return list(batch.items)  # from a dead incarnation, overtaken
-            if channel is not None:
-                for seq in sorted(channel[2]):
-                    out.extend(channel[2][seq])
-            channel = (batch.origin, 1, {})
-        origin, nxt, held = channel
+        if state is None:  # a channel not seen yet: a host's new incarnation
+            host, _, born = batch.origin.rpartition("@")
+            current = self._incarnation.get(host)
+            if current is not None:
+                if int(born, 16) < int(current.rpartition("@")[2], 16):
+                    return list(batch.items)  # from a dead incarnation, overtaken
+                held = self._channels.pop(current)[1]
+                for seq in sorted(held):  # what the previous incarnation left waiting
+                    out.extend(held[seq])
+            self._incarnation[host] = batch.origin
+            state = self._channels[batch.origin] = [1, {}]
+        nxt, held = state
         if batch.seq >= nxt:
             held[batch.seq] = batch.items
         while nxt in held:
             out.extend(held.pop(nxt))
             nxt += 1
-        self._from_hosts[host] = (origin, nxt, held)
+        state[0] = nxt
         return out
 
     def _control(self, msg: Any) -> bool:

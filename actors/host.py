@@ -375,8 +375,10 @@ class Host(RuntimeActor):
         self._fault: str | None = None
         self._dead = False
         self._timer_at: int | None = None
-        #: Messages that came before this host's HostInit, for after it (see receiveMessage).
+        #: Messages that came before this host's HostInit, for after it (see
+        #: _receive_before_init, this instance's receiveMessage until then).
         self._before_init: list[tuple[Any, Any]] = []
+        self.receiveMessage = self._receive_before_init  # type: ignore[method-assign]
         #: The channels of this incarnation's GatewayBatches: its name, and per gateway
         #: id the address its numbering started for and the last seq sent.
         self._gw_origin = ""
@@ -395,8 +397,10 @@ class Host(RuntimeActor):
 
     # -- boot and recovery ----------------------------------------------------------
 
-    def receiveMessage(self, message: Any, sender: Any) -> Any:
-        """Dispatch; a message that comes before this host's :class:`HostInit` waits.
+    def _receive_before_init(self, message: Any, sender: Any) -> Any:
+        """``receiveMessage`` until the :class:`HostInit` is handled (set as an instance
+        attribute in ``__init__`` and deleted by the init, so later messages pay
+        nothing): a message that comes before the init waits for it.
 
         A re-created host's peers learn its address from the Exchange's
         ``DirectoryUpdate`` and resend their outboxes to it at once; under
@@ -411,7 +415,7 @@ class Host(RuntimeActor):
                 message, HostInit | ActorSystemMessage | RuntimeWhoAreYou):
             self._before_init.append((message, sender))
             return None
-        return super().receiveMessage(message, sender)
+        return RuntimeActor.receiveMessage(self, message, sender)
 
     def receiveMsg_HostInit(self, msg: HostInit, sender: Any) -> None:
         self.host_id, self.kind, self.key = msg.host_id, msg.kind, msg.key
@@ -453,6 +457,8 @@ class Host(RuntimeActor):
             self._resync(time.time_ns())
         self.send(sender, HostReady(host_id=self.host_id, recovered_turns=recovered,
                                     discarded=tuple(discarded)))
+        if "receiveMessage" in self.__dict__:
+            del self.receiveMessage  # the class's dispatch from now on
         early, self._before_init = self._before_init, []
         for message, from_ in early:
             try:

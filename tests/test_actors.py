@@ -445,11 +445,11 @@ def test_a_gateway_link_hands_each_host_incarnations_batches_out_in_send_order()
     from actors.host import GatewayBatch
 
     link = EngineLink.__new__(EngineLink)  # only the ordering state: no actor system
-    link._from_hosts = {}
+    link._channels, link._incarnation = {}, {}
     old, new = "book:BTC-PERP@10", "book:BTC-PERP@2a"  # incarnations, by hex time
 
     def got(origin: str, seq: int, *items: str) -> list[Any]:
-        return link._in_order(GatewayBatch(items=items, origin=origin, seq=seq))
+        return list(link._in_order(GatewayBatch(items=items, origin=origin, seq=seq)))
 
     assert got(old, 2, "b") == []  # past a gap: held
     assert got(old, 1, "a") == ["a", "b"]  # the gap filled: both, in order
