@@ -81,7 +81,7 @@ from simulations.history import (
     UserFinal,
 )
 from simulations.live import LiveMarketCheck
-from simulations.load import LoadProbe, ProcessLoad, assess
+from simulations.load import LoadProbe, MachineProbe, ProcessLoad, assess
 from simulations.scenario import CLIENT_FAULTS, FaultSpec, Scenario, ScenarioError
 
 log = logging.getLogger(__name__)
@@ -361,11 +361,15 @@ class MultiprocExchange(EmbeddedExchange):
                         str(self.data_dir)], capture_output=True, timeout=BOOT_TIMEOUT_S)
         self._kill_session()  # anything the shutdown left behind
 
-    def _kill_session(self) -> list[int]:
-        """``kill -9`` every process of the engine this exchange booted; wait until gone."""
+    def engine_pids(self) -> list[int]:
+        """The processes of the engine this exchange booted (admin, Exchange, hosts)."""
         if self._session is None:
             return []
-        pids = [p for p in session_pids(self._session) if p != os.getpid()]
+        return [p for p in session_pids(self._session) if p != os.getpid()]
+
+    def _kill_session(self) -> list[int]:
+        """``kill -9`` every process of the engine this exchange booted; wait until gone."""
+        pids = self.engine_pids()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -811,6 +815,11 @@ class _Run:
         #: This process's CPU and event-loop lag over the trading phase.
         self.probe = LoadProbe(where + (" + agents" if p == 0 else ""),
                                len(users) if p == 0 else 0)
+        #: The machine's CPU over the trading phase, and the engine's processes' when
+        #: it runs in processes of its own.
+        self.machine = MachineProbe(exchange.engine_pids
+                                    if isinstance(exchange, MultiprocExchange) else None)
+        self._machine: dict[str, Any] | None = None
 
     def acked(self) -> int:
         return self.control.acked + sum(int(v.value) for v in self._shared)
@@ -843,6 +852,7 @@ class _Run:
                 await group.connected.wait()
                 group.start()
                 self.probe.start()
+                self.machine.start()
                 await self._trade_phase(nursery, group.go_ns)
                 self.control.stop.set()
         else:
@@ -875,6 +885,7 @@ class _Run:
                                            f"{procs[k].exitcode} before connecting")
             go.set()
             self.probe.start()
+            self.machine.start()
             go_ns = time.monotonic_ns()
             budget_total = self.sc.orders
             self.control = Control(budget=None)
@@ -914,6 +925,7 @@ class _Run:
         self.control.stop.set()
         self.history.ended_ns = time.monotonic_ns()
         self.probe.stop()
+        self._machine = self.machine.stop()
 
     async def _view(self, phase: trio.Nursery, started: float) -> None:
         sc = self.sc
@@ -1059,7 +1071,7 @@ class _Run:
         rates = self.sc.rates
         nominal = sum(rates.get(role, 1.0) for role in self.sc.roles())
         return assess(processes, nominal_per_s=nominal,
-                      requests_per_s=sent / span if span > 0 else 0.0)
+                      requests_per_s=sent / span if span > 0 else 0.0, machine=self._machine)
 
     async def _final_books(self) -> dict[str, BookFinal]:
         c = self.monitor_client

@@ -19,8 +19,9 @@ report's ``load`` section and a one-line verdict.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -120,8 +121,78 @@ class LoadProbe:
         return self._result
 
 
+class MachineProbe:
+    """The whole machine's busy CPU (``/proc/stat``) and, optionally, that of other
+    processes by pid (``/proc/PID/stat``), between :meth:`start` and :meth:`stop`.
+
+    A multi-process engine's hosts are not this run's trio processes, yet they take
+    the same cores: without them a load section would blame the agents' process for
+    a lag that the engine's CPU caused. A process that exits within the window (a
+    killed host) leaves its CPU time out; one started within it (its successor)
+    counts whole; ``stop`` says how many processes it found at the end. Where
+    ``/proc`` is missing, the figures are None.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]] | None = None) -> None:
+        self._pids = pids
+        self._machine0: tuple[int, int] | None = None
+        self._procs0: dict[int, int] = {}
+        self._wall0 = 0.0
+
+    def start(self) -> None:
+        self._wall0 = time.monotonic()
+        self._machine0 = _machine_jiffies()
+        self._procs0 = _process_jiffies(self._pids() if self._pids else [])
+
+    def stop(self) -> dict[str, Any]:
+        """``{cores, busy_cores, engine_processes, engine_cpu_cores}`` over the window
+        (``engine_*`` None without pids)."""
+        wall = time.monotonic() - self._wall0
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        cores = os.cpu_count() or 1
+        busy: float | None = None
+        end = _machine_jiffies()
+        if self._machine0 is not None and end is not None and end[1] > self._machine0[1]:
+            share = (end[0] - self._machine0[0]) / (end[1] - self._machine0[1])
+            busy = round(share * cores, 3)
+        out: dict[str, Any] = {"cores": cores, "busy_cores": busy,
+                               "engine_processes": None, "engine_cpu_cores": None}
+        if self._pids is not None and wall > 0:
+            now = _process_jiffies(self._pids())
+            # Started within the window (a re-created host): all of its time counts.
+            used = sum(t - self._procs0.get(pid, 0) for pid, t in now.items())
+            out["engine_processes"] = len(now)
+            out["engine_cpu_cores"] = round(used / tick / wall, 3)
+        return out
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user/nice
+    return total - idle, total
+
+
+def _process_jiffies(pids: list[int]) -> dict[int, int]:
+    """utime + stime of each pid still running, in clock ticks."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[pid] = int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return out
+
+
 def assess(processes: Sequence[ProcessLoad], *, nominal_per_s: float,
-           requests_per_s: float) -> dict[str, Any]:
+           requests_per_s: float, machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report's ``load`` section: the processes, the rates, and a verdict.
 
     Args:
@@ -129,11 +200,12 @@ def assess(processes: Sequence[ProcessLoad], *, nominal_per_s: float,
         nominal_per_s: the agents' decisions per second if every answer came at once
             (the sum of the scenario's per-agent rates).
         requests_per_s: places and cancels the agents actually sent, per second.
+        machine: :meth:`MachineProbe.stop`'s figures, if measured.
 
     Returns:
         ``{nominal_requests_per_s, requests_per_s, share_of_nominal, processes,
-        behind, verdict}``; ``behind`` names the processes whose event loop lagged
-        :data:`LAG_BEHIND_MS` or more at p99.
+        machine, behind, verdict}``; ``behind`` names the processes whose event loop
+        lagged :data:`LAG_BEHIND_MS` or more at p99.
     """
     share = requests_per_s / nominal_per_s if nominal_per_s > 0 else None
     behind = [p for p in processes if p.behind]
@@ -148,6 +220,13 @@ def assess(processes: Sequence[ProcessLoad], *, nominal_per_s: float,
         lags = [p.lag_ms["p99"] for p in processes if p.lag_ms["p99"] is not None]
         verdict = ("not saturated: every event loop woke its tasks within "
                    f"{max(lags, default=0.0):,.1f} ms (p99)")
+    if machine:
+        if machine.get("engine_cpu_cores") is not None:
+            verdict += (f"; the engine's {machine['engine_processes']} processes used "
+                        f"{machine['engine_cpu_cores']:.2f} CPU cores")
+        if machine.get("busy_cores") is not None:
+            verdict += (f"; the machine was busy {machine['busy_cores']:.2f} of its "
+                        f"{machine['cores']} cores")
     if share is not None:
         verdict += (f"; the agents sent {requests_per_s:,.0f} requests/s, "
                     f"{100 * share:.0f} % of their nominal {nominal_per_s:,.0f}")
@@ -158,9 +237,11 @@ def assess(processes: Sequence[ProcessLoad], *, nominal_per_s: float,
         "requests_per_s": round(requests_per_s, 1),
         "share_of_nominal": None if share is None else round(share, 3),
         "processes": [p.to_json() for p in processes],
+        "machine": machine,
         "behind": [p.name for p in behind],
         "verdict": verdict,
     }
 
 
-__all__ = ["LAG_BEHIND_MS", "LAG_PERIOD_S", "LoadProbe", "ProcessLoad", "assess"]
+__all__ = ["LAG_BEHIND_MS", "LAG_PERIOD_S", "LoadProbe", "MachineProbe", "ProcessLoad",
+           "assess"]

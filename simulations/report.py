@@ -540,6 +540,7 @@ def _load_markdown(load: Mapping[str, Any] | None) -> list[str]:
         return []
     verdict = str(load.get("verdict", ""))
     lines = ["## Load", "", f"{verdict[:1].upper()}{verdict[1:]}.", ""]
+
     processes: Sequence[Mapping[str, Any]] = load.get("processes", [])
     if processes:
         lines += ["| process | agents | CPU cores | loop lag p50 | p99 | max (ms) |",

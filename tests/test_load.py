@@ -75,3 +75,30 @@ def test_no_nominal_rate_means_no_share() -> None:
     out = assess([_process("harness (monitor)", None)], nominal_per_s=0.0, requests_per_s=3.0)
     assert out["share_of_nominal"] is None
     assert out["verdict"] == "not saturated: every event loop woke its tasks within 0.0 ms (p99)"
+
+
+def test_the_machine_probe_counts_the_cpu_of_the_processes_it_is_given() -> None:
+    import os
+
+    from simulations.load import MachineProbe
+
+    probe = MachineProbe(lambda: [os.getpid()])
+    probe.start()
+    busy_until = time.perf_counter() + 0.12
+    while time.perf_counter() < busy_until:  # this process: one core for 120 ms
+        pass
+    out = probe.stop()
+    assert out["cores"] == os.cpu_count() and out["engine_processes"] == 1
+    assert 0.5 <= out["engine_cpu_cores"] <= 1.5, out  # clock ticks are 10 ms
+    assert out["busy_cores"] is not None and out["busy_cores"] >= 0.5, out
+    assert MachineProbe().stop()["engine_cpu_cores"] is None  # no pids: not measured
+
+
+def test_the_verdict_names_the_engines_processes_and_the_machine() -> None:
+    machine = {"cores": 2, "busy_cores": 1.97, "engine_processes": 6,
+               "engine_cpu_cores": 1.21}
+    out = assess([_process("engine + gateway", 8.0), _process("agents 0", 51.0)],
+                 nominal_per_s=1800.0, requests_per_s=320.0, machine=machine)
+    assert out["machine"] == machine
+    assert ("; the engine's 6 processes used 1.21 CPU cores; the machine was busy 1.97 "
+            "of its 2 cores; the agents sent 320 requests/s") in out["verdict"]
