@@ -3,9 +3,11 @@
 The run, in phases:
 
 1. **Boot** — the embedded engine (simpleSystemBase, a journal in the data
-   directory) and the gateway on 127.0.0.1, or attach to a running gateway
-   with ``--url``. Each agent gets a user (``sim0001``…) funded with the
-   scenario's deposit.
+   directory) and the gateway on 127.0.0.1; or, with ``--base
+   multiprocTCPBase``, the engine booted as its own processes
+   (:class:`MultiprocExchange`) and the gateway here attached to it; or attach
+   to a running gateway with ``--url``. Each agent gets a user (``sim0001``…)
+   funded with the scenario's deposit.
 2. **Connect** — every agent opens its own WebSocket connection (at most 64
    handshakes at a time) and subscribes to the tickers of its symbols; a
    monitor connection subscribes to every book and trades channel.
@@ -14,10 +16,12 @@ The run, in phases:
    budget is spent; the fault schedule runs alongside.
 4. **Settle** — agents stop placing, requests in flight finish, and the run
    waits until no private event arrived for half a second (bounded: 15 s).
-5. **Check** — each agent queries its account, positions and open orders;
-   the monitor re-subscribes each book for a final snapshot; the invariant
-   checkers (:mod:`simulations.invariants`) run over the whole history.
-6. **Report** — report.json, report.md and PNG charts (:mod:`simulations.report`).
+5. **Check** — each agent queries its account, positions and open orders and
+   waits until it has handled its final resume's replay; the monitor
+   re-subscribes each book for a final snapshot; the invariant checkers
+   (:mod:`simulations.invariants`) run over the whole history.
+6. **Report** — report.json, report.md and PNG charts (:mod:`simulations.report`),
+   with the load each process was under (:mod:`simulations.load`).
 
 With ``--processes P`` (P ≥ 1) the agents run in P child processes (spawned,
 each its own trio loop) so the load generator uses the other core; the engine
@@ -34,7 +38,10 @@ session state (sessions live in the gateway's session table, one core per
 connection, not in a Thespian actor: see docs/architecture.md);
 ``restart_engine`` stops the gateway and the whole engine and boots both again
 on the same data directory and port; ``drop_client``, ``delay_frames`` and
-``duplicate_frames`` act in the agent's own client.
+``duplicate_frames`` act in the agent's own client. Under ``--base
+multiprocTCPBase`` the kills are real ``kill -9``s of the host's process, and
+``restart_engine`` ``kill -9``s every process of the engine before it boots
+it again (see :class:`MultiprocExchange`).
 """
 
 from __future__ import annotations
