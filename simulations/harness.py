@@ -202,6 +202,8 @@ class EmbeddedExchange:
         self.restarts = 0
         #: Host restarts (kills recovered) of the engines stopped by restart().
         self.past_host_restarts: dict[str, int] = {}
+        #: Gaps in live private events repaired by the gateways stopped by restart().
+        self.past_gap_repairs = 0
 
     def _bridge(self) -> EngineBridge:
         engine = EngineConfig(instruments_toml=self.toml, data_dir=str(self.data_dir),
@@ -235,6 +237,14 @@ class EmbeddedExchange:
             self._scope.cancel()
             await self._stopped.wait()
             self._scope = None
+            if self.gw is not None:
+                self.past_gap_repairs += self.gw.gap_repairs
+                self.gw.gap_repairs = 0
+
+    @property
+    def gap_repairs(self) -> int:
+        """Gaps in users' live events the gateways of this run had the router fill."""
+        return self.past_gap_repairs + (self.gw.gap_repairs if self.gw is not None else 0)
 
     async def restart(self, nursery: trio.Nursery) -> None:
         for hid, n in (await self.host_restarts()).items():
@@ -567,6 +577,7 @@ class AgentGroup:
                     agent.log.skipped = set(client.skipped)
                     agent.log.duplicates_dropped = client.duplicates_dropped
                     agent.log.reconnects = client.reconnects
+                    agent.log.gap_resumes = client.gap_resumes
                     self._n_finished += 1
                     if self._n_finished == len(self.agents):
                         self.finished.set()
@@ -781,6 +792,7 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
                         restarts[hid] = restarts.get(hid, 0) + n
                     extra["host_restarts"] = {h: n for h, n in sorted(restarts.items()) if n}
                     extra["engine_restarts"] = exchange.restarts
+                    extra["gap_repairs"] = exchange.gap_repairs
             finally:
                 if exchange is not None:
                     # Also when the run failed: a booted engine's processes outlive this one.

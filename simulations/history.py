@@ -80,6 +80,9 @@ class AgentLog:
     duplicates_dropped: int = 0
     market: list[MarketRecord] = attrs.field(factory=list)
     reconnects: int = 0
+    #: Resumes the agent's client sent over a gap that lasted (gateway.client's
+    #: ``gap_timeout_s``): gaps the gateway did not repair.
+    gap_resumes: int = 0
     cancels: int = 0  # cancel requests sent (the places are ``orders``)
     deposit: int = 0  # minor units deposited for this user before the run
     #: The seq the agent's stream must start at: 1 when it resumed from 0 at its first

@@ -248,6 +248,7 @@ def build_report(
         "failed": [name for name, inv in invariants.items() if not inv["passed"]],
         "latency_ms": latency_summary(history),
         "reconnects": sum(a.reconnects for a in history.agents.values()),
+        "gap_resumes": sum(a.gap_resumes for a in history.agents.values()),
         "duplicates_dropped": sum(a.duplicates_dropped for a in history.agents.values()),
         "passed": all(inv["passed"] for inv in invariants.values()),
     }
@@ -468,6 +469,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"| public trades | {report.get('trades', 0):,} |",
         f"| faults injected | {len(report.get('faults', ()))} |",
         f"| reconnects | {report.get('reconnects', 0):,} |",
+        f"| live event gaps repaired (gateway / client resumes) | "
+        f"{report.get('gap_repairs', 0) or 0:,} / {report.get('gap_resumes', 0):,} |",
         "",
         "## Invariants",
         "",
@@ -612,6 +615,8 @@ def render_table(report: Mapping[str, Any]) -> Table:
     table.add_row("throughput", f"{report.get('orders_per_s', 0.0):,.1f} orders/s")
     table.add_row("trades", f"{report.get('trades', 0):,}")
     table.add_row("reconnects", f"{report.get('reconnects', 0):,}")
+    table.add_row("gaps repaired", f"{report.get('gap_repairs', 0) or 0:,} by the gateway, "
+                                   f"{report.get('gap_resumes', 0):,} by client resumes")
     load: Mapping[str, Any] | None = report.get("load")
     if load:
         for p in load.get("processes", []):

@@ -75,7 +75,7 @@ def ticker(seq: int, *, at_ms: int, bid: str | None, ask: str | None,
 
 def make_history() -> History:
     """Two agents, 12 orders; ack latencies 1..10 ms (+ one refused at 20 ms, one unacked)."""
-    maker = AgentLog(user="alice", role="maker", reconnects=1)
+    maker = AgentLog(user="alice", role="maker", reconnects=1, gap_resumes=2)
     noise = AgentLog(user="bob", role="noise", reconnects=2)
     for i in range(1, 6):  # acks 1..5 ms, fills at 10*i ms
         maker.orders[f"c{i}"] = order(i, at_ms=100 * i, ack_ms=i, fill_ms=10 * i)
@@ -173,6 +173,7 @@ def test_report_keys_and_types_survive_json() -> None:
     assert back["orders_per_s"] == pytest.approx(5.5)
     assert back["trades"] == 3  # trade 1 seen twice counts once
     assert back["reconnects"] == 3
+    assert back["gap_resumes"] == 2
     assert back["faults"] == [{"at_s": 1.0, "kind": "kill_book", "target": "BTC-PERP",
                                "ok": True, "detail": "restarted in 12 ms"}]
     assert back["invariants"]["books not crossed"] == {
@@ -281,7 +282,8 @@ def test_render_table() -> None:
     Console(file=out, width=140, color_system=None).print(render_table(report))
     text = out.getvalue()
     for needle in ("FAIL", "smoke", "5.5 orders/s", "cash conserved", "gapless [private]",
-                   "seq [3] missing", "submit_to_ack", "kill_book"):
+                   "seq [3] missing", "submit_to_ack", "kill_book",
+                   "0 by the gateway, 2 by client resumes"):
         assert needle in text, needle
     empty = build_report(History(seed=0, scenario="empty", started_ns=T0), [])
     out = io.StringIO()
