@@ -117,6 +117,12 @@ class Client:
         #: Resumes sent because a gap lasted ``gap_timeout_s``.
         self.gap_resumes = 0
         self._gap = trio.Event()  # set while events are held behind a missing seq
+        #: Book channels resubscribed because a market seq was skipped (the gateway
+        #: dropped frames: the book the frames describe is no longer whole).
+        self.market_resubscribes = 0
+        self._market_seq: dict[str, int] = {}  # channel → the last market seq seen
+        self._resubscribing: set[str] = set()
+        self._conn_nursery: trio.Nursery | None = None
         self._last_sent = time.monotonic()
         self.reconnects = 0
         self.session: int | None = None
@@ -263,6 +269,7 @@ class Client:
                     ws = await connect_websocket_url(
                         nursery, self.url, subprotocols=[f"emporion.v1.{self.encoding}"])
                     self._ws = ws
+                    self._conn_nursery = nursery
                     nursery.start_soon(self._reader, ws, nursery.cancel_scope)
                     try:
                         await self._login(ws, resume=not first, replay=self._resume_first)
@@ -397,6 +404,20 @@ class Client:
     def _new_epoch(self, channels: Iterable[str]) -> None:
         for channel in channels:
             self._epochs[channel] = self._epochs.get(channel, 0) + 1
+            self._market_seq.pop(channel, None)
+
+    async def _resubscribe(self, ws: WebSocketConnection, channel: str) -> None:
+        """A book channel skipped a seq: unsubscribe, then subscribe again for a fresh
+        snapshot (a new epoch), as the protocol asks of a client that sees a gap."""
+        self.market_resubscribes += 1
+        try:
+            await self._request_on(ws, "unsubscribe", channels=[channel])
+            self._new_epoch([channel])
+            await self._request_on(ws, "subscribe", channels=[channel])
+        except ClientError:
+            pass  # disconnected: the next connection subscribes afresh anyway
+        finally:
+            self._resubscribing.discard(channel)
 
     def _disconnected(self) -> None:
         # A fresh event only if the current one was set: waiters already parked on an
@@ -446,9 +467,20 @@ class Client:
                     await self._send(ws, {"op": "ack", "seq": self.last_seq})
         elif kind == "market":
             channel = frame["channel"]
+            seq = frame["seq"]
             await self._send_events.send(MarketUpdate(
-                channel=channel, seq=frame["seq"], kind=frame["kind"], ts=frame["ts"],
+                channel=channel, seq=seq, kind=frame["kind"], ts=frame["ts"],
                 data=frame["data"], epoch=self._epochs.get(channel, 1)))
+            last = self._market_seq.get(channel)
+            self._market_seq[channel] = seq
+            if (last is not None and seq != last + 1 and channel.startswith("book.")
+                    and channel in self._subscriptions and channel not in self._resubscribing
+                    and self._conn_nursery is not None):
+                # Frames were dropped (the gateway's queue for us was full): the deltas
+                # no longer add up to the book. Trades and tickers are not resubscribed:
+                # no snapshot brings a lost trade back, and a ticker is its latest value.
+                self._resubscribing.add(channel)
+                self._conn_nursery.start_soon(self._resubscribe, ws, channel)
         elif kind == "notice":
             await self._send_events.send(NoticeUpdate(kind=frame["kind"],
                                                      data=frame.get("data", {})))

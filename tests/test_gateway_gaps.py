@@ -124,3 +124,51 @@ async def test_the_sdk_resumes_over_a_gap_the_gateway_did_not_repair(
         assert dropped and dropped[0].events[0].seq in seqs
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, each once
         assert alice.gap_resumes == 1 and gw.gap_repairs == 0
+
+
+async def test_the_sdk_resubscribes_a_book_whose_frames_were_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped market seq means the gateway dropped frames (its queue for the client
+    was full): the deltas no longer add up to the book, so the SDK asks again."""
+    import json
+
+    from gateway.client import MarketUpdate, open_client
+    from gateway.server import Outbox
+
+    dropped: list[Any] = []
+    real = Outbox.send_nowait
+
+    def send_nowait(self: Outbox, data: bytes | str) -> None:
+        frame = json.loads(data) if isinstance(data, str) else {}
+        if not dropped and (frame.get("channel"), frame.get("kind")) == ("book.BTC-PERP",
+                                                                          "delta"):
+            dropped.append(frame)
+            raise trio.WouldBlock  # as from a full queue: the frame is dropped
+        real(self, data)
+
+    async with running_gateway() as gw:
+        url = f"ws://127.0.0.1:{gw.port}/v1"
+        async with open_client(url, "alice", "pw", encoding="json") as alice:
+            await alice.subscribe(["book.BTC-PERP"])
+            got: list[MarketUpdate] = []
+            events = alice.events()
+            with trio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, MarketUpdate):
+                        got.append(ev)
+                        break  # the snapshot
+            monkeypatch.setattr(Outbox, "send_nowait", send_nowait)
+            for i, price in enumerate(("58000.0", "58001.0")):  # a delta each
+                await alice.place("BTC-PERP", "buy", "limit", qty="0.001", price=price,
+                                  client_order_id=f"d{i}")
+            with trio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, MarketUpdate):
+                        got.append(ev)
+                        if ev.epoch == 2:
+                            break
+        assert dropped and alice.market_resubscribes == 1
+        assert [(g.epoch, g.seq, g.kind) for g in got] == [
+            (1, 1, "snapshot"), (1, 3, "delta"), (2, 1, "snapshot")]
+        bids = {p for p, _ in got[-1].data["bids"]}
+        assert {"58000.0", "58001.0"} <= bids  # the fresh snapshot has both orders
