@@ -328,17 +328,22 @@ class Client:
             except ClientError as exc:
                 if exc.code != "replay_unavailable":
                     raise
-                # The replay log no longer reaches back: say so, and go on from the
-                # login's position (the events in between are lost to this client).
-                lost = (self.last_seq, live_from)
-                self.last_seq = max(self.last_seq, live_from)
-                await self._send_events.send(NoticeUpdate(kind="replay_unavailable", data={
-                    "after_seq": lost[0], "live_from": lost[1]}))
-                await self._release()
+                # The replay log no longer reaches back: go on from the login's
+                # position (the events in between are lost to this client).
+                await self._replay_lost(live_from)
             if self._subscriptions:
                 chans = sorted(self._subscriptions)
                 self._new_epoch(chans)
                 await self._request_on(ws, "subscribe", channels=chans)
+
+    async def _replay_lost(self, live_from: int) -> None:
+        """The replay log no longer holds the events after ``last_seq``: announce a
+        ``replay_unavailable`` notice and go on from ``live_from``."""
+        lost = self.last_seq
+        self.last_seq = max(self.last_seq, live_from)
+        await self._send_events.send(NoticeUpdate(kind="replay_unavailable", data={
+            "after_seq": lost, "live_from": live_from}))
+        await self._release()
 
     async def _release(self) -> None:
         """Hand out held events while the next one in seq order is there (seqs the
@@ -389,15 +394,10 @@ class Client:
                 except ClientError as exc:
                     if exc.code == "disconnected":
                         return  # the next connection resumes anyway
-                    if exc.code == "replay_unavailable":
-                        # The events below the held ones are gone for good: say so,
-                        # and go on from the held ones.
-                        lost = self.last_seq
-                        self.last_seq = min(self._held) - 1
-                        await self._send_events.send(NoticeUpdate(
-                            kind="replay_unavailable",
-                            data={"after_seq": lost, "live_from": self.last_seq}))
-                        await self._release()
+                    if exc.code == "replay_unavailable" and self._held:
+                        # The events below the held ones are gone for good: go on from
+                        # the held ones (unless the gap filled meanwhile).
+                        await self._replay_lost(min(self._held) - 1)
             if not self._held:
                 self._gap = trio.Event()
 

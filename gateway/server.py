@@ -513,6 +513,15 @@ class Gateway:
     def _ask(self, conn: _Conn, request_id: Any, op: str, dest: Dest,
              make: Callable[[ReplyTo], Any], extra: Any = None) -> bool:
         """Send a request to the engine; False (and ``rate_limited`` answered) when busy."""
+        if self._ask_quietly(conn, request_id, op, dest, make, extra):
+            return True
+        self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
+        return False
+
+    def _ask_quietly(self, conn: _Conn, request_id: Any, op: str, dest: Dest,
+                     make: Callable[[ReplyTo], Any], extra: Any = None) -> bool:
+        """:meth:`_ask` without an answer to the client when busy (the gateway's own
+        requests)."""
         token = next(self._tokens)
         reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
                            request_id=token)
@@ -520,7 +529,6 @@ class Gateway:
                                         time.monotonic() + self.config.request_timeout_s)
         if not self._submit(dest, make(reply_to)):
             self._pending.pop(token, None)
-            self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
             return False
         return True
 
@@ -758,17 +766,12 @@ class Gateway:
         client. When the engine is too busy to take the request, the events go on with
         the gap (the client can still resume)."""
         user = conn.proto.user
-        token = next(self._tokens)
-        reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
-                           request_id=token)
-        self._pending[token] = _Pending(conn.id, None, "repair", after_seq,
-                                        time.monotonic() + self.config.request_timeout_s)
-        if user is None or not self._submit(Dest("router"), RouterReplay(
-                reply_to=reply_to, user=user, after_seq=after_seq)):
-            self._pending.pop(token, None)
-            return
-        conn.resumes += 1
-        self.gap_repairs += 1
+        if user is not None and self._ask_quietly(
+                conn, None, "repair", Dest("router"),
+                lambda r: RouterReplay(reply_to=r, user=user, after_seq=after_seq),
+                extra=after_seq):
+            conn.resumes += 1
+            self.gap_repairs += 1
 
     def _resumed(self, conn: _Conn, after_seq: int | None, replay: list[Any]) -> None:
         """A resume's answer: ``after_seq`` None when refused (the stash goes out as live)."""
