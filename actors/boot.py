@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
+import attrs
+
 from actors.exchange import (
     EXCHANGE_NAME,
     Exchange,
@@ -45,6 +47,20 @@ from actors.messages import Dest, RouterAttach
 
 class EngineError(RuntimeError):
     """The engine did not answer as expected (not booted, timed out)."""
+
+
+@attrs.frozen(kw_only=True)
+class BooksRestarted:
+    """The books whose host was re-created: what an :class:`EngineLink` hands out, in
+    the stream of received messages, when the Exchange announces the restart.
+
+    Market data the old incarnation sent and nobody received is gone with it (a
+    ``kill -9`` loses the sends still in its process), and subscribers' books may
+    miss those changes. A gateway answers this with a fresh snapshot to every
+    subscriber of each book (see docs/protocol.md, *Market frames*).
+    """
+
+    symbols: tuple[str, ...]
 
 
 def boot_engine(asys: Any, config: EngineConfig, *, timeout: float = 60.0) -> ExchangeReady:
@@ -126,7 +142,7 @@ class EngineLink:
     def _keep(self, msg: Any) -> None:
         if isinstance(msg, GatewayBatch):
             self.backlog.extend(self._in_order(msg))
-        elif not self._control(msg):
+        elif not self._control(msg, self.backlog):
             self.backlog.append(msg)
 
     def _in_order(self, batch: GatewayBatch) -> Sequence[Any]:
@@ -171,13 +187,14 @@ class EngineLink:
         state[0] = nxt
         return out
 
-    def _control(self, msg: Any) -> bool:
+    def _control(self, msg: Any, out: list[Any]) -> bool:
         """Apply an engine control message to this link; True if ``msg`` was one.
 
         An :class:`EngineAck` trims the acking host's outbox; a
         :class:`DirectoryUpdate` replaces the directory and resends the outbox of
         each host it names as re-created (its HostInit is already on its way, so
-        the batches follow the recovery; those it journaled are dropped by seq).
+        the batches follow the recovery; those it journaled are dropped by seq),
+        and appends a :class:`BooksRestarted` to ``out`` if any of them held books.
         """
         if isinstance(msg, EngineAck):
             self.channel.acked(msg)
@@ -185,6 +202,11 @@ class EngineLink:
         if isinstance(msg, DirectoryUpdate):
             self.directory = msg.directory
             self.channel.resend(msg.restarted, self.directory.hosts, self.asys.tell)
+            if msg.restarted:
+                symbols = tuple(sorted(sym for sym, hid in self.directory.books.items()
+                                       if hid in msg.restarted))
+                if symbols:
+                    out.append(BooksRestarted(symbols=symbols))
             return True
         return isinstance(msg, Directory)
 
@@ -254,7 +276,7 @@ class EngineLink:
         while msg is not None:
             if isinstance(msg, GatewayBatch):
                 out.extend(self._in_order(msg))
-            elif not self._control(msg):
+            elif not self._control(msg, out):
                 out.append(msg)
             msg = self.asys.listen(timedelta(seconds=0.0 if out else timeout))
         return out

@@ -23,6 +23,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from actors.boot import BooksRestarted
 from actors.cores.session import SessionConfig, SessionDisconnect, SessionSend
 from actors.messages import (
     AccountCancel,
@@ -329,6 +330,11 @@ class Gateway:
         #: Gaps in a user's live events that the gateway had the router fill (see
         #: ``_deliver``).
         self.gap_repairs = 0
+        #: Fresh snapshots sent to a book's subscribers after its host was re-created
+        #: (one per book and restart; see ``_refresh_book``).
+        self.book_refreshes = 0
+        #: Books whose refresh could not be asked for yet (the bridge was busy).
+        self._refresh_due: set[str] = set()
 
     # -- serving ----------------------------------------------------------------------
 
@@ -518,14 +524,15 @@ class Gateway:
         self._error(conn, request_id, ErrorCode.RATE_LIMITED, "the engine is busy; retry")
         return False
 
-    def _ask_quietly(self, conn: _Conn, request_id: Any, op: str, dest: Dest,
+    def _ask_quietly(self, conn: _Conn | None, request_id: Any, op: str, dest: Dest,
                      make: Callable[[ReplyTo], Any], extra: Any = None) -> bool:
         """:meth:`_ask` without an answer to the client when busy (the gateway's own
-        requests)."""
+        requests; ``conn`` None: for no connection, answered by ``op``)."""
         token = next(self._tokens)
-        reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn.id,
+        conn_id = 0 if conn is None else conn.id  # connection ids start at 1
+        reply_to = ReplyTo(gateway=self.bridge.options.gateway_id, conn=conn_id,
                            request_id=token)
-        self._pending[token] = _Pending(conn.id, request_id, op, extra,
+        self._pending[token] = _Pending(conn_id, request_id, op, extra,
                                         time.monotonic() + self.config.request_timeout_s)
         if not self._submit(dest, make(reply_to)):
             self._pending.pop(token, None)
@@ -687,6 +694,11 @@ class Gateway:
         timeout = self.config.request_timeout_s
         for token in expired:
             p = pending.pop(token)
+            if p.op == "refresh":
+                log.warning("gateway: the %s snapshot for a refresh unanswered for %g s",
+                            p.extra, timeout)
+                self._refresh_due.add(p.extra)  # read-only: ask again
+                continue
             conn = self.conns.get(p.conn)
             if conn is None or conn.closed:
                 continue
@@ -707,6 +719,8 @@ class Gateway:
                         "is answered with the original order)")
             if p.op == "resume":
                 self._resumed(conn, None, [])
+        for symbol in sorted(self._refresh_due):
+            self._refresh_book(symbol)
 
     # -- from the engine -----------------------------------------------------------------
 
@@ -725,6 +739,9 @@ class Gateway:
             self._deliver(m)
         elif isinstance(m, BookDelta | PublicTrade | TickerUpdate):
             self._market(m)
+        elif isinstance(m, BooksRestarted):
+            for symbol in m.symbols:
+                self._refresh_book(symbol)
 
     def _deliver(self, m: Delivery) -> None:
         """Fan a user's live events out to the user's sessions (``SessionHub.deliver``),
@@ -829,6 +846,13 @@ class Gateway:
         pending = self._pending.pop(int(reply.reply_to.request_id or 0), None)
         if pending is None:
             return
+        if pending.op == "refresh":  # the gateway's own, for no connection
+            if reply.ok:
+                self._refreshed(pending.extra, dict(reply.result or {}))
+            else:
+                log.warning("gateway: the %s snapshot for a refresh failed: %s %s",
+                            pending.extra, reply.code, reply.message)
+            return
         conn = self.conns.get(pending.conn)
         if conn is None or conn.closed:
             return
@@ -878,11 +902,48 @@ class Gateway:
         conn.waiting_snapshot.discard(channel)
         conn.subs.add(channel)
         self._subscribers.setdefault(channel, {})[conn.id] = conn
-        inst = self.instruments[result["symbol"]]
         conn.chan_seq[channel] = 0  # a (re)subscription starts the channel afresh
-        self._push_market(conn, channel, "snapshot", result["ts"], {
-            "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in result["bids"]],
-            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in result["asks"]]})
+        self._push_market(conn, channel, "snapshot", result["ts"], self._book_data(result))
+
+    def _book_data(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """A book snapshot's reply as the wire's ``snapshot`` frame data."""
+        inst = self.instruments[snapshot["symbol"]]
+        return {
+            "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in snapshot["bids"]],
+            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in snapshot["asks"]]}
+
+    def _refresh_book(self, symbol: str) -> None:
+        """A book's host was re-created: ask the book for a snapshot for its subscribers.
+
+        What the killed incarnation sent and nobody received (its last deltas) is
+        missing from every subscriber's book, and no seq shows it: the gateway numbers
+        market frames per connection. The snapshot comes through the new
+        incarnation's ordered channel, so it is applied after the deltas sent before
+        it and before those sent after it. Read-only: a busy bridge or a timeout
+        only asks again (on the next sweep of ``_expire``).
+        """
+        self._refresh_due.discard(symbol)
+        if symbol not in self.instruments or not self._subscribers.get(f"book.{symbol}"):
+            return  # nobody to refresh (a connection still subscribing gets its own)
+
+        def make(r: ReplyTo) -> BookSnapshotRequest:
+            return BookSnapshotRequest(reply_to=r, symbol=symbol, ts=time.time_ns())
+
+        if not self._ask_quietly(None, None, "refresh", Dest("book", symbol), make,
+                                 extra=symbol):
+            self._refresh_due.add(symbol)
+
+    def _refreshed(self, symbol: str, result: dict[str, Any]) -> None:
+        """Send the refresh's snapshot to every subscriber of the book, as the next frame
+        of its channel: the seq goes on, and the snapshot replaces the book (see
+        docs/protocol.md, *Market frames*)."""
+        channel = f"book.{symbol}"
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        self.book_refreshes += 1
+        self._fan_out(channel, subscribers, MarketFrameTemplate(
+            channel=channel, kind="snapshot", ts=result["ts"], data=self._book_data(result)))
 
     def _push_market(self, conn: _Conn, channel: str, kind: str, ts: int,
                      data: dict[str, Any]) -> None:
@@ -919,9 +980,13 @@ class Gateway:
 
             data = {"last": px(ev.last), "best_bid": px(ev.best_bid),
                     "best_ask": px(ev.best_ask), "volume_24h": inst.qty_str(ev.volume_24h)}
+        self._fan_out(channel, subscribers,
+                      MarketFrameTemplate(channel=channel, kind=kind, ts=ev.ts, data=data))
+
+    def _fan_out(self, channel: str, subscribers: dict[int, _Conn],
+                 template: MarketFrameTemplate) -> None:
         # Subscribers differ only in their seq: the frame is encoded once per encoding
         # and each gets its own seq spliced in (MarketFrameTemplate).
-        template = MarketFrameTemplate(channel=channel, kind=kind, ts=ev.ts, data=data)
         for conn in list(subscribers.values()):
             if conn.closed:
                 continue

@@ -185,6 +185,12 @@ async def call_on_bridge(bridge: EngineBridge, fn: Callable[[Any], Any],
     return value
 
 
+#: What the run's gateways count and the report shows: gaps in users' live events
+#: the gateway had the router fill, and fresh snapshots sent to a book's subscribers
+#: after its host was re-created.
+GATEWAY_COUNTERS = ("gap_repairs", "book_refreshes")
+
+
 class EmbeddedExchange:
     """The engine and gateway of a simulation, restartable on the same data dir."""
 
@@ -202,8 +208,8 @@ class EmbeddedExchange:
         self.restarts = 0
         #: Host restarts (kills recovered) of the engines stopped by restart().
         self.past_host_restarts: dict[str, int] = {}
-        #: Gaps in live private events repaired by the gateways stopped by restart().
-        self.past_gap_repairs = 0
+        #: The counters (:data:`GATEWAY_COUNTERS`) of the gateways stopped by restart().
+        self.past_counts = dict.fromkeys(GATEWAY_COUNTERS, 0)
 
     def _bridge(self) -> EngineBridge:
         engine = EngineConfig(instruments_toml=self.toml, data_dir=str(self.data_dir),
@@ -238,13 +244,14 @@ class EmbeddedExchange:
             await self._stopped.wait()
             self._scope = None
             if self.gw is not None:
-                self.past_gap_repairs += self.gw.gap_repairs
-                self.gw.gap_repairs = 0
+                for name in GATEWAY_COUNTERS:
+                    self.past_counts[name] += getattr(self.gw, name)
+                    setattr(self.gw, name, 0)
 
-    @property
-    def gap_repairs(self) -> int:
-        """Gaps in users' live events the gateways of this run had the router fill."""
-        return self.past_gap_repairs + (self.gw.gap_repairs if self.gw is not None else 0)
+    def gateway_counts(self) -> dict[str, int]:
+        """The run's totals of the gateways' :data:`GATEWAY_COUNTERS`."""
+        return {name: n + (getattr(self.gw, name) if self.gw is not None else 0)
+                for name, n in self.past_counts.items()}
 
     async def restart(self, nursery: trio.Nursery) -> None:
         for hid, n in (await self.host_restarts()).items():
@@ -792,7 +799,7 @@ async def simulate(options: SimOptions, console: Console | None = None) -> SimRe
                         restarts[hid] = restarts.get(hid, 0) + n
                     extra["host_restarts"] = {h: n for h, n in sorted(restarts.items()) if n}
                     extra["engine_restarts"] = exchange.restarts
-                    extra["gap_repairs"] = exchange.gap_repairs
+                    extra.update(exchange.gateway_counts())
             finally:
                 if exchange is not None:
                     # Also when the run failed: a booted engine's processes outlive this one.

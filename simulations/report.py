@@ -471,6 +471,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"| reconnects | {report.get('reconnects', 0):,} |",
         f"| live event gaps repaired (gateway / client resumes) | "
         f"{report.get('gap_repairs', 0) or 0:,} / {report.get('gap_resumes', 0):,} |",
+        f"| book snapshots resent after a book restart | "
+        f"{report.get('book_refreshes', 0) or 0:,} |",
         "",
         "## Invariants",
         "",
@@ -617,6 +619,8 @@ def render_table(report: Mapping[str, Any]) -> Table:
     table.add_row("reconnects", f"{report.get('reconnects', 0):,}")
     table.add_row("gaps repaired", f"{report.get('gap_repairs', 0) or 0:,} by the gateway, "
                                    f"{report.get('gap_resumes', 0):,} by client resumes")
+    table.add_row("book refreshes", f"{report.get('book_refreshes', 0) or 0:,} snapshots "
+                                    "resent after a book restart")
     load: Mapping[str, Any] | None = report.get("load")
     if load:
         for p in load.get("processes", []):

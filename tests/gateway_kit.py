@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -66,12 +67,15 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def running_gateway(gw_config: GatewayConfig | None = None, *,
-                          record: str | None = None) -> AsyncIterator[Gateway]:
+                          record: str | None = None,
+                          data_dir: Path | None = None) -> AsyncIterator[Gateway]:
     """An embedded engine and its gateway on a free port; users in USERS, password "pw".
 
     ``record``: journal the bridge's engine traffic to this file (BridgeOptions.record).
+    ``data_dir``: the journal's directory (default: in memory, which a re-created host
+    does not recover from).
     """
-    bridge = EngineBridge(BridgeOptions(engine=config(), record=record))
+    bridge = EngineBridge(BridgeOptions(engine=config(data_dir), record=record))
     gw = Gateway(bridge, load_instruments(None), lambda u, p: p == "pw",
                  gw_config or GatewayConfig(port=0))
     async with trio.open_nursery() as nursery:

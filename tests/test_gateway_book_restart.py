@@ -1,0 +1,117 @@
+"""A book's host re-created: its subscribers get a fresh snapshot, in sequence.
+
+Market data a killed book sent and nobody received is gone with it (under
+multiprocTCPBase a ``kill -9`` loses the sends still in its process), and the
+gateway numbers market frames per connection, so no seq gap would ever show the
+loss: the subscribers' books would stay wrong at the levels nothing touches
+again. Here the loss is made by hand (the gateway never sees one delta), the book's
+host is stopped without a flush, and the subscriber must get the book as the new
+incarnation recovered it, as the next frame of its channel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+from gateway_kit import Client, client, running_gateway
+
+from actors.host import HostFault
+from protocol import BookDelta
+from simulations.harness import call_on_bridge
+
+SYMBOL = "BTC-PERP"
+CHANNEL = f"book.{SYMBOL}"
+
+
+def _bid(cid: str, price: str) -> dict[str, Any]:
+    return {"client_order_id": cid, "symbol": SYMBOL, "side": "buy", "type": "limit",
+            "price": price, "qty": "0.001"}
+
+
+async def _market_frame(c: Client, kind: str, after: int = 0) -> dict[str, Any]:
+    """The first ``kind`` frame of the book channel past seq ``after`` (it may have come
+    in while ``call`` waited for a response)."""
+    with trio.fail_after(10):
+        while True:
+            for f in c.market:
+                if f["channel"] == CHANNEL and f["kind"] == kind and f["seq"] > after:
+                    return f
+            await c.frame()
+
+
+async def test_a_restarted_book_sends_its_subscribers_a_snapshot_in_sequence(
+        tmp_path: Path) -> None:
+    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await alice.call("subscribe", channels=[CHANNEL]))["ok"]
+        first = await _market_frame(alice, "snapshot")
+        assert first["seq"] == 1
+        assert (await alice.call("place", **_bid("r1", "59000.0")))["ok"]
+        seen = await _market_frame(alice, "delta", 1)
+        assert seen["seq"] == 2 and seen["data"]["bids"] == [["59000.0", "0.001"]]
+
+        # The book's next delta never reaches the gateway: a send lost with its sender.
+        real = gw._from_engine_one
+        lost: list[BookDelta] = []
+        gone = trio.Event()
+
+        def one(m: Any) -> None:
+            if isinstance(m, BookDelta) and m.symbol == SYMBOL and not lost:
+                lost.append(m)
+                gone.set()
+                return
+            real(m)
+
+        gw._from_engine_one = one  # type: ignore[method-assign]
+        assert (await alice.call("place", **_bid("r2", "58990.0")))["ok"]
+        with trio.fail_after(10):
+            await gone.wait()
+        assert [b[0] for b in lost[0].bids] == [58_990 * 10]  # ticks of 0.1
+
+        def kill(link: Any) -> str:
+            hid: str = link.directory.books[SYMBOL]
+            link.asys.tell(link.directory.hosts[hid], HostFault(mode="exit"))
+            return hid
+
+        await call_on_bridge(gw.bridge, kill)
+        refresh = await _market_frame(alice, "snapshot", 1)
+        # The next seq of the same subscription, and the book as recovered: with the
+        # level whose delta was lost.
+        assert refresh["seq"] == 3
+        assert refresh["data"]["bids"] == [["59000.0", "0.001"], ["58990.0", "0.001"]]
+        assert refresh["data"]["asks"] == []
+        assert [f["seq"] for f in alice.market if f["channel"] == CHANNEL] == [1, 2, 3]
+        assert gw.book_refreshes == 1 and not gw._refresh_due
+
+        # The stream goes on from there, on the same subscription.
+        assert (await alice.call("place", **_bid("r3", "58980.0")))["ok"]
+        after = await _market_frame(alice, "delta", 3)
+        assert after["seq"] == 4 and after["data"]["bids"] == [["58980.0", "0.001"]]
+
+
+async def test_a_book_without_subscribers_is_not_asked_for_a_snapshot() -> None:
+    async with running_gateway() as gw, client(gw, "json") as alice:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await alice.call("subscribe", channels=[f"trades.{SYMBOL}"]))["ok"]
+        asked: list[str] = []
+        real = gw._ask_quietly
+
+        def spy(conn: Any, request_id: Any, op: str, *args: Any, **kw: Any) -> bool:
+            asked.append(op)
+            return real(conn, request_id, op, *args, **kw)
+
+        gw._ask_quietly = spy  # type: ignore[method-assign]
+
+        def kill(link: Any) -> None:
+            link.asys.tell(link.directory.hosts[link.directory.books[SYMBOL]],
+                           HostFault(mode="exit"))
+
+        await call_on_bridge(gw.bridge, kill)
+        # The book is back when it answers an order: the restart was announced by then.
+        assert (await alice.call("place", **_bid("q1", "59000.0")))["ok"]
+        with trio.fail_after(10):
+            while not any(e["kind"] == "order_accepted" for e in alice.private):
+                await alice.frame()
+        assert "refresh" not in asked and gw.book_refreshes == 0
