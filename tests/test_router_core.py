@@ -481,8 +481,6 @@ def test_replay_log_keeps_exactly_the_last_capacity_events_across_pickling(
     import io
     from collections import deque
 
-    import attrs
-
     from actors.cores.router import _Lane, _restore_lane, _seq_values
     from actors.journal import _attrs_restore, _dumps
 
@@ -491,13 +489,16 @@ def test_replay_log_keeps_exactly_the_last_capacity_events_across_pickling(
             if type(obj) is not _Lane:
                 return NotImplemented
             events = obj.log.after(0)
+            accepted = obj.seen.accepted()  # the dedup memory was a set and a deque
+            seen_ids, seen_order = set(accepted), deque(accepted)
             if encoding == "chunk-less":  # the reduce before chunking
                 return _restore_lane, (obj.last_seq, capacity, list(map(_seq_values, events)),
-                                       obj.seen_ids, obj.seen_order, obj.pending, obj.due_ns)
-            names = tuple(f.name for f in attrs.fields(_Lane))  # before lanes had a reduce
-            values = {n: getattr(obj, n) for n in names}
-            values["log"] = deque(events, maxlen=capacity)
-            return _attrs_restore, (_Lane, names, tuple(values[n] for n in names))
+                                       seen_ids, seen_order, obj.pending, obj.due_ns)
+            # Field by field, before lanes had a reduce: the fields of that time.
+            names = ("last_seq", "log", "seen_ids", "seen_order", "pending", "due_ns")
+            values = (obj.last_seq, deque(events, maxlen=capacity), seen_ids, seen_order,
+                      obj.pending, obj.due_ns)
+            return _attrs_restore, (_Lane, names, values)
 
     r = Router(replay_capacity=capacity, conflation_window_ns=0)
     model: deque[SequencedEvent] = deque(maxlen=capacity)
@@ -519,3 +520,52 @@ def test_replay_log_keeps_exactly_the_last_capacity_events_across_pickling(
             assert info.value.code == ErrorCode.REPLAY_UNAVAILABLE
         else:
             assert list(r.replay("a", after)) == list(model)[after + 1 - first:]
+    if n:  # the dedup memory came through the round trip as well
+        assert r.publish([ev("a", n)], n + 1) == []
+        assert r.stats().deduplicated == 1
+
+
+@given(
+    ids=st.lists(st.integers(1, 60), max_size=120),
+    consecutive=st.integers(0, 80),
+    capacity=st.one_of(st.none(), st.integers(1, 40)),
+    pickled_at=st.integers(0, 200),
+)
+def test_dedup_memory_is_exactly_the_last_capacity_accepted_ids(
+    ids: list[int], consecutive: int, capacity: int | None, pickled_at: int
+) -> None:
+    # Runs while ids only grow, a set after the first id below the highest: either
+    # way the memory must answer as a set of the last ``capacity`` accepted ids does,
+    # also after a pickle round trip (a snapshot) at any point.
+    from collections import deque
+
+    from actors.cores.router import _Seen
+    from actors.journal import _dumps
+
+    stream = list(range(1, consecutive + 1)) + [consecutive + i for i in ids]
+    seen = _Seen()
+    model: deque[int] = deque()
+    for k, event_id in enumerate(stream):
+        if k == pickled_at:
+            seen = pickle.loads(_dumps(seen))
+        expected = event_id not in model
+        if expected:
+            model.append(event_id)
+            if capacity is not None and len(model) > capacity:
+                model.popleft()
+        assert seen.add(event_id, capacity) is expected, (k, event_id)
+        assert seen.accepted() == list(model)
+
+
+def test_growing_event_ids_are_remembered_as_one_run() -> None:
+    # The engine's case: one ledger numbers a user's events 1, 2, 3, ...; the memory
+    # of the default 10,000 ids is two ints, not a set (which every snapshot pickled).
+    r = Router(conflation_window_ns=0)
+    for i in range(1, 12_001, 100):
+        r.publish([ev("a", j) for j in range(i, i + 100)], i)
+    seen = r._lanes["a"].seen
+    assert seen.runs is not None and [list(run) for run in seen.runs] == [[2_001, 12_000]]
+    assert r.publish([ev("a", 2_001), ev("a", 12_000)], 13_000) == []
+    assert [e.event_id for e in deliveries(r.publish([ev("a", 2_000)], 13_001))["a"]] == [
+        2_000]  # forgotten: accepted again, and the memory becomes a set
+    assert seen.runs is None and seen.ids is not None and len(seen.ids) == 10_000

@@ -49,7 +49,7 @@ from __future__ import annotations
 import operator
 import pickle
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import attrs
@@ -234,13 +234,116 @@ class _ReplayLog:
         return tuple(out)
 
 
+class _Seen:
+    """One lane's dedup memory: exactly the last ``capacity`` accepted event ids.
+
+    While every accepted id is above the ones before it, the ids are kept as runs of
+    consecutive ids (``[first, last]`` lists, oldest first). One ledger numbers a
+    user's events, so in the engine they do grow, one by one: a lane holds one run,
+    two ints, where a set and a deque of 10,000 ids (the default capacity) held
+    ~0.8 MB, and every snapshot pickled them all. The first id accepted below the
+    highest one (never in the engine; a core test's choice) turns the memory into
+    that set (``ids``) and deque (``order``) for good.
+    """
+
+    __slots__ = ("count", "ids", "order", "runs")
+
+    def __init__(self) -> None:
+        self.runs: deque[list[int]] | None = deque()
+        self.count = 0  # ids held, in run mode
+        self.ids: set[int] | None = None
+        self.order: deque[int] | None = None
+
+    @classmethod
+    def from_ids(cls, order: Iterable[int]) -> _Seen:
+        """The memory holding ``order`` (accepted ids, oldest first; no duplicates)."""
+        seen = cls()
+        for event_id in order:
+            seen.add(event_id, None)
+        return seen
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        runs = None if self.runs is None else [tuple(run) for run in self.runs]
+        return _restore_seen, (runs, None if self.order is None else list(self.order))
+
+    def accepted(self) -> list[int]:
+        """The ids held, oldest first."""
+        if self.runs is None:
+            assert self.order is not None
+            return list(self.order)
+        return [i for first, last in self.runs for i in range(first, last + 1)]
+
+    def add(self, event_id: int, capacity: int | None) -> bool:
+        """Remember ``event_id`` (forgetting the oldest past ``capacity``); False if it is
+        remembered already: a duplicate."""
+        runs = self.runs
+        if runs is None:
+            return self._add_to_set(event_id, capacity)
+        if runs:
+            last = runs[-1]
+            if event_id == last[1] + 1:
+                last[1] = event_id
+            elif event_id > last[1]:
+                runs.append([event_id, event_id])
+            else:
+                for first, end in reversed(runs):
+                    if first <= event_id <= end:
+                        return False
+                self._to_set()  # new, but below the highest: ids no longer only grow
+                return self._add_to_set(event_id, capacity)
+        else:
+            runs.append([event_id, event_id])
+        self.count += 1
+        if capacity is not None and self.count > capacity:
+            oldest = runs[0]
+            if oldest[0] == oldest[1]:
+                runs.popleft()
+            else:
+                oldest[0] += 1
+            self.count -= 1
+        return True
+
+    def _to_set(self) -> None:
+        order = deque(self.accepted())
+        self.ids = set(order)
+        self.order = order
+        self.runs = None
+        self.count = 0
+
+    def _add_to_set(self, event_id: int, capacity: int | None) -> bool:
+        ids, order = self.ids, self.order
+        assert ids is not None and order is not None
+        if event_id in ids:
+            return False
+        ids.add(event_id)
+        order.append(event_id)
+        if capacity is not None and len(order) > capacity:
+            ids.discard(order.popleft())
+        return True
+
+
+def _restore_seen(runs: list[tuple[int, int]] | None, order: list[int] | None) -> _Seen:
+    """Unpickle a :class:`_Seen` (see its ``__reduce__``)."""
+    seen = _Seen()
+    if runs is None:
+        seen._to_set()
+        assert seen.ids is not None and seen.order is not None
+        seen.order.extend(order or ())
+        seen.ids.update(seen.order)
+    else:
+        assert seen.runs is not None
+        seen.runs.extend([list(run) for run in runs])
+        seen.count = sum(last - first + 1 for first, last in runs)
+    return seen
+
+
 def _restore_lane(last_seq: int, maxlen: int | None, log: list[tuple[object, ...]],
                   seen_ids: set[int], seen_order: deque[int],
                   pending: dict[tuple[str, str], UserEvent], due_ns: int | None) -> _Lane:
     """Unpickle a lane of a snapshot written before the log was chunked (every event
     as a tuple of field values)."""
     return _Lane(last_seq=last_seq, log=_ReplayLog.from_values(maxlen, log),
-                 seen_ids=seen_ids, seen_order=seen_order, pending=pending, due_ns=due_ns)
+                 seen=_Seen.from_ids(seen_order), pending=pending, due_ns=due_ns)
 
 
 def _restore_chunked_lane(last_seq: int, capacity: int | None,
@@ -248,13 +351,21 @@ def _restore_chunked_lane(last_seq: int, capacity: int | None,
                           seen_ids: set[int], seen_order: deque[int],
                           pending: dict[tuple[str, str], UserEvent],
                           due_ns: int | None) -> _Lane:
+    """Unpickle a lane written before the dedup memory was a :class:`_Seen`."""
+    return _restore_lane_v3(last_seq, capacity, chunks, tail, _Seen.from_ids(seen_order),
+                            pending, due_ns)
+
+
+def _restore_lane_v3(last_seq: int, capacity: int | None,
+                     chunks: list[tuple[int, int, bytes]], tail: list[tuple[object, ...]],
+                     seen: _Seen, pending: dict[tuple[str, str], UserEvent],
+                     due_ns: int | None) -> _Lane:
     """Unpickle a lane (see :meth:`_Lane.__reduce__`); the chunks stay frozen."""
     log = _ReplayLog(capacity)
     log.chunks.extend(chunks)
     log.tail = [_sequenced(values) for values in tail]
     log.last_seq = last_seq  # every sequenced event went to the log
-    return _Lane(last_seq=last_seq, log=log, seen_ids=seen_ids, seen_order=seen_order,
-                 pending=pending, due_ns=due_ns)
+    return _Lane(last_seq=last_seq, log=log, seen=seen, pending=pending, due_ns=due_ns)
 
 
 @attrs.define(kw_only=True)
@@ -263,21 +374,24 @@ class _Lane:
 
     last_seq: int = 0
     log: _ReplayLog
-    seen_ids: set[int] = attrs.field(factory=set)
-    seen_order: deque[int] = attrs.field(factory=deque)
+    seen: _Seen = attrs.field(factory=_Seen)
     pending: dict[tuple[str, str], UserEvent] = attrs.field(factory=dict)
     #: When the oldest pending event must be flushed; ``None`` when nothing pends.
     due_ns: int | None = None
+    #: Only in a lane restored field by field from a snapshot written before the
+    #: dedup memory was a :class:`_Seen` (``Router.__setstate__`` converts it).
+    seen_ids: set[int] | None = None
+    seen_order: deque[int] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the replay log as its frozen chunks (bytes, copied as they are) and
         its unfrozen tail as tuples of field values (see :class:`_ReplayLog`). Lanes
-        pickled by earlier versions (the whole log as tuples, or field by field)
-        still load."""
+        pickled by earlier versions (the whole log as tuples, or field by field, or
+        the dedup memory as a set and a deque) still load."""
         log = self.log
-        return _restore_chunked_lane, (
+        return _restore_lane_v3, (
             self.last_seq, log.capacity, list(log.chunks), list(map(_seq_values, log.tail)),
-            self.seen_ids, self.seen_order, self.pending, self.due_ns)
+            self.seen, self.pending, self.due_ns)
 
 
 class Router:
@@ -332,6 +446,9 @@ class Router:
             old: Any = lane.log
             if isinstance(old, deque):
                 lane.log = _ReplayLog.from_values(old.maxlen, map(_seq_values, old))
+            if lane.seen_order is not None:
+                lane.seen = _Seen.from_ids(lane.seen_order)
+                lane.seen_ids = lane.seen_order = None
 
     # -- handlers --------------------------------------------------------------
 
@@ -374,14 +491,19 @@ class Router:
                 user = event.user
                 lane = self._lane(user)
                 batch = out.get(user)
+            # _Seen.add's usual case inlined: the user's next id, one run held.
             event_id = event.event_id
-            if event_id in lane.seen_ids:
+            seen = lane.seen
+            runs = seen.runs
+            if runs and len(runs) == 1 and event_id == (run := runs[0])[1] + 1:
+                run[1] = event_id
+                if seen.count < dedup_capacity:
+                    seen.count += 1
+                else:
+                    run[0] += 1  # the oldest id is forgotten
+            elif not seen.add(event_id, dedup_capacity):
                 deduplicated += 1
                 continue
-            lane.seen_ids.add(event_id)
-            lane.seen_order.append(event_id)
-            if len(lane.seen_order) > dedup_capacity:
-                lane.seen_ids.discard(lane.seen_order.popleft())
             published += 1
             if not conflate or EVENT_PRIORITY[event.kind] <= _IMMEDIATE_MAX_PRIORITY:
                 lane.last_seq += 1
