@@ -126,10 +126,12 @@ FILE_NAME: Final = "journal.sqlite3"
 FSYNC_POLICIES: Final = ("always", "batch", "off")
 DEFAULT_SYNC_INTERVAL: Final = 100
 PICKLE_PROTOCOL: Final = 5
-SCHEMA_VERSION: Final = 1
+#: 2 added the ``blobs`` table; a version-1 journal is upgraded when it is opened.
+SCHEMA_VERSION: Final = 2
 
 _RECORD_PERSON: Final = b"emporion.record"
 _SNAPSHOT_PERSON: Final = b"emporion.snapsh"
+_BLOB_PERSON: Final = b"emporion.blob"
 _PAGE: Final = 512  # rows fetched per query by read()
 _KEEP_BUFFER: Final = 1 << 20  # a journal keeps its pickling buffer up to this size
 
@@ -159,6 +161,16 @@ _SCHEMA: Final = (
         name TEXT PRIMARY KEY,
         base INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID""",
+    # A stream's blobs (Journal.put_blobs): immutable pieces of its state kept out of
+    # its snapshots, by (name, key).
+    """CREATE TABLE IF NOT EXISTS blobs (
+        stream TEXT NOT NULL,
+        name TEXT NOT NULL,
+        key INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        checksum BLOB NOT NULL,
+        PRIMARY KEY (stream, name, key)
+    )""",
 )
 
 _INSERT_RECORD: Final = "INSERT INTO records (stream, seq, payload, checksum) VALUES (?, ?, ?, ?)"
@@ -176,6 +188,14 @@ _SELECT_SNAPSHOTS: Final = (
     " WHERE stream = ? ORDER BY seq DESC"
 )
 _REGISTER_STREAM: Final = "INSERT OR IGNORE INTO streams (name, base) VALUES (?, 0)"
+_PUT_BLOB: Final = (
+    "INSERT OR REPLACE INTO blobs (stream, name, key, data, checksum) VALUES (?, ?, ?, ?, ?)"
+)
+_DROP_BLOB: Final = "DELETE FROM blobs WHERE stream = ? AND name = ? AND key = ?"
+_SELECT_BLOB: Final = (
+    "SELECT CAST(data AS BLOB), CAST(checksum AS BLOB) FROM blobs"
+    " WHERE stream = ? AND name = ? AND key = ?"
+)
 
 
 #: Shared connections: (real path, pid, thread id) ->
@@ -855,6 +875,8 @@ class Journal:
         self._rows: list[tuple[str, int, bytes, bytes]] = []
         self._snapshots: list[tuple[str, int, bytes, bytes]] = []
         self._compactions: dict[str, int] = {}
+        self._blob_puts: list[tuple[str, str, int, bytes, bytes]] = []
+        self._blob_drops: list[tuple[str, str, int]] = []
         self._staged_last: dict[str, int] = {}
         self._in_turn = False
         self._since_sync = 0
@@ -939,7 +961,7 @@ class Journal:
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):  # 1: upgraded (the blobs table)
                 raise JournalError(
                     f"{self.path}: journal schema version {version}, expected {SCHEMA_VERSION}"
                 )
@@ -1036,6 +1058,52 @@ class Journal:
         self._staged_last.setdefault(stream, last)
         return len(data)
 
+    def put_blobs(self, stream: str, blobs: Sequence[tuple[str, int, bytes]]) -> None:
+        """Stage blobs of the stream for the current turn: ``(name, key, data)`` each.
+
+        A blob is a piece of the stream's state that never changes once written (the
+        router's frozen replay-log chunks), kept here so that snapshots can refer to it
+        instead of holding it, and read back by :meth:`get_blob`. It is written in the
+        turn's transaction, so a snapshot staged after it in the same turn may refer
+        to it. Putting an existing ``(name, key)`` again replaces it (a replayed turn
+        puts the same bytes). Compaction does not touch blobs: the writer drops them
+        (:meth:`drop_blobs`).
+
+        Raises:
+            ValueError: A bad stream name.
+            JournalError: The journal is closed.
+        """
+        _check_stream(stream)
+        self._check_open()
+        for name, key, data in blobs:
+            checksum = _checksum(_BLOB_PERSON, f"{stream}\0{name}", key, data)
+            self._blob_puts.append((stream, name, key, data, checksum))
+
+    def drop_blobs(self, stream: str, keys: Sequence[tuple[str, int]]) -> None:
+        """Stage the deletion of the stream's blobs ``(name, key)`` for the current turn
+        (after the turn's puts; a missing one is no error)."""
+        _check_stream(stream)
+        self._check_open()
+        self._blob_drops.extend((stream, name, key) for name, key in keys)
+
+    def get_blob(self, stream: str, name: str, key: int) -> bytes | None:
+        """A committed blob of the stream (or one written by this thread's open pass),
+        None if there is none.
+
+        Raises:
+            JournalCorrupted: The blob's bytes fail their checksum.
+            JournalError: The journal is closed.
+        """
+        row = self._db.execute(_SELECT_BLOB, (stream, name, key)).fetchone()
+        if row is None:
+            return None
+        data, checksum = row
+        try:
+            _check_intact(_BLOB_PERSON, f"{stream}\0{name}", key, data, checksum)
+        except _Invalid as exc:
+            raise JournalCorrupted(stream, key, f"blob {name!r}: {exc.reason}") from None
+        return cast(bytes, data)
+
     def compact(self, stream: str, keep_after: int) -> None:
         """Stage the deletion of the records up to ``keep_after``, for the current turn.
 
@@ -1076,7 +1144,8 @@ class Journal:
                 the same stream). Everything staged is discarded, so a handler that
                 re-runs its turn does not append twice.
         """
-        if not (self._rows or self._snapshots or self._compactions):
+        if not (self._rows or self._snapshots or self._compactions or self._blob_puts
+                or self._blob_drops):
             self._check_open()
             return
         if self.defer:
@@ -1127,6 +1196,7 @@ class Journal:
         commit (or at the statement that flushed them) and fails the whole pass.
         """
         single = (len(self._rows) == 1 and not self._snapshots and not self._compactions
+                  and not self._blob_puts and not self._blob_drops
                   and self._staged_last.keys() <= self._registered)
         if single:
             self._check_open()
@@ -1160,6 +1230,10 @@ class Journal:
             db.executemany(_INSERT_RECORD, self._rows)
         if self._snapshots:
             db.executemany(_INSERT_SNAPSHOT, self._snapshots)
+        if self._blob_puts:
+            db.executemany(_PUT_BLOB, self._blob_puts)
+        if self._blob_drops:
+            db.executemany(_DROP_BLOB, self._blob_drops)
         for stream, keep_after in self._compactions.items():
             self._apply_compaction(db, stream, keep_after)
 
@@ -1206,7 +1280,8 @@ class Journal:
         self._check_open()
         if self._in_turn:
             raise JournalError("journal turns do not nest")
-        if self._rows or self._snapshots or self._compactions:
+        if (self._rows or self._snapshots or self._compactions or self._blob_puts
+                or self._blob_drops):
             raise JournalError("a turn started with records staged outside any turn")
         self._in_turn = True
         try:
@@ -1223,6 +1298,8 @@ class Journal:
         self._rows.clear()
         self._snapshots.clear()
         self._compactions.clear()
+        self._blob_puts.clear()
+        self._blob_drops.clear()
         self._staged_last.clear()
 
     def _apply_compaction(self, db: sqlite3.Connection, stream: str, keep_after: int) -> None:

@@ -978,3 +978,80 @@ def test_a_deferring_connection_is_checkpointed_by_a_background_thread(tmp_path:
     finally:
         a.close()
     assert not any(t.name == "journal-checkpointer" for t in threading.enumerate())
+
+
+# -- blobs ---------------------------------------------------------------------------------
+
+
+def test_blobs_are_written_with_the_turn_and_read_back(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j:
+        with j.turn():
+            j.append("router", ["turn 1"])
+            j.put_blobs("router", [("alice", 1, b"chunk a1"), ("bob", 1, b"chunk b1")])
+        assert j.get_blob("router", "alice", 1) == b"chunk a1"
+        assert j.get_blob("router", "alice", 33) is None  # never written
+        assert j.get_blob("book:X", "alice", 1) is None  # per stream
+        with j.turn():
+            j.put_blobs("router", [("alice", 33, b"chunk a33"), ("alice", 1, b"again")])
+            j.drop_blobs("router", [("bob", 1), ("carol", 5)])  # a missing one: no error
+    with Journal.open(tmp_path) as j:  # durable, and another connection sees it
+        assert j.get_blob("router", "alice", 1) == b"again"  # a put replaces
+        assert j.get_blob("router", "alice", 33) == b"chunk a33"
+        assert j.get_blob("router", "bob", 1) is None
+
+
+def test_blobs_of_a_failed_turn_are_discarded(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j:
+        with pytest.raises(RuntimeError), j.turn():
+            j.put_blobs("router", [("alice", 1, b"lost")])
+            raise RuntimeError("the handler failed")
+        with j.turn():  # nothing staged is left over: the turn starts clean
+            j.append("router", ["next"])
+        assert j.get_blob("router", "alice", 1) is None
+
+
+def test_a_damaged_blob_raises_corrupted(tmp_path: Path) -> None:
+    with Journal.open(tmp_path) as j, j.turn():
+        j.put_blobs("router", [("alice", 1, b"chunk")])
+    db = _raw(tmp_path)
+    db.execute("UPDATE blobs SET data = ? WHERE name = 'alice'", (b"chunK",))
+    db.close()
+    with Journal.open(tmp_path) as j, pytest.raises(JournalCorrupted, match="alice"):
+        j.get_blob("router", "alice", 1)
+
+
+def test_deferred_blobs_are_read_before_the_pass_commits(tmp_path: Path) -> None:
+    from actors.journal import flush_shared
+
+    a = Journal.open(tmp_path, share=True, defer=True)
+    try:
+        a.append("router", ["r1"])
+        a.put_blobs("router", [("alice", 1, b"chunk")])
+        a.commit()
+        assert a.get_blob("router", "alice", 1) == b"chunk"  # the pass's own write
+        with Journal.open(tmp_path) as other:
+            assert other.get_blob("router", "alice", 1) is None  # not committed yet
+        assert flush_shared() == 1
+        with Journal.open(tmp_path) as other:
+            assert other.get_blob("router", "alice", 1) == b"chunk"
+    finally:
+        a.close()
+
+
+def test_a_version_1_journal_is_upgraded_with_the_blobs_table(tmp_path: Path) -> None:
+    db = _raw(tmp_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    for table, blob in (("records", "payload"), ("snapshots", "state")):
+        db.execute(f"CREATE TABLE {table} (stream TEXT NOT NULL, seq INTEGER NOT NULL,"
+                   f" {blob} BLOB NOT NULL, checksum BLOB NOT NULL, PRIMARY KEY (stream, seq))")
+    db.execute("CREATE TABLE streams (name TEXT PRIMARY KEY, base INTEGER NOT NULL DEFAULT 0)"
+               " WITHOUT ROWID")
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    with Journal.open(tmp_path) as j, j.turn():
+        j.append(BOOK, _orders(1, 1))
+        j.put_blobs(BOOK, [("x", 1, b"blob")])
+    with Journal.open(tmp_path) as j:
+        assert j.get_blob(BOOK, "x", 1) == b"blob"
+        assert [o for _, o in j.read(BOOK)] == _orders(1, 1)
+    assert _raw(tmp_path).execute("PRAGMA user_version").fetchone() == (2,)
