@@ -21,7 +21,7 @@ from typing import Any
 
 from actors.cores.book import OrderBook
 from actors.cores.ledger import DuplicateOrder, Ledger, OrderRecord
-from actors.cores.router import Router, RouterEffect, RouterTimer
+from actors.cores.router import ChunkLoader, Router, RouterEffect, RouterTimer
 from actors.messages import (
     ROUTER,
     TIMER,
@@ -316,6 +316,23 @@ class RouterDesk:
         self._batch: list[UserEvent] = []
         self._now = 0
         self._replies: list[Out] = []
+        #: Reads back the replay-log chunks the host stored (:meth:`spill`); not part
+        #: of the state (the host sets it again after a restore).
+        self.load_chunk: ChunkLoader | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("load_chunk", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.load_chunk = None
+
+    def spill(self) -> tuple[list[tuple[str, int, bytes]], list[tuple[str, int]]]:
+        """The router's frozen replay-log chunks to store, and the stored ones that
+        expired (:meth:`~actors.cores.router.Router.spill`)."""
+        return self.router.spill()
 
     def handle(self, msg: Any) -> list[Out]:
         if isinstance(msg, UserEvent):
@@ -341,7 +358,7 @@ class RouterDesk:
             # the live deliveries that follow start right after it.
             out = self._publish()
             try:
-                events = self.router.replay(msg.user, msg.after_seq)
+                events = self.router.replay(msg.user, msg.after_seq, self.load_chunk)
             except RemoteProtocolError as exc:
                 return out + _error(msg.reply_to, exc.code.value, exc.message)
             result = {

@@ -442,6 +442,8 @@ class Host(RuntimeActor):
             wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
             if wakeup is not None:
                 self._arm(wakeup)  # the dead host's wakeup died with it
+            if isinstance(desk, RouterDesk):
+                desk.load_chunk = self._load_chunk
         # Whatever the crashed host had not seen acked may not have left. The outbox
         # now holds every batch since the snapshot (which receivers applied is not
         # journaled): ask each receiver for its ack, which it sends at once (acks are
@@ -709,6 +711,8 @@ class Host(RuntimeActor):
         batches = tuple(b for b, _ in group)
         sends = self._route(self._apply(batches))
         self.journal.append(self.stream, [batches[0] if len(batches) == 1 else batches])
+        if self.kind == "router":
+            self._spill()
         self._inflight = (group, sends)
         if group is self._pending:
             self._pending = []
@@ -766,6 +770,39 @@ class Host(RuntimeActor):
             elif n >= ACK_EVERY or items >= ACK_ITEMS or origin.startswith(EAGER_ACK_ORIGINS):
                 self._ack(origin, sender)
         self._deliver(sends)
+
+    def _spill(self) -> None:
+        """Stage the router's newly frozen replay-log chunks as journal blobs (and the
+        deletion of the expired ones), with this turn.
+
+        The chunks are most of the router's state (up to ``replay_capacity`` events
+        per user) and never change: kept in memory and in every snapshot, they made
+        the router's memory and its snapshot pauses grow with users times capacity. Stored
+        with the turn that froze them, a snapshot of this turn or a later one refers
+        to them by seq, and a resume reads them back (:meth:`_load_chunk`). A turn
+        replayed by a recovery freezes the same chunks again; they are stored again
+        (the same bytes) by the next turn's spill.
+        """
+        assert self.journal is not None
+        desk = self.desks[""]
+        assert isinstance(desk, RouterDesk)
+        puts, drops = desk.spill()
+        if puts:
+            self.journal.put_blobs(self.stream, puts)
+        if drops:
+            self.journal.drop_blobs(self.stream, drops)
+
+    def _load_chunk(self, user: str, first_seq: int) -> bytes | None:
+        """A stored replay-log chunk of ``user`` (see :meth:`_spill`); None if it cannot
+        be read (the resume is then answered ``replay_unavailable``)."""
+        if self.journal is None:
+            return None
+        try:
+            return self.journal.get_blob(self.stream, user, first_seq)
+        except JournalError:
+            log.exception("%s: the replay chunk of %s from seq %d cannot be read",
+                          self.host_id, user, first_seq)
+            return None
 
     def _snapshot_due(self) -> bool:
         """Whether this turn stages a snapshot (see :data:`SNAPSHOT_BYTES_FACTOR`).

@@ -243,6 +243,8 @@ class BootOptions:
     instruments: Path | None = None
     fsync: str = "batch"
     account_shards: int = 0
+    #: Events per user the router keeps for resumes (stored in the journal).
+    replay_capacity: int = 10_000
     foreground: bool = False
     timeout: float = 60.0
 
@@ -253,6 +255,8 @@ class BootOptions:
             raise OperationError(f"unknown fsync policy {self.fsync!r}")
         if self.account_shards < 0:
             raise OperationError("--account-shards must be 0 or more")
+        if self.replay_capacity < 1:
+            raise OperationError("--replay-capacity must be 1 or more")
 
     @property
     def attached(self) -> bool:
@@ -439,7 +443,8 @@ def boot(options: BootOptions, *, on_ready: Callable[[BootReport], None]) -> int
     config = SystemConfig(base=options.base, admin_port=options.admin_port, bind=options.bind,
                           log_file=str(data_dir / LOG_DIR / "actors.log"))
     engine = EngineConfig(instruments_toml=text, data_dir=str(data_dir), fsync=options.fsync,
-                          account_shards=options.account_shards)
+                          account_shards=options.account_shards,
+                          replay_capacity=options.replay_capacity)
     with _StopSignals() as stops:
         if config.is_tcp:
             if listening_sockets(options.admin_port):

@@ -53,6 +53,8 @@ class RunOptions:
     demo_users: int = 10
     seconds: float | None = None  # stop by itself after this long (tests, demos)
     fsync: str = "batch"
+    #: Events per user the router keeps for resumes (stored in the journal).
+    replay_capacity: int = 10_000
     live: bool = True
     #: Users from the users file and their initial deposits (minor units).
     deposits: tuple[tuple[str, int], ...] = ()
@@ -202,7 +204,7 @@ async def run_exchange(options: RunOptions, instruments_toml: str,
     options.data_dir.mkdir(parents=True, exist_ok=True)
     instruments = parse_instruments(instruments_toml)
     engine = EngineConfig(instruments_toml=instruments_toml, data_dir=str(options.data_dir),
-                          fsync=options.fsync)
+                          fsync=options.fsync, replay_capacity=options.replay_capacity)
     bridge = EngineBridge(BridgeOptions(engine=engine))
     gw = Gateway(bridge, instruments, check_password,
                  GatewayConfig(host=options.host, port=options.port))

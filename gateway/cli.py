@@ -53,8 +53,11 @@ def _run(args: argparse.Namespace) -> int:
             return store.verify(user, password)
         return demo.verify(user, password) or (user.startswith("bot") and password == "demo")
 
+    if args.replay_capacity < 1:
+        return _fail("--replay-capacity must be 1 or more")
     options = RunOptions(host=args.host, port=args.port, data_dir=data_dir, agents=args.agents,
                          demo_users=args.demo_users, seconds=args.seconds, fsync=args.fsync,
+                         replay_capacity=args.replay_capacity,
                          live=not args.no_live and sys.stdout.isatty(),
                          deposits=tuple((u, store.deposit_of(u)) for u in store.names()))
     try:
@@ -168,7 +171,8 @@ def _boot(args: argparse.Namespace) -> int:
             base=args.base, admin_port=args.admin_port, bind=args.bind,
             data_dir=Path(args.data_dir),
             instruments=None if args.instruments is None else Path(args.instruments),
-            fsync=args.fsync, account_shards=args.account_shards, foreground=args.foreground,
+            fsync=args.fsync, account_shards=args.account_shards,
+            replay_capacity=args.replay_capacity, foreground=args.foreground,
             timeout=args.timeout)
         return boot(options, on_ready=ready)
     except OperationError as exc:
@@ -313,6 +317,10 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+REPLAY_HELP = ("events per user the router keeps for resumes after a reconnect (default "
+               "10,000; stored in the journal, ~80 bytes each)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emporion", description="The Emporion exchange engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seconds", type=float, default=None,
                      help="stop by itself after this long (default: run until Ctrl-C)")
     run.add_argument("--fsync", choices=("always", "batch", "off"), default="batch")
+    run.add_argument("--replay-capacity", type=int, default=10_000, help=REPLAY_HELP)
     run.add_argument("--users-file", default=None, help="default DATA_DIR/users.json")
     run.add_argument("--instruments", default=None, help="instrument registry TOML file")
     run.add_argument("--no-live", action="store_true", help="no live view, summary at the end")
@@ -444,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="account hosts: 0 = one actor per user (default); N > 0 = N shard "
                            "actors (use e.g. 4 with multiprocTCPBase: a process per user "
                            "does not scale)")
+    boot.add_argument("--replay-capacity", type=int, default=10_000, help=REPLAY_HELP)
     boot.add_argument("--foreground", action="store_true",
                       help="stay attached; SIGINT/SIGTERM stop the engine cleanly")
     boot.add_argument("--timeout", type=float, default=60.0,

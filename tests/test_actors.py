@@ -461,3 +461,40 @@ def test_a_gateway_link_hands_each_host_incarnations_batches_out_in_send_order()
     assert got(old, 3, "c") == ["c"]  # overtaken by its successor: as it comes
     assert got(new, 3, "g") == ["g"]
     assert got("router@10", 1, "r") == ["r"]  # hosts are independent channels
+
+
+@pytest.mark.parametrize("group_commit", ["turn", "pass"])
+def test_the_router_stores_its_frozen_replay_chunks_in_the_journal_and_reads_them_back(
+    tmp_path: Path, group_commit: str
+) -> None:
+    # The replay log's frozen chunks (32 events each) are journal blobs: the router
+    # keeps only their seqs (memory and snapshots no longer grow with the history),
+    # a resume reads them back, and so does a router rebuilt from the journal.
+    from actors.journal import FILE_NAME, flush_shared
+
+    with engine(BASE, tmp_path, group_commit=group_commit) as t:
+        t.link.fanout = group_commit == "pass"
+        t.link.attach("alice")
+        for _ in range(80):
+            assert t.deposit("alice", 1).ok
+        live = t.wait_events("alice", 80)[:80]
+        assert [e.seq for e in live] == list(range(1, 81))
+        log = inspect(t.link, "router")[""].router._lanes["alice"].log
+        assert (log.stored_first, log.stored, list(log.chunks)) == (1, 2, [])  # stored
+        assert [e.seq for e in log.tail] == list(range(65, 81))
+
+        def replay() -> list[Any]:
+            reply = t.request(Dest("router"), lambda r: RouterReplay(
+                reply_to=r, user="alice", after_seq=0))
+            assert reply.ok and reply.result is not None, reply
+            return list(reply.result["events"])
+
+        assert replay() == live
+        t.link.asys.tell(t.link.directory.hosts["router"], HostFault(mode="exit"))
+        t.pump()
+        t.link.refresh()
+        assert replay()[:80] == live  # rebuilt from the journal: the same events
+        flush_shared()  # the "pass" deployment commits when the bridge flushes
+    rows = sqlite3.connect(tmp_path / FILE_NAME).execute(
+        "SELECT name, key FROM blobs WHERE stream = 'host:router' ORDER BY key").fetchall()
+    assert rows == [("alice", 1), ("alice", 33)]

@@ -1021,6 +1021,7 @@ def test_a_damaged_blob_raises_corrupted(tmp_path: Path) -> None:
 
 
 def test_deferred_blobs_are_read_before_the_pass_commits(tmp_path: Path) -> None:
+    import actors.journal as journal_module
     from actors.journal import flush_shared
 
     a = Journal.open(tmp_path, share=True, defer=True)
@@ -1034,6 +1035,23 @@ def test_deferred_blobs_are_read_before_the_pass_commits(tmp_path: Path) -> None
         assert flush_shared() == 1
         with Journal.open(tmp_path) as other:
             assert other.get_blob("router", "alice", 1) == b"chunk"
+        # A known stream's one-record turns are buffered with their blob changes, in
+        # order: a put, then its drop, then another put.
+        for turn, (puts, drops) in enumerate([([("bob", 1, b"b1")], []),
+                                              ([], [("bob", 1), ("alice", 1)]),
+                                              ([("bob", 1, b"b1 again")], [])]):
+            a.append("router", [f"r{turn + 2}"])
+            a.put_blobs("router", puts)
+            a.drop_blobs("router", drops)
+            a.commit()
+        assert a._shared is not None  # both buffered, not yet written:
+        assert a._shared[journal_module._PENDING] and a._shared[journal_module._PENDING_BLOBS]
+        assert a.get_blob("router", "bob", 1) == b"b1 again"  # a read writes them first
+        assert a.get_blob("router", "alice", 1) is None
+        assert flush_shared() == 1
+        with Journal.open(tmp_path) as other:
+            assert other.get_blob("router", "bob", 1) == b"b1 again"
+            assert [r for _, r in other.read("router")] == ["r1", "r2", "r3", "r4"]
     finally:
         a.close()
 

@@ -375,3 +375,13 @@ def test_boot_reports_a_corrupted_journal_instead_of_timing_out(engines: Engines
     # The Exchange's own account of it is in the actor log (not lost on stderr).
     log = (engines.data_dir / "logs" / "actors.log").read_text()
     assert "actors.exchange host book:BTC-PERP failed to start" in log, log[-2000:]
+
+
+def test_a_replay_capacity_below_one_is_refused_before_anything_starts(
+        engines: Engines) -> None:
+    for command in (["boot", "--base", "simpleSystemBase"], ["run", "--no-live"]):
+        done = engines.run(*command, "--data-dir", str(engines.data_dir),
+                           "--replay-capacity", "0")
+        assert done.returncode != 0
+        assert "--replay-capacity must be 1 or more" in done.stderr, done.stderr
+    assert not (engines.data_dir / ENGINE_FILE).exists()

@@ -569,3 +569,93 @@ def test_growing_event_ids_are_remembered_as_one_run() -> None:
     assert [e.event_id for e in deliveries(r.publish([ev("a", 2_000)], 13_001))["a"]] == [
         2_000]  # forgotten: accepted again, and the memory becomes a set
     assert seen.runs is None and seen.ids is not None and len(seen.ids) == 10_000
+
+
+# -- stored (spilled) chunks ---------------------------------------------------------------
+
+
+@given(
+    capacity=st.integers(1, 100),
+    n=st.integers(0, 250),
+    spill_every=st.integers(1, 60),
+    pickled_at=st.integers(0, 250),
+)
+def test_spilled_chunks_replay_exactly_and_the_store_holds_only_the_live_ones(
+    capacity: int, n: int, spill_every: int, pickled_at: int
+) -> None:
+    # The host stores what spill() hands over and deletes what it says expired; the
+    # log keeps only the seqs of the stored chunks. Replay through the store must
+    # still be exactly a bounded deque's content, across a snapshot round trip, and
+    # the store must not grow past the log.
+    from collections import deque
+
+    from actors.journal import _dumps
+
+    store: dict[tuple[str, int], bytes] = {}
+
+    def spill(r: Router) -> None:
+        puts, drops = r.spill()
+        for user, first, blob in puts:
+            assert (user, first) not in store
+            store[(user, first)] = blob
+        for user, first in drops:
+            del store[(user, first)]  # only stored ones are reported
+
+    r = Router(replay_capacity=capacity, conflation_window_ns=0)
+    model: deque[SequencedEvent] = deque(maxlen=capacity)
+    for i in range(1, n + 1):
+        if i == pickled_at:
+            r = pickle.loads(_dumps(r))
+        model.extend(deliveries(r.publish([ev("a", i)], i))["a"])
+        if i % spill_every == 0:
+            spill(r)
+    spill(r)
+    log = r._lanes["a"].log if n else None
+    if log is not None:
+        assert not log.chunks  # all stored now: the log keeps where they are, no more
+        assert set(store) == {("a", log.stored_first + i * log.size)
+                              for i in range(log.stored)}
+    first = model[0].seq if model else 1
+
+    def load(user: str, seq: int) -> bytes | None:
+        return store.get((user, seq))
+
+    for after in range(first - 1, n + 1):
+        assert list(r.replay("a", after, load)) == list(model)[after + 1 - first:]
+    if log is not None and log.stored:  # without the store, those events are gone
+        with pytest.raises(RemoteProtocolError) as info:
+            r.replay("a", first - 1)
+        assert info.value.code == ErrorCode.REPLAY_UNAVAILABLE
+    # A snapshot of the spilled router holds seqs, not the stored bytes: it stays
+    # small whatever the log's length (the tail, under a chunk, is all it holds).
+    assert len(_dumps(r)) < 6_000
+
+
+def test_a_router_pickled_before_spilling_existed_spills_its_chunks_on_the_first_call() -> None:
+    from actors.cores.router import _Lane, _restore_chunked_lane, _seq_values
+
+    class OldPickler(pickle.Pickler):  # the reduce before stored chunks and _Seen
+        def reducer_override(self, obj: object) -> object:
+            if type(obj) is not _Lane:
+                return NotImplemented
+            log = obj.log
+            accepted = obj.seen.accepted()
+            return _restore_chunked_lane, (obj.last_seq, log.capacity, list(log.chunks),
+                                           list(map(_seq_values, log.tail)), set(accepted),
+                                           deque(accepted), obj.pending, obj.due_ns)
+
+    import io
+    from collections import deque
+
+    r = Router(replay_capacity=100, conflation_window_ns=0)
+    r.publish([ev("a", i) for i in range(1, 71)], 1)  # two chunks and a tail of 6
+    buffer = io.BytesIO()
+    OldPickler(buffer, 5).dump(r)
+    old = pickle.loads(buffer.getvalue())
+    old.__dict__.pop("_unspilled", None)
+    restored = pickle.loads(pickle.dumps(old))  # as if written without the attribute
+    puts, drops = restored.spill()
+    assert [(u, first) for u, first, _ in puts] == [("a", 1), ("a", 33)] and drops == []
+    store = {(u, first): blob for u, first, blob in puts}
+    assert [e.seq for e in restored.replay("a", 0, lambda u, f: store.get((u, f)))] == list(
+        range(1, 71))

@@ -49,7 +49,8 @@ from __future__ import annotations
 import operator
 import pickle
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, cast
 
 import attrs
@@ -57,6 +58,7 @@ import attrs
 from protocol import EVENT_PRIORITY, ErrorCode, RemoteProtocolError, UserEvent
 
 __all__ = [
+    "ChunkLoader",
     "Router",
     "RouterDeliver",
     "RouterEffect",
@@ -162,32 +164,55 @@ _CHUNK = 32
 _SEQ_INDEX = _SEQ_FIELDS.index("seq")
 
 
+class _ChunkMissing(Exception):  # noqa: N818  (internal signal, never escapes)
+    """A stored chunk could not be read back (see :meth:`Router.replay`)."""
+
+
+#: Reads a stored chunk back: ``(user, first seq) -> bytes``, None if it is not there.
+ChunkLoader = Callable[[str, int], "bytes | None"]
+
+
 class _ReplayLog:
     """One user's replay log: the last ``capacity`` sequenced events, in seq order.
 
-    Older events are kept *frozen*: every :data:`_CHUNK` appended events are
-    pickled once, as one chunk of field-value tuples, and only the newest
-    (fewer than a chunk) stay objects. A host snapshot pickled every log in full
-    and so paused the router's turn for the whole history each time (0.4-0.55 s
-    under bench/gateway.py's order load); now it copies the chunks' bytes and
-    pickles only the unfrozen tails. Each event is pickled once in its life,
-    spread over the turns, and a frozen event costs its pickle's bytes instead
-    of an object and a dict. A replay decodes the chunks it needs (replays are
-    rare: a client's resume).
+    Older events are kept *frozen*: every :data:`_CHUNK` appended events (or
+    ``capacity``, if smaller: the log's chunk ``size``) are pickled once, as one
+    chunk of field-value tuples, and only the newest (fewer than a chunk) stay
+    objects. A host snapshot pickled every log in full and so paused the router's
+    turn for the whole history each time (0.4-0.55 s under bench/gateway.py's order
+    load); now it copies the chunks' bytes and pickles only the unfrozen tails. Each
+    event is pickled once in its life, spread over the turns, and a frozen event
+    costs its pickle's bytes instead of an object and a dict. A replay decodes the
+    chunks it needs (replays are rare: a client's resume).
 
     Capacity: the events with ``seq > last_seq - capacity`` are the log; a chunk
     goes once all its events are older, and the older events of a partly
     expired chunk are filtered out when it is read.
+
+    Stored chunks: a frozen chunk never changes, so its owner may store it
+    elsewhere (:meth:`spill`; the router's host puts it in its journal) and keep
+    nothing of it: every chunk holds exactly ``size`` consecutive events, so the
+    stored ones, which come before those still in ``chunks``, are just
+    ``stored_first`` (the first seq of the oldest) and ``stored`` (how many).
+    :meth:`after` reads them back through a loader. The stored chunks that expired
+    since the last spill are listed in ``dropped`` (their first seqs), for the owner
+    to delete.
     """
 
-    __slots__ = ("capacity", "chunks", "last_seq", "tail")
+    __slots__ = ("capacity", "chunks", "dropped", "last_seq", "size", "stored",
+                 "stored_first", "tail")
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
-        #: ``(first seq, last seq, pickled list of field-value tuples)``, oldest first.
+        self.size = _CHUNK if capacity is None else min(_CHUNK, capacity)
+        #: ``(first seq, last seq, pickled list of field-value tuples)``, oldest first:
+        #: the frozen chunks not stored yet.
         self.chunks: deque[tuple[int, int, bytes]] = deque()
+        self.stored = 0
+        self.stored_first = 0
         self.tail: list[SequencedEvent] = []
         self.last_seq = 0
+        self.dropped: list[int] = []
 
     @classmethod
     def from_values(cls, capacity: int | None, values: Any) -> _ReplayLog:
@@ -197,24 +222,49 @@ class _ReplayLog:
             log.append(_sequenced(value))
         return log
 
-    def append(self, event: SequencedEvent) -> None:
-        """Add the next event (its seq follows the last one's)."""
+    def append(self, event: SequencedEvent) -> bool:
+        """Add the next event (its seq follows the last one's); True if that froze a
+        chunk or expired a stored one (the log has something for :meth:`spill`)."""
         tail = self.tail
         tail.append(event)
         seq = self.last_seq = event.seq
         chunks = self.chunks
-        cap = self.capacity
-        if len(tail) >= _CHUNK or (cap is not None and len(tail) >= cap):
+        changed = False
+        if len(tail) >= self.size:
             chunks.append((tail[0].seq, seq, pickle.dumps(list(map(_seq_values, tail)), 5)))
             self.tail = []
+            changed = True
+        cap = self.capacity
         if cap is not None:
             first = seq - cap + 1  # the oldest seq kept: drop chunks wholly before it
+            size = self.size
+            while self.stored and self.stored_first + size <= first:
+                self.dropped.append(self.stored_first)
+                self.stored_first += size
+                self.stored -= 1
+                changed = True
             while chunks and chunks[0][1] < first:
                 chunks.popleft()
+        return changed
+
+    def spill(self) -> list[tuple[int, int, bytes]]:
+        """The chunks frozen since the last spill, as ``(first seq, last seq, bytes)``;
+        the log keeps nothing of them from now on (the caller stores the bytes)."""
+        chunks = self.chunks
+        if not chunks:
+            return []
+        if not self.stored:
+            self.stored_first = chunks[0][0]
+        self.stored += len(chunks)
+        out = list(chunks)
+        chunks.clear()
+        return out
 
     def first_seq(self) -> int:
         """The oldest seq the log holds (``last_seq + 1`` when it is empty)."""
-        if self.chunks:
+        if self.stored:
+            oldest = self.stored_first
+        elif self.chunks:
             oldest = self.chunks[0][0]
         elif self.tail:
             oldest = self.tail[0].seq
@@ -223,10 +273,25 @@ class _ReplayLog:
         cap = self.capacity
         return oldest if cap is None else max(oldest, self.last_seq - cap + 1)
 
-    def after(self, after_seq: int) -> tuple[SequencedEvent, ...]:
-        """The events with ``seq > after_seq``, oldest first."""
+    def after(self, after_seq: int,
+              load: Callable[[int], bytes | None] | None = None) -> tuple[SequencedEvent, ...]:
+        """The events with ``seq > after_seq``, oldest first; ``load(first seq)`` reads a
+        stored chunk back.
+
+        Raises:
+            _ChunkMissing: a stored chunk is needed and ``load`` has not got it.
+        """
         lo = max(after_seq + 1, self.first_seq())
         out: list[SequencedEvent] = []
+        size = self.size
+        if self.stored:
+            start = max(0, (lo - self.stored_first) // size)
+            for i in range(start, self.stored):
+                first = self.stored_first + i * size
+                blob = None if load is None else load(first)
+                if blob is None:
+                    raise _ChunkMissing(first)
+                out += [_sequenced(v) for v in pickle.loads(blob) if v[_SEQ_INDEX] >= lo]
         for _, last, blob in self.chunks:
             if last >= lo:
                 out += [_sequenced(v) for v in pickle.loads(blob) if v[_SEQ_INDEX] >= lo]
@@ -360,11 +425,21 @@ def _restore_lane_v3(last_seq: int, capacity: int | None,
                      chunks: list[tuple[int, int, bytes]], tail: list[tuple[object, ...]],
                      seen: _Seen, pending: dict[tuple[str, str], UserEvent],
                      due_ns: int | None) -> _Lane:
+    """Unpickle a lane written before its chunks could be stored."""
+    return _restore_lane_v4(last_seq, capacity, 0, 0, chunks, tail, seen, pending, due_ns, [])
+
+
+def _restore_lane_v4(last_seq: int, capacity: int | None, stored_first: int, stored: int,
+                     chunks: list[tuple[int, int, bytes]], tail: list[tuple[object, ...]],
+                     seen: _Seen, pending: dict[tuple[str, str], UserEvent],
+                     due_ns: int | None, dropped: list[int]) -> _Lane:
     """Unpickle a lane (see :meth:`_Lane.__reduce__`); the chunks stay frozen."""
     log = _ReplayLog(capacity)
+    log.stored_first, log.stored = stored_first, stored
     log.chunks.extend(chunks)
     log.tail = [_sequenced(values) for values in tail]
     log.last_seq = last_seq  # every sequenced event went to the log
+    log.dropped = list(dropped)
     return _Lane(last_seq=last_seq, log=log, seen=seen, pending=pending, due_ns=due_ns)
 
 
@@ -384,14 +459,16 @@ class _Lane:
     seen_order: deque[int] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle the replay log as its frozen chunks (bytes, copied as they are) and
-        its unfrozen tail as tuples of field values (see :class:`_ReplayLog`). Lanes
-        pickled by earlier versions (the whole log as tuples, or field by field, or
-        the dedup memory as a set and a deque) still load."""
+        """Pickle the replay log as where its stored chunks are (two ints), its other
+        frozen chunks (bytes, copied as they are) and its unfrozen tail as tuples of
+        field values (see :class:`_ReplayLog`). Lanes pickled by earlier versions
+        (the whole log as tuples, or field by field, or the dedup memory as a set and
+        a deque, or before chunks were stored) still load."""
         log = self.log
-        return _restore_lane_v3, (
-            self.last_seq, log.capacity, list(log.chunks), list(map(_seq_values, log.tail)),
-            self.seen, self.pending, self.due_ns)
+        return _restore_lane_v4, (
+            self.last_seq, log.capacity, log.stored_first, log.stored, list(log.chunks),
+            list(map(_seq_values, log.tail)), self.seen, self.pending, self.due_ns,
+            log.dropped)
 
 
 class Router:
@@ -428,6 +505,8 @@ class Router:
         self._window_ns = conflation_window_ns
         self._dedup_capacity = dedup_capacity
         self._lanes: dict[str, _Lane] = {}
+        #: Users whose replay log has something for :meth:`spill`.
+        self._unspilled: set[str] = set()
         #: Users with pending events → their flush time (insertion = flush order).
         self._due: dict[str, int] = {}
         #: The one wakeup asked for and not yet seen fired.
@@ -442,13 +521,16 @@ class Router:
         their own reduce) bring their log as a ``deque`` of events: it is rebuilt
         as a :class:`_ReplayLog`."""
         self.__dict__.update(state)
-        for lane in self._lanes.values():
+        unspilled = self.__dict__.setdefault("_unspilled", set())
+        for user, lane in self._lanes.items():
             old: Any = lane.log
             if isinstance(old, deque):
                 lane.log = _ReplayLog.from_values(old.maxlen, map(_seq_values, old))
             if lane.seen_order is not None:
                 lane.seen = _Seen.from_ids(lane.seen_order)
                 lane.seen_ids = lane.seen_order = None
+            if lane.log.chunks or lane.log.dropped:
+                unspilled.add(user)
 
     # -- handlers --------------------------------------------------------------
 
@@ -483,6 +565,7 @@ class Router:
         conflate = window_ns != 0
         dedup_capacity = self._dedup_capacity
         published = delivered = deduplicated = conflated = 0
+        unspilled = self._unspilled
         user: str | None = None
         lane: _Lane
         batch: list[SequencedEvent] | None = None  # out[user], once it exists
@@ -508,7 +591,8 @@ class Router:
             if not conflate or EVENT_PRIORITY[event.kind] <= _IMMEDIATE_MAX_PRIORITY:
                 lane.last_seq += 1
                 sequenced = SequencedEvent.from_user_event(event, lane.last_seq)
-                lane.log.append(sequenced)
+                if lane.log.append(sequenced):
+                    unspilled.add(user)
                 delivered += 1
                 if batch is None:
                     batch = out[user] = []
@@ -549,12 +633,15 @@ class Router:
 
     # -- queries ---------------------------------------------------------------
 
-    def replay(self, user: str, after_seq: int) -> tuple[SequencedEvent, ...]:
+    def replay(self, user: str, after_seq: int,
+               load: ChunkLoader | None = None) -> tuple[SequencedEvent, ...]:
         """The events of ``user`` numbered after ``after_seq``, in seq order.
 
         Args:
             user: whose events.
             after_seq: the last seq the client holds (0 for none).
+            load: reads back the chunks :meth:`spill` handed out (without it, or
+                when it has not got one, the events in it are unavailable).
 
         Returns:
             Exactly the sequenced events with ``seq > after_seq`` (empty when
@@ -564,7 +651,8 @@ class Router:
         Raises:
             RemoteProtocolError: ``bad_request`` if ``after_seq`` is negative or
                 beyond the user's last seq; ``replay_unavailable`` if the log no
-                longer holds ``after_seq + 1``.
+                longer holds ``after_seq + 1``, or a stored chunk it needs cannot be
+                read back.
         """
         lane = self._lanes.get(user)
         last = 0 if lane is None else lane.last_seq
@@ -581,7 +669,34 @@ class Router:
                 ErrorCode.REPLAY_UNAVAILABLE,
                 f"the replay log starts at seq {first}; events after {after_seq} are gone",
             )
-        return lane.log.after(after_seq)
+        try:
+            return lane.log.after(after_seq, None if load is None else partial(load, user))
+        except _ChunkMissing as missing:
+            raise RemoteProtocolError(
+                ErrorCode.REPLAY_UNAVAILABLE,
+                f"the stored events from seq {missing.args[0]} cannot be read back",
+            ) from None
+
+    def spill(self) -> tuple[list[tuple[str, int, bytes]], list[tuple[str, int]]]:
+        """Hand the frozen replay-log chunks over to the caller's store.
+
+        Returns:
+            The chunks frozen since the last call, as ``(user, first seq, bytes)``,
+            to store (from now on the logs keep only their seqs, and :meth:`replay`
+            reads them back through its ``load``); and the stored chunks that
+            expired since, as ``(user, first seq)``, to delete.
+        """
+        puts: list[tuple[str, int, bytes]] = []
+        drops: list[tuple[str, int]] = []
+        lanes = self._lanes
+        for user in self._unspilled:
+            log = lanes[user].log
+            puts += [(user, first, blob) for first, _, blob in log.spill()]
+            if log.dropped:
+                drops += [(user, first) for first in log.dropped]
+                log.dropped.clear()
+        self._unspilled.clear()
+        return puts, drops
 
     def users(self) -> list[str]:
         """Every user the router has numbered events for (in first-seen order)."""
@@ -614,7 +729,8 @@ class Router:
     def _sequence(self, lane: _Lane, event: UserEvent) -> SequencedEvent:
         lane.last_seq += 1
         sequenced = SequencedEvent.from_user_event(event, lane.last_seq)
-        lane.log.append(sequenced)
+        if lane.log.append(sequenced):
+            self._unspilled.add(event.user)
         self._delivered += 1
         return sequenced
 
