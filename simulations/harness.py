@@ -79,7 +79,7 @@ from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
 from protocol import CASH_STEP, Instrument, RemoteProtocolError, parse_instruments
-from simulations.agents import Control, SimAgent, deposit_units, market_record
+from simulations.agents import Control, Pauses, SimAgent, deposit_units, market_record
 from simulations.history import (
     AgentLog,
     BookFinal,
@@ -473,13 +473,15 @@ class AgentGroup:
         sc = spec.scenario
         roles = sc.roles()
         self.agents: list[SimAgent] = []
+        self.pauses = Pauses()
         for i in spec.indices:
             role = roles[i]
             agent_log = AgentLog(user=spec.users[i], role=role,
                                  deposit=deposit_units(sc.deposit))
             self.agents.append(SimAgent(agent_log, spec.instruments, sc.symbols,
                                         seed=sc.seed * 1_000_003 + i,
-                                        rate=sc.rates.get(role, 1.0), control=control))
+                                        rate=sc.rates.get(role, 1.0), control=control,
+                                        pause=self.pauses.sleep))
         if sc.feed() == "shared" and self.agents:
             # One feed, one set of prices: the agents share the maps the feed updates,
             # so a ticker costs one update rather than one per agent (a loop over 1,000
@@ -505,6 +507,7 @@ class AgentGroup:
     async def run(self) -> GroupResult:
         limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.pauses.run)
             if self.spec.scenario.feed() == "shared" and self.agents:
                 await nursery.start(self._feed)
             for agent in self.agents:
