@@ -36,8 +36,28 @@ LAG_BEHIND_MS: Final = 10.0
 #: Below this share of the nominal rate the run is called short of its offered load.
 SHORT_OF_NOMINAL: Final = 0.8
 
-_LOWEST_US: Final = 1
-_HIGHEST_US: Final = 120_000_000
+#: The range of the run's HdrHistograms, in µs (1 µs to 120 s), 3 significant digits.
+LOWEST_US: Final = 1
+HIGHEST_US: Final = 120_000_000
+SIGNIFICANT: Final = 3
+
+
+def new_histogram() -> HdrHistogram:
+    """An empty histogram of microseconds over the run's range."""
+    return HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT)
+
+
+def histogram_ms(hist: HdrHistogram,
+                 percentiles: Sequence[tuple[str, float]]) -> dict[str, float | None]:
+    """``{name: value at that percentile, max}`` in ms and ``count``, from a histogram of
+    µs; the values are None when it is empty."""
+    n = int(hist.get_total_count())
+    out: dict[str, float | None] = {
+        name: hist.get_value_at_percentile(pct) / 1000.0 if n else None
+        for name, pct in percentiles}
+    out["max"] = hist.get_max_value() / 1000.0 if n else None
+    out["count"] = n
+    return out
 
 
 @attrs.define(kw_only=True)
@@ -77,7 +97,7 @@ class LoadProbe:
     def __init__(self, name: str, agents: int) -> None:
         self.name = name
         self.agents = agents
-        self._hist = HdrHistogram(_LOWEST_US, _HIGHEST_US, 3)
+        self._hist = new_histogram()
         self._counting = False
         self._cpu0 = 0.0
         self._wall0 = 0.0
@@ -94,7 +114,7 @@ class LoadProbe:
                 await trio.sleep(LAG_PERIOD_S)
                 if self._counting:
                     late = trio.current_time() - before - LAG_PERIOD_S
-                    hist.record_value(min(max(1, round(late * 1e6)), _HIGHEST_US))
+                    hist.record_value(min(max(1, round(late * 1e6)), HIGHEST_US))
 
     def start(self) -> None:
         self._hist.reset()
@@ -107,14 +127,7 @@ class LoadProbe:
         if self._result is None:
             self._counting = False
             self._scope.cancel()
-            hist = self._hist
-            n = int(hist.get_total_count())
-            lag: dict[str, float | None] = {
-                "p50": hist.get_value_at_percentile(50.0) / 1000.0 if n else None,
-                "p99": hist.get_value_at_percentile(99.0) / 1000.0 if n else None,
-                "max": hist.get_max_value() / 1000.0 if n else None,
-                "count": n,
-            }
+            lag = histogram_ms(self._hist, (("p50", 50.0), ("p99", 99.0)))
             self._result = ProcessLoad(
                 name=self.name, agents=self.agents, cpu_s=time.process_time() - self._cpu0,
                 wall_s=time.monotonic() - self._wall0, lag_ms=lag)

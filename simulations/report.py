@@ -31,7 +31,6 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 import attrs
-from hdrh.histogram import HdrHistogram
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -39,6 +38,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .history import FaultRecord, History, MarketRecord
+from .load import HIGHEST_US, LOWEST_US, histogram_ms, new_histogram
 
 # -- the checks' shape -----------------------------------------------------------------
 
@@ -67,9 +67,6 @@ MEASURES: Final = ("submit_to_ack", "submit_to_fill", "market_submit_to_fill",
 #: Statistic keys of one measure, in report order (all in ms but ``count``).
 STATS: Final = ("p50", "p90", "p99", "p999", "max", "count")
 _PERCENTILES: Final = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
-_LOWEST_US: Final = 1
-_HIGHEST_US: Final = 120_000_000  # 120 s
-_SIGNIFICANT: Final = 3
 
 
 def _us(ns: int) -> int:
@@ -78,7 +75,7 @@ def _us(ns: int) -> int:
     Negative spans (clock skew between engine and harness) count as 0; anything over
     120 s is recorded as 120 s rather than lost.
     """
-    return min(max(0, (ns + 500) // 1000), _HIGHEST_US)
+    return min(max(0, (ns + 500) // 1000), HIGHEST_US)
 
 
 def latency_samples(history: History) -> dict[str, list[int]]:
@@ -105,17 +102,10 @@ def _market_records(history: History) -> Iterable[MarketRecord]:
 
 
 def _summarize(samples_us: Sequence[int]) -> dict[str, float | None]:
-    if not samples_us:
-        out: dict[str, float | None] = dict.fromkeys(STATS)
-        out["count"] = 0
-        return out
-    hist = HdrHistogram(_LOWEST_US, _HIGHEST_US, _SIGNIFICANT)
+    hist = new_histogram()
     for v in samples_us:
         hist.record_value(v)
-    out = {key: hist.get_value_at_percentile(pct) / 1000.0 for key, pct in _PERCENTILES}
-    out["max"] = hist.get_max_value() / 1000.0
-    out["count"] = int(hist.get_total_count())
-    return out
+    return histogram_ms(hist, _PERCENTILES)
 
 
 def latency_summary(history: History) -> dict[str, dict[str, float | None]]:
@@ -296,7 +286,7 @@ def _chart_latency(samples: Mapping[str, Sequence[int]], path: Path) -> None:
         if not values:
             continue
         n = len(values)
-        xs = [max(v, _LOWEST_US) / 1000.0 for v in values]  # log axis: 0 → 1 µs
+        xs = [max(v, LOWEST_US) / 1000.0 for v in values]  # log axis: 0 → 1 µs
         ys = [(i + 1) / n for i in range(n)]
         ax.step(xs, ys, where="post", label=f"{name} (n={n})")
         plotted = True
