@@ -13,12 +13,14 @@ threads sharing one).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import attrs
+from thespian.actors import ActorSystemFailure
 
 from actors.exchange import (
     EXCHANGE_NAME,
@@ -43,6 +45,13 @@ from actors.host import (
 )
 from actors.host import account_host_id as _account_host_id
 from actors.messages import Dest, RouterAttach
+
+log = logging.getLogger(__name__)
+
+#: A link that could not deliver to a host (a ``kill -9``'d one refuses the
+#: connection) tries its outbox for that host again after this long, unless the
+#: Exchange's announcement of the host's successor comes first.
+RETRY_UNDELIVERED_S = 1.0
 
 
 class EngineError(RuntimeError):
@@ -121,6 +130,8 @@ class EngineLink:
         #: that came early; per host id its current channel.
         self._channels: dict[str, list[Any]] = {}
         self._incarnation: dict[str, str] = {}
+        #: Hosts a tell to failed → when to try their outbox again (see :meth:`_tell`).
+        self._undelivered: dict[str, float] = {}
         self.directory = self._ask_directory(GatewayRegister(gateway_id=gateway_id))
 
     def _ask_directory(self, msg: Any) -> Directory:
@@ -201,7 +212,11 @@ class EngineLink:
             return True
         if isinstance(msg, DirectoryUpdate):
             self.directory = msg.directory
-            self.channel.resend(msg.restarted, self.directory.hosts, self.asys.tell)
+            for hid in msg.restarted:
+                self._undelivered.pop(hid, None)
+                for batch in list(self.channel.outbox.get(hid, ())):
+                    if not self._tell(hid, batch):
+                        break
             if msg.restarted:
                 symbols = tuple(sorted(sym for sym, hid in self.directory.books.items()
                                        if hid in msg.restarted))
@@ -264,12 +279,50 @@ class EngineLink:
         for dest, item in items:
             per_host.setdefault(self.host_of(dest), []).append((dest, item))
         for hid, batch in per_host.items():
-            self.asys.tell(self.directory.hosts[hid], self.channel.batch(hid, tuple(batch)))
+            numbered = self.channel.batch(hid, tuple(batch))  # kept until acked
+            if hid not in self._undelivered:  # else it waits its turn in the outbox
+                self._tell(hid, numbered)
         return len(per_host)
+
+    def _tell(self, hid: str, batch: EngineBatch) -> bool:
+        """Send one of the outbox's batches to host ``hid``; False if the transport
+        refused it.
+
+        Under multiprocTCPBase a tell to a host that was just ``kill -9``'d raises
+        ``ActorSystemFailure`` (dead target) until the Exchange has re-created it;
+        raised here, it ended the gateway's bridge thread and every request after it
+        hung (a multi-process faults simulation caught it). The batch stays in the
+        outbox: the Exchange's ``DirectoryUpdate`` naming the host's successor sends
+        it the outbox, and :meth:`receive` tries again after
+        :data:`RETRY_UNDELIVERED_S` if no such update comes (a transport hiccup to a
+        live host). Meanwhile later batches for the host only join the outbox, so
+        they never overtake it.
+        """
+        try:
+            self.asys.tell(self.directory.hosts[hid], batch)
+        except ActorSystemFailure as exc:
+            if hid not in self._undelivered:
+                log.warning("engine link %s: host %s unreachable (%s); its batches wait "
+                            "for it", self.gateway_id, hid, exc)
+            self._undelivered[hid] = time.monotonic() + RETRY_UNDELIVERED_S
+            return False
+        return True
+
+    def _retry_undelivered(self) -> None:
+        """Try the outbox of each host whose retry time has come (see :meth:`_tell`)."""
+        now = time.monotonic()
+        for hid, at in list(self._undelivered.items()):
+            if at <= now:
+                del self._undelivered[hid]
+                for batch in list(self.channel.outbox.get(hid, ())):
+                    if not self._tell(hid, batch):
+                        break
 
     def receive(self, timeout: float = 0.5) -> list[Any]:
         """Everything addressed to this gateway that arrives within ``timeout`` of the
         first message (replies, deliveries, market data, in arrival order)."""
+        if self._undelivered:
+            self._retry_undelivered()
         out = self.backlog
         self.backlog = []
         msg = self.asys.listen(timedelta(seconds=0.0 if out else timeout))

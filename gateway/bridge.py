@@ -46,6 +46,7 @@ exactly like Thespian's own transport — replay only files you recorded.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -81,6 +82,11 @@ class BridgeBusy(Exception):  # noqa: N818 - a normal, reportable condition
 
 class BridgeStopped(Exception):  # noqa: N818
     """The bridge is not running."""
+
+
+class BridgeFailed(RuntimeError):  # noqa: N818 - named like its siblings
+    """The bridge thread ended with an error: the engine is out of reach (see
+    :attr:`EngineBridge.failure`; the gateway stops with this error)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -543,6 +549,10 @@ class EngineBridge:
         self.received = 0
         self._switch_interval: tuple[float, float] | None = None  # (ours, the one before)
         self._gc_threshold: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        #: What ended the bridge thread after it started (None while it runs or
+        #: once it stopped cleanly); ``failed`` is set on the trio side when it does.
+        self.failure: BaseException | None = None
+        self.failed = trio.Event()
 
     # -- trio side -------------------------------------------------------------------
 
@@ -627,6 +637,8 @@ class EngineBridge:
             deliver: called on the trio thread with each pass's engine messages.
         """
         token = trio.lowlevel.current_trio_token()
+        self.failure = None
+        self.failed = trio.Event()
         self._tune_interpreter()
         self._thread = threading.Thread(
             target=self._run, args=(token, deliver), name="engine-bridge", daemon=True
@@ -720,9 +732,13 @@ class EngineBridge:
         except trio.RunFinishedError:
             pass
         except Exception as exc:
+            # Nothing would reach the engine any more and every request would hang
+            # until its timeout: tell the trio side, which stops the gateway with it.
             failed = f"the bridge failed: {exc!r}"
             log.exception("the engine bridge failed")
-            raise
+            self.failure = exc
+            with contextlib.suppress(trio.RunFinishedError, RuntimeError):
+                trio.from_thread.run_sync(self.failed.set, trio_token=token)
         finally:
             try:
                 if self._recorder is not None:

@@ -64,6 +64,26 @@ def _run(args: argparse.Namespace) -> int:
         return trio.run(run_exchange, options, registry, check)
     except OSError as exc:
         return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+    except BaseException as exc:
+        failed = _bridge_failure(exc)
+        if failed is None:
+            raise
+        return _fail(str(failed))
+
+
+def _bridge_failure(exc: BaseException) -> BaseException | None:
+    """The :class:`~gateway.bridge.BridgeFailed` that ended a run, if that is what did
+    (trio hands it over inside exception groups): the engine is out of reach."""
+    from gateway.bridge import BridgeFailed
+
+    if isinstance(exc, BridgeFailed):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _bridge_failure(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -104,6 +124,11 @@ def _gateway(args: argparse.Namespace) -> int:
         trio.run(main)
     except (OSError, RuntimeError) as exc:
         return _fail(f"gateway failed: {exc}")
+    except BaseExceptionGroup as group:
+        failed = _bridge_failure(group)
+        if failed is None:
+            raise
+        return _fail(f"gateway failed: {failed}")
     return 0
 
 
@@ -296,7 +321,13 @@ def _simulate(args: argparse.Namespace) -> int:
         record=Path(args.record) if args.record else None, fsync=args.fsync,
         live=not args.no_live and sys.stdout.isatty(), instruments_path=args.instruments,
         base=args.base, account_shards=args.account_shards)
-    return run_simulation(options)
+    try:
+        return run_simulation(options)
+    except BaseException as exc:
+        failed = _bridge_failure(exc)
+        if failed is None:
+            raise
+        return _fail(f"simulate: {failed}")
 
 
 def _replay(args: argparse.Namespace) -> int:

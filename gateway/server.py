@@ -40,7 +40,7 @@ from actors.messages import (
     RouterReplay,
 )
 from actors.sessions import SessionHub
-from gateway.bridge import BridgeBusy, EngineBridge
+from gateway.bridge import BridgeBusy, BridgeFailed, EngineBridge
 from protocol import (
     POLICY_VIOLATION,
     SUBPROTOCOLS,
@@ -349,10 +349,21 @@ class Gateway:
                     task_status=task_status))
                 self.port = server.port
                 nursery.start_soon(self._expire_requests)
+                nursery.start_soon(self._watch_bridge, nursery.cancel_scope)
                 task_status.started(self.port)
         finally:
             with trio.CancelScope(shield=True):
                 await self.bridge.stop()
+        failure = self.bridge.failure
+        if failure is not None:
+            raise BridgeFailed(f"the engine bridge failed: {failure!r}") from failure
+
+    async def _watch_bridge(self, scope: trio.CancelScope) -> None:
+        """Stop serving (every connection closes) once the bridge thread has failed:
+        requests could only hang until their timeout; :meth:`serve` then raises."""
+        await self.bridge.failed.wait()
+        log.error("gateway: stopping, the engine bridge failed: %r", self.bridge.failure)
+        scope.cancel()
 
     async def _handle(self, request: WebSocketRequest) -> None:
         proposed = request.proposed_subprotocols

@@ -92,7 +92,14 @@ async def running_gateway(gw_config: GatewayConfig | None = None, *,
 async def client(gw: Gateway, enc: str) -> AsyncIterator[Client]:
     async with open_websocket_url(f"ws://127.0.0.1:{gw.port}/v1",
                                   subprotocols=[f"emporion.v1.{enc}"]) as ws:
-        yield Client(ws, enc)
+        try:
+            yield Client(ws, enc)
+        finally:
+            if ws.closed is not None:
+                # The server went away first (no close handshake): trio-websocket's
+                # aclose then returns early and leaves the TCP stream open.
+                with contextlib.suppress(Exception):
+                    await ws._stream.aclose()
 
 
 def lose(gw: Gateway, kind: type, times: int | None = 1) -> list[Any]:

@@ -463,6 +463,68 @@ def test_a_gateway_link_hands_each_host_incarnations_batches_out_in_send_order()
     assert got("router@10", 1, "r") == ["r"]  # hosts are independent channels
 
 
+class _DeadTargets:
+    """An external ActorSystem handle whose tells to the addresses in ``dead`` fail as
+    Thespian's do to a kill -9'd actor (``ActorSystemFailure``, dead target)."""
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+        self.dead: set[str] = set()
+        self.sent: list[tuple[str, Any]] = []
+        self.inbox: list[Any] = []
+
+    def createActor(self, *args: Any, **kw: Any) -> str:  # noqa: N802 (Thespian's name)
+        return "exchange"
+
+    def ask(self, addr: Any, msg: Any, timeout: Any) -> Any:
+        return self.directory
+
+    def tell(self, addr: str, msg: Any) -> None:
+        from thespian.actors import ActorSystemFailure
+
+        if addr in self.dead:
+            raise ActorSystemFailure(f"Error sending to {addr}: -SENDSTS_DEADTARGET")
+        self.sent.append((addr, msg))
+
+    def listen(self, timeout: Any) -> Any:
+        return self.inbox.pop(0) if self.inbox else None
+
+
+def test_a_gateway_link_keeps_what_a_dead_host_refused_and_resends_it_to_its_successor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A tell to a kill -9'd host raised out of EngineLink.send and ended the gateway's
+    # bridge thread: every request after it hung (multi-process faults simulation).
+    import actors.boot as boot
+    from actors.boot import BooksRestarted, EngineLink
+    from actors.host import Directory, DirectoryUpdate
+
+    directory = Directory(hosts={"book:X": "book@1", "router": "router@1"},
+                          books={"X": "book:X"})
+    asys = _DeadTargets(directory)
+    link = EngineLink(asys, "gw")
+    asys.dead.add("book@1")
+    assert link.send([(Dest("book", "X"), "a")]) == 1  # refused: no exception
+    assert link.send([(Dest("book", "X"), "b"), (Dest("router"), "r")]) == 2
+    assert [(addr, b.seq, b.items[0][1]) for addr, b in asys.sent] == [("router@1", 1, "r")]
+    # The Exchange announces the successor: the kept batches go to it, in order.
+    asys.inbox.append(DirectoryUpdate(
+        directory=Directory(hosts={"book:X": "book@2", "router": "router@1"},
+                            books={"X": "book:X"}),
+        restarted=("book:X",)))
+    assert link.receive(0.0) == [BooksRestarted(symbols=("X",))]
+    assert [(addr, b.seq, b.items[0][1]) for addr, b in asys.sent[1:]] == [
+        ("book@2", 1, "a"), ("book@2", 2, "b")]
+    # A host that refused without being replaced (a transport hiccup) is tried again.
+    monkeypatch.setattr(boot, "RETRY_UNDELIVERED_S", 0.0)
+    asys.dead.add("router@1")
+    link.send([(Dest("router"), "r2")])
+    asys.dead.clear()
+    assert link.receive(0.0) == []
+    assert [(addr, b.seq, b.items[0][1]) for addr, b in asys.sent[3:]] == [
+        ("router@1", 1, "r"), ("router@1", 2, "r2")]  # the whole outbox (none acked)
+
+
 @pytest.mark.parametrize("group_commit", ["turn", "pass"])
 def test_the_router_stores_its_frozen_replay_chunks_in_the_journal_and_reads_them_back(
     tmp_path: Path, group_commit: str

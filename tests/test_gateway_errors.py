@@ -1027,3 +1027,48 @@ async def test_a_full_engine_queue_refuses_at_once_and_a_login_can_be_sent_again
         finally:
             release.set()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_bridge_stops_the_gateway_with_its_error() -> None:
+    # A bridge thread that died (a tell to a kill -9'd host used to end it) left the
+    # gateway serving with no engine: every request hung until its timeout. Now the
+    # gateway closes its connections and serve() raises BridgeFailed with the cause.
+    from gateway.bridge import BridgeFailed
+    from gateway.cli import load_instruments
+
+    bridge = EngineBridge(BridgeOptions(engine=config()))
+    gw = Gateway(bridge, load_instruments(None), lambda u, p: p == "pw",
+                 GatewayConfig(port=0))
+
+    def transport_down(link: Any, items: Any) -> None:
+        raise RuntimeError("transport down")
+
+    closed = False
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.serve)
+            async with client(gw, "json") as c:
+                bridge._send = transport_down  # type: ignore[method-assign]
+                await c.send({"op": "login", "id": 1, "user": "alice", "password": "pw"})
+                with trio.fail_after(10):
+                    try:
+                        while True:
+                            await c.frame()
+                    except ConnectionClosed:
+                        closed = True
+    assert closed
+    failures = [e for e in info.value.exceptions if isinstance(e, BridgeFailed)]
+    assert len(failures) == 1 and "transport down" in str(failures[0])
+    assert isinstance(bridge.failure, RuntimeError)
+
+
+def test_the_cli_finds_a_bridge_failure_inside_trio_exception_groups() -> None:
+    from gateway.bridge import BridgeFailed
+    from gateway.cli import _bridge_failure
+
+    failed = BridgeFailed("the engine bridge failed: boom")
+    nested = BaseExceptionGroup("run", [trio.Cancelled._create(),  # type: ignore[attr-defined]
+                                        ExceptionGroup("serve", [failed])])
+    assert _bridge_failure(nested) is failed
+    assert _bridge_failure(failed) is failed
+    assert _bridge_failure(ExceptionGroup("other", [ValueError("x")])) is None
