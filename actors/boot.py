@@ -298,8 +298,11 @@ class EngineLink:
         live host). Meanwhile later batches for the host only join the outbox, so
         they never overtake it.
         """
+        addr = self.directory.hosts.get(hid)
         try:
-            self.asys.tell(self.directory.hosts[hid], batch)
+            if addr is None:
+                raise ActorSystemFailure(f"no address for {hid} in the directory")
+            self.asys.tell(addr, batch)
         except ActorSystemFailure as exc:
             if hid not in self._undelivered:
                 log.warning("engine link %s: host %s unreachable (%s); its batches wait "
