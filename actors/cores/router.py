@@ -255,6 +255,9 @@ class _ReplayLog:
             return []
         if not self.stored:
             self.stored_first = chunks[0][0]
+        # Stored chunks are described by where the first starts: they must follow on.
+        assert self.stored_first + self.stored * self.size == chunks[0][0], (
+            self.stored_first, self.stored, self.size, chunks[0][0])
         self.stored += len(chunks)
         out = list(chunks)
         chunks.clear()
