@@ -132,6 +132,9 @@ class SimAgent(Strategy):
         super().__init__()
         #: How the agent waits between decisions (a group's shared :class:`Pauses`).
         self.pause = pause
+        #: Where the harness has the agent (``"connecting"`` … ``"done"``): a run that
+        #: gives up on an agent reports it.
+        self.phase = "connecting"
         self.log = log
         self.role = log.role
         self.instruments = dict(instruments)

@@ -96,6 +96,13 @@ log = logging.getLogger(__name__)
 CONNECT_CONCURRENCY = 64
 SETTLE_QUIET_S = 0.5
 SETTLE_MAX_S = 15.0
+#: The phases of an agent before it stopped trading (see AgentGroup._give_up_on).
+_BEFORE_THE_SETTLE = frozenset({"connecting", "waiting for go", "trading"})
+#: The longest the agents may take, once told to stop, to stop trading; and then,
+#: after the settle, to make their final queries and take their final replay. An
+#: agent still at it is reported stuck (with the phase) and the run goes on to its
+#: checks and fails: a run must end, whatever an agent waits for.
+FINISH_MAX_S = 60.0
 MONITOR_USER = "sim-monitor"
 #: Without a live view, a status line every this many seconds.
 LOG_EVERY_S = 5.0
@@ -518,16 +525,34 @@ class AgentGroup:
             await self.go.wait()
             if not self.agents:
                 self.traded.set()
-            await self.traded.wait()
+            await self.control.stop.wait()
+            with trio.move_on_after(FINISH_MAX_S):
+                await self.traded.wait()
+            self._give_up_on("trading", self.traded, _BEFORE_THE_SETTLE)
             self.settled = await settle(self.agents)
             self.finals_ready.set()
             if self.agents:
-                await self.finished.wait()
+                with trio.move_on_after(SETTLE_MAX_S + FINISH_MAX_S):
+                    await self.finished.wait()
+                self._give_up_on("finishing", self.finished, None)
             self.release.set()
             nursery.cancel_scope.cancel()  # the shared feed, and the clients' connections
         return GroupResult(logs=[a.log for a in self.agents],
                            faults=[f for a in self.agents for f in a.faults],
                            finals=self.finals, settled=self.settled, errors=self.errors)
+
+    def _give_up_on(self, what: str, done: trio.Event, phases: frozenset[str] | None) -> None:
+        """``done`` did not come in time: record every agent still short of it (in one
+        of ``phases``; None: not done) as stuck, in the phase it was in, and go on
+        without them."""
+        if done.is_set():
+            return
+        for agent in self.agents:
+            short = agent.phase != "done" if phases is None else agent.phase in phases
+            if short and agent.log.stuck is None:
+                agent.log.stuck = f"{agent.phase} (the group gave up {what})"
+                self.errors.append(f"{agent.log.user}: stuck in {agent.phase}")
+        done.set()
 
     async def _feed(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The shared market-data connection of this group (``market_data = "shared"``):
@@ -565,29 +590,35 @@ class AgentGroup:
                 self._n_connected += 1
                 if self._n_connected == len(self.agents):
                     self.connected.set()
+                agent.phase = "waiting for go"
                 await self.go.wait()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(agent.run, client)
                     try:
+                        agent.phase = "trading"
                         await agent.trade(client)
                     finally:
                         agent.log.reconnects = client.reconnects
                         self._n_traded += 1
                         if self._n_traded == len(self.agents):
                             self.traded.set()
+                    agent.phase = "waiting for the settle"
                     await self.finals_ready.wait()
                     try:
+                        agent.phase = "final queries"
                         final = self.finals[user] = await query_final(client,
                                                                       spec.instruments)
                     except (ClientError, RemoteProtocolError, KeyError, ValueError) as exc:
                         self.errors.append(f"{user}: final query failed: {exc}")
                     else:
                         if final.last_seq is not None:
+                            agent.phase = "final replay"
                             await _handled_up_to(agent, client, final.last_seq)
                     agent.log.skipped = set(client.skipped)
                     agent.log.duplicates_dropped = client.duplicates_dropped
                     agent.log.reconnects = client.reconnects
                     agent.log.gap_resumes = client.gap_resumes
+                    agent.phase = "done"
                     self._n_finished += 1
                     if self._n_finished == len(self.agents):
                         self.finished.set()

@@ -84,6 +84,8 @@ class AgentLog:
     #: ``gap_timeout_s``): gaps the gateway did not repair.
     gap_resumes: int = 0
     cancels: int = 0  # cancel requests sent (the places are ``orders``)
+    #: The phase the agent was stuck in when its group gave up on it (None: it finished).
+    stuck: str | None = None
     deposit: int = 0  # minor units deposited for this user before the run
     #: The seq the agent's stream must start at: 1 when it resumed from 0 at its first
     #: login (the harness's agents do), else the login's ``last_seq + 1``.

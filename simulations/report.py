@@ -240,7 +240,12 @@ def build_report(
         "reconnects": sum(a.reconnects for a in history.agents.values()),
         "gap_resumes": sum(a.gap_resumes for a in history.agents.values()),
         "duplicates_dropped": sum(a.duplicates_dropped for a in history.agents.values()),
-        "passed": all(inv["passed"] for inv in invariants.values()),
+        # An agent the run gave up on (stuck, see simulations.harness.FINISH_MAX_S)
+        # fails the run even if the checks of what the others saw pass.
+        "stuck_agents": {user: a.stuck for user, a in sorted(history.agents.items())
+                         if a.stuck is not None},
+        "passed": (all(inv["passed"] for inv in invariants.values())
+                   and not any(a.stuck for a in history.agents.values())),
     }
     report.update(_jsonable(dict(extra)))
     return report

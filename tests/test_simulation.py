@@ -214,3 +214,34 @@ async def test_under_multiproc_tcp_base_the_kills_are_real_and_nothing_is_lost(
     # Nothing of the engine outlives the run (the test's own processes are by pid).
     from actors.operations import read_engine_file
     assert read_engine_file(tmp_path / "data") is None
+
+
+async def test_an_agent_that_never_finishes_fails_the_run_instead_of_hanging_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A multi-process faults run once hung for good after trading: the harness waited
+    # for every agent without a bound. Now it gives up after FINISH_MAX_S, names the
+    # agent and its phase, and the run fails.
+    from simulations.agents import SimAgent
+
+    monkeypatch.setattr(harness, "FINISH_MAX_S", 2.0)
+    monkeypatch.setattr(harness, "SETTLE_MAX_S", 2.0)
+    real_trade = SimAgent.trade
+    stuck_user: list[str] = []
+
+    async def trade(self: SimAgent, client: object) -> None:
+        if not stuck_user:
+            stuck_user.append(self.log.user)
+            await trio.sleep_forever()  # whatever it waits for never comes
+        await real_trade(self, client)
+
+    monkeypatch.setattr(SimAgent, "trade", trade)
+    sc = attrs.evolve(load_scenario("basic"), agents=4, seconds=1.0, faults=())
+    with open(tmp_path / "console.txt", "w") as out, trio.fail_after(60):
+        result = await simulate(SimOptions(scenario=sc, data_dir=tmp_path / "data",
+                                           live=False), Console(file=out))
+    assert not result.passed
+    # (An agent still in a long pause when the group gave up is named too.)
+    stuck = result.report["stuck_agents"]
+    assert stuck[stuck_user[0]] == "trading (the group gave up trading)"
+    assert set(stuck.values()) == {"trading (the group gave up trading)"}
+    assert f"{stuck_user[0]}: stuck in trading" in result.report["agent_errors"]
