@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -94,7 +95,8 @@ class Client:
                  reconnect: bool = True, event_buffer: int = 10_000,
                  ack_every: int = 100, retries: int = 3,
                  resume_from: int | None = None, heartbeat_s: float | None = 15.0,
-                 gap_timeout_s: float | None = 2.0) -> None:
+                 gap_timeout_s: float | None = 2.0,
+                 answer_timeout_s: float | None = 30.0) -> None:
         self.url = url
         self.user = user
         self._password = password
@@ -116,6 +118,13 @@ class Client:
         self.gap_timeout_s = gap_timeout_s
         #: Resumes sent because a gap lasted ``gap_timeout_s``.
         self.gap_resumes = 0
+        #: A request unanswered this long means the connection is dead, though open:
+        #: the gateway answers every request (``timeout`` after its own 10 s when the
+        #: engine does not), so the client drops the connection and reconnects, and
+        #: the request fails ``disconnected`` (and is sent again). None: wait for ever.
+        self.answer_timeout_s = answer_timeout_s
+        #: Connections dropped because a request went unanswered (``answer_timeout_s``).
+        self.dead_connections = 0
         self._gap = trio.Event()  # set while events are held behind a missing seq
         #: Book channels resubscribed because a market seq was skipped (the gateway
         #: dropped frames: the book the frames describe is no longer whole).
@@ -183,7 +192,15 @@ class Client:
         self._waiting[rid] = (done, slot)
         try:
             await self._send(ws, {"op": op, "id": rid, **fields})
-            await done.wait()
+            limit = self.answer_timeout_s
+            with trio.move_on_after(math.inf if limit is None else limit):
+                await done.wait()
+            if not slot:
+                self.dead_connections += 1
+                with contextlib.suppress(Exception):
+                    await ws._stream.aclose()  # the reader sees the close: a reconnect
+                raise ClientError("disconnected", f"no answer to {op} in {limit:g} s; "
+                                  "the connection was dropped")
         finally:
             self._waiting.pop(rid, None)
         frame = slot[0]

@@ -196,3 +196,29 @@ async def test_a_second_timeout_reaches_the_caller() -> None:
             else:
                 raise AssertionError("a query nothing answers succeeded")
         assert len(lost) == 2  # sent, timed out, sent once more, timed out: given up
+
+
+async def test_a_connection_that_answers_nothing_is_dropped_and_the_request_sent_again(
+) -> None:
+    # The gateway answers every request (at the latest with ``timeout``), so a request
+    # with no answer at all means the connection is dead though open (one a stopped
+    # gateway left half-closed). The SDK used to wait on it for ever.
+    from typing import Any
+
+    async with running_gateway() as gw:
+        real = gw._dispatch
+        ignored: list[Any] = []
+
+        def dispatch(conn: Any, req: Any) -> None:
+            if type(req).__name__ == "Query" and not ignored:
+                ignored.append(req)  # read, and never answered
+                return
+            real(conn, req)
+
+        gw._dispatch = dispatch  # type: ignore[method-assign]
+        async with open_client(f"ws://127.0.0.1:{gw.port}/v1", "alice", "pw",
+                               answer_timeout_s=0.5) as alice:
+            with trio.fail_after(10):
+                account = await alice.query("account")
+            assert "balance" in account
+            assert ignored and alice.dead_connections == 1 and alice.reconnects == 1
