@@ -618,6 +618,7 @@ class AgentGroup:
                     agent.log.duplicates_dropped = client.duplicates_dropped
                     agent.log.reconnects = client.reconnects
                     agent.log.gap_resumes = client.gap_resumes
+                    agent.log.dead_connections = client.dead_connections
                     agent.phase = "done"
                     self._n_finished += 1
                     if self._n_finished == len(self.agents):

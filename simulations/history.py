@@ -83,6 +83,9 @@ class AgentLog:
     #: Resumes the agent's client sent over a gap that lasted (gateway.client's
     #: ``gap_timeout_s``): gaps the gateway did not repair.
     gap_resumes: int = 0
+    #: Connections the agent's client dropped because a request got no answer at all
+    #: (gateway.client's ``answer_timeout_s``): dead connections that looked open.
+    dead_connections: int = 0
     cancels: int = 0  # cancel requests sent (the places are ``orders``)
     #: The phase the agent was stuck in when its group gave up on it (None: it finished).
     stuck: str | None = None

@@ -239,6 +239,7 @@ def build_report(
         "latency_ms": latency_summary(history),
         "reconnects": sum(a.reconnects for a in history.agents.values()),
         "gap_resumes": sum(a.gap_resumes for a in history.agents.values()),
+        "dead_connections": sum(a.dead_connections for a in history.agents.values()),
         "duplicates_dropped": sum(a.duplicates_dropped for a in history.agents.values()),
         # An agent the run gave up on (stuck, see simulations.harness.FINISH_MAX_S)
         # fails the run even if the checks of what the others saw pass.
