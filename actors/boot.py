@@ -45,6 +45,7 @@ from actors.host import (
 )
 from actors.host import account_host_id as _account_host_id
 from actors.messages import Dest, RouterAttach
+from actors.runtime import RuntimeRelayBatch, start_relay
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,11 @@ class EngineLink:
         #: that came early; per host id its current channel.
         self._channels: dict[str, list[Any]] = {}
         self._incarnation: dict[str, str] = {}
-        #: Hosts a tell to failed → when to try their outbox again (see :meth:`_tell`).
+        #: Hosts a tell to failed → when to try their outbox again (see :meth:`_forward`).
         self._undelivered: dict[str, float] = {}
+        #: The system's relay, which an attached link sends its batches through (see
+        #: :meth:`_forward`); made on the first send.
+        self._relay: Any = None
         self.directory = self._ask_directory(GatewayRegister(gateway_id=gateway_id))
 
     def _ask_directory(self, msg: Any) -> Directory:
@@ -214,9 +218,8 @@ class EngineLink:
             self.directory = msg.directory
             for hid in msg.restarted:
                 self._undelivered.pop(hid, None)
-                for batch in list(self.channel.outbox.get(hid, ())):
-                    if not self._tell(hid, batch):
-                        break
+            self._forward([(hid, batch) for hid in msg.restarted
+                           for batch in self.channel.outbox.get(hid, ())])
             if msg.restarted:
                 symbols = tuple(sorted(sym for sym, hid in self.directory.books.items()
                                        if hid in msg.restarted))
@@ -278,48 +281,56 @@ class EngineLink:
         per_host: dict[str, list[tuple[Dest, Any]]] = {}
         for dest, item in items:
             per_host.setdefault(self.host_of(dest), []).append((dest, item))
-        for hid, batch in per_host.items():
-            numbered = self.channel.batch(hid, tuple(batch))  # kept until acked
-            if hid not in self._undelivered:  # else it waits its turn in the outbox
-                self._tell(hid, numbered)
+        self._forward([(hid, self.channel.batch(hid, tuple(batch)))  # kept until acked
+                       for hid, batch in per_host.items()])
         return len(per_host)
 
-    def _tell(self, hid: str, batch: EngineBatch) -> bool:
-        """Send one of the outbox's batches to host ``hid``; False if the transport
-        refused it.
+    def _forward(self, batches: Sequence[tuple[str, EngineBatch]]) -> None:
+        """Send outbox batches ``(host id, batch)`` to their hosts, through the relay.
 
-        Under multiprocTCPBase a tell to a host that was just ``kill -9``'d raises
-        ``ActorSystemFailure`` (dead target) until the Exchange has re-created it;
-        raised here, it ended the gateway's bridge thread and every request after it
-        hung (a multi-process faults simulation caught it). The batch stays in the
-        outbox: the Exchange's ``DirectoryUpdate`` naming the host's successor sends
-        it the outbox, and :meth:`receive` tries again after
-        :data:`RETRY_UNDELIVERED_S` if no such update comes (a transport hiccup to a
-        live host). Meanwhile later batches for the host only join the outbox, so
-        they never overtake it.
+        A tell from outside the system waits for the target's transport: to a host
+        that was just ``kill -9``'d it blocked the gateway's bridge thread for 35 s
+        (Thespian's transmit retry; a multi-process faults simulation hit it in 1 of
+        4 runs), or raised ``ActorSystemFailure`` (dead target), which ended the
+        thread. The system's :class:`~actors.runtime.RuntimeRelay` is a live actor
+        whose own sends are asynchronous, so a dead host holds up only what is
+        addressed to it; the hosts' channel seqs keep the order. A batch the dead
+        host never got stays in the outbox, which the Exchange's ``DirectoryUpdate``
+        naming its successor sends again. If the relay itself cannot be told, the
+        hosts' batches wait in the outbox (later ones behind them) and
+        :meth:`receive` tries again after :data:`RETRY_UNDELIVERED_S`.
         """
-        addr = self.directory.hosts.get(hid)
+        items: list[tuple[Any, EngineBatch]] = []
+        hosts: list[str] = []
+        for hid, batch in batches:
+            addr = self.directory.hosts.get(hid)
+            if hid in self._undelivered or addr is None:
+                self._undelivered.setdefault(hid, time.monotonic() + RETRY_UNDELIVERED_S)
+                continue
+            items.append((addr, batch))
+            hosts.append(hid)
+        if not items:
+            return
         try:
-            if addr is None:
-                raise ActorSystemFailure(f"no address for {hid} in the directory")
-            self.asys.tell(addr, batch)
+            if self._relay is None:
+                self._relay = start_relay(self.asys)
+            self.asys.tell(self._relay, RuntimeRelayBatch(items=tuple(items)))
         except ActorSystemFailure as exc:
-            if hid not in self._undelivered:
-                log.warning("engine link %s: host %s unreachable (%s); its batches wait "
-                            "for it", self.gateway_id, hid, exc)
-            self._undelivered[hid] = time.monotonic() + RETRY_UNDELIVERED_S
-            return False
-        return True
+            log.warning("engine link %s: the relay is unreachable (%s); %d batches wait",
+                        self.gateway_id, exc, len(items))
+            self._relay = None
+            for hid in hosts:
+                self._undelivered[hid] = time.monotonic() + RETRY_UNDELIVERED_S
 
     def _retry_undelivered(self) -> None:
-        """Try the outbox of each host whose retry time has come (see :meth:`_tell`)."""
+        """Send again the outbox of each host whose retry time has come (see
+        :meth:`_forward`)."""
         now = time.monotonic()
-        for hid, at in list(self._undelivered.items()):
-            if at <= now:
-                del self._undelivered[hid]
-                for batch in list(self.channel.outbox.get(hid, ())):
-                    if not self._tell(hid, batch):
-                        break
+        due = [hid for hid, at in self._undelivered.items() if at <= now]
+        for hid in due:
+            del self._undelivered[hid]
+        self._forward([(hid, batch) for hid in due
+                       for batch in self.channel.outbox.get(hid, ())])
 
     def receive(self, timeout: float = 0.5) -> list[Any]:
         """Everything addressed to this gateway that arrives within ``timeout`` of the

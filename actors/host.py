@@ -818,9 +818,16 @@ class Host(RuntimeActor):
         return since >= SNAPSHOT_BYTES_FACTOR * self._snap_size
 
     def _ack(self, origin: str, sender: Any) -> None:
-        """Ack the channel's applied prefix (everything up to ``in_last``)."""
+        """Ack the channel's applied prefix (everything up to ``in_last``).
+
+        A gateway link's batches come through the system's relay (see
+        ``EngineLink._forward``), so their sender is the relay: the ack goes to the
+        gateway itself, whose link keeps the outbox it trims."""
         if not origin.endswith((":resync", ":timer")):
             self._unacked.pop(origin, None)
+            if origin.startswith(LINK_ORIGIN_PREFIX):
+                gateway = origin[len(LINK_ORIGIN_PREFIX):].rpartition("@")[0]
+                sender = self.directory.gateways.get(gateway, sender)
             self.send(sender, EngineAck(host=self.host_id, seq=self.in_last.get(origin, 0)))
 
     def receiveMsg_EngineProbe(self, msg: EngineProbe, sender: Any) -> None:
