@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -258,6 +258,14 @@ class OrderIds:
             self._next = 0
         self._next += 1
         return (self._slot << 16) | self._next
+
+
+def _levels_data(inst: Instrument, bids: Iterable[tuple[int, int]],
+                 asks: Iterable[tuple[int, int]]) -> dict[str, Any]:
+    """A book's levels (``(price, qty)`` in ticks and lots) as the wire's ``bids`` and
+    ``asks`` of a snapshot or a delta: ``[price, qty]`` decimal strings."""
+    return {"bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in bids],
+            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in asks]}
 
 
 @attrs.define
@@ -918,10 +926,8 @@ class Gateway:
 
     def _book_data(self, snapshot: dict[str, Any]) -> dict[str, Any]:
         """A book snapshot's reply as the wire's ``snapshot`` frame data."""
-        inst = self.instruments[snapshot["symbol"]]
-        return {
-            "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in snapshot["bids"]],
-            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in snapshot["asks"]]}
+        return _levels_data(self.instruments[snapshot["symbol"]], snapshot["bids"],
+                            snapshot["asks"])
 
     def _refresh_book(self, symbol: str) -> None:
         """A book's host was re-created: ask the book for a snapshot for its subscribers.
@@ -976,9 +982,7 @@ class Gateway:
         inst = self.instruments[ev.symbol]
         if isinstance(ev, BookDelta):
             kind = "delta"
-            data: dict[str, Any] = {
-                "bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.bids],
-                "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in ev.asks]}
+            data: dict[str, Any] = _levels_data(inst, ev.bids, ev.asks)
         elif isinstance(ev, PublicTrade):
             kind = "trade"
             data = {"trade_id": ev.trade_id, "price": inst.price_str(ev.price),

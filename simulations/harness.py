@@ -74,7 +74,13 @@ from rich.table import Table
 from actors.exchange import ExchangeStatus, ExchangeStatusQuery
 from actors.host import EngineConfig, HostFault, account_host_id
 from actors.messages import AccountDeposit, Dest
-from actors.runtime import RuntimeActorIdentity, RuntimeWhoAreYou, free_port, session_pids
+from actors.runtime import (
+    RuntimeActorIdentity,
+    RuntimeWhoAreYou,
+    free_port,
+    process_session,
+    session_pids,
+)
 from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, open_client
 from gateway.server import Gateway, GatewayConfig
@@ -405,7 +411,8 @@ class MultiprocExchange(EmbeddedExchange):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        while (any(process_session(p) is not None for p in pids)
+               and time.monotonic() < deadline):
             time.sleep(0.02)  # a killed process's exit, which no event announces
         return pids
 
@@ -434,15 +441,6 @@ class MultiprocExchange(EmbeddedExchange):
 
         hid, pid = await call_on_bridge(self.bridge, do)
         return f"host {hid}: its process {pid} killed with SIGKILL"
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie does not: it only waits for its parent)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 # -- one group of agents (this process or a child) -----------------------------------------

@@ -208,7 +208,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The ``report.json`` map of one run; ``extra`` is merged in last (it may override).
 
-    ``passed`` is true when every check passed (vacuously true with no checks).
+    ``passed`` is true when every check passed (vacuously true with no checks) and
+    no agent was given up on as stuck.
     """
     orders = [o for _, o in history.all_orders()]
     acked = [o for o in orders if o.acked_ns is not None]
@@ -216,6 +217,8 @@ def build_report(
     invariants = _invariants(checks)
     refusals = Counter(o.error or "unknown" for o in acked if o.ok is False)
     trades = public_trade_ids(history)
+    stuck = {user: a.stuck for user, a in sorted(history.agents.items())
+             if a.stuck is not None}
     report: dict[str, Any] = {
         "scenario": history.scenario,
         "seed": history.seed,
@@ -241,12 +244,10 @@ def build_report(
         "gap_resumes": sum(a.gap_resumes for a in history.agents.values()),
         "dead_connections": sum(a.dead_connections for a in history.agents.values()),
         "duplicates_dropped": sum(a.duplicates_dropped for a in history.agents.values()),
+        "stuck_agents": stuck,
         # An agent the run gave up on (stuck, see simulations.harness.FINISH_MAX_S)
         # fails the run even if the checks of what the others saw pass.
-        "stuck_agents": {user: a.stuck for user, a in sorted(history.agents.items())
-                         if a.stuck is not None},
-        "passed": (all(inv["passed"] for inv in invariants.values())
-                   and not any(a.stuck for a in history.agents.values())),
+        "passed": all(inv["passed"] for inv in invariants.values()) and not stuck,
     }
     report.update(_jsonable(dict(extra)))
     return report
