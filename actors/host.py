@@ -75,7 +75,7 @@ from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
 from actors.journal import Journal, JournalError
 from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
 from actors.runtime import RuntimeActor, RuntimeWhoAreYou
-from protocol import ErrorCode, Instrument, parse_instruments
+from protocol import ErrorCode, Instrument, PublicTrade, parse_instruments
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ SNAPSHOT_BYTES_FACTOR = 4
 #: damaged, and the journal stops growing with the traffic (freed SQLite pages are
 #: reused). False keeps every record (the journal then grows for ever).
 COMPACT_JOURNAL = True
+
+#: A re-created book sends its gateways the public trades of the turns it replayed
+#: again, at most this many (the newest): those its killed incarnation sent and nobody
+#: received would otherwise be missing from the trades channels for good. Gateways
+#: drop the trade ids they have published already.
+RESEND_TRADES = 256
 
 #: A receiver acks a channel once this many of its batches are applied and not acked
 #: (or :data:`ACK_ITEMS` of their items), not after every turn: acks only trim the
@@ -383,6 +389,9 @@ class Host(RuntimeActor):
         #: id the address its numbering started for and the last seq sent.
         self._gw_origin = ""
         self._gw_seq: dict[str, tuple[Any, int]] = {}
+        #: The public trades of the turns a recovery replayed, newest last (see
+        #: :data:`RESEND_TRADES`); emptied once the init has sent them.
+        self._replayed_trades: deque[PublicTrade] = deque(maxlen=RESEND_TRADES)
         self.turns = 0
         self.items = 0
         self.restarted = False
@@ -438,6 +447,11 @@ class Host(RuntimeActor):
                 conflation_window_ns=msg.config.conflation_window_ns,
             )
         recovered, discarded = self._recover()
+        if msg.restarted and self._replayed_trades and self.directory.gateways:
+            # Before anything this incarnation sends: first on its gateway channels.
+            trades = list(self._replayed_trades)
+            self._deliver(_Sends(gateways={gw: trades for gw in self.directory.gateways}))
+        self._replayed_trades.clear()
         for desk in self.desks.values():
             wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
             if wakeup is not None:
@@ -487,7 +501,10 @@ class Host(RuntimeActor):
             group: Any = record
             batches: tuple[Any, ...] = (group,) if isinstance(group, EngineBatch) else tuple(group)
             assert all(isinstance(b, EngineBatch) for b in batches), record
-            self._route(self._apply(batches))  # numbered and kept, not sent
+            outs = self._apply(batches)
+            self._replayed_trades.extend(
+                m for d, m in outs if d.kind == "market" and isinstance(m, PublicTrade))
+            self._route(outs)  # numbered and kept, not sent
         self.turns = len(rec.records)
         if rec.discarded:
             log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,

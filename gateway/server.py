@@ -327,6 +327,9 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         self._order_ids = OrderIds(time.time_ns())
         self._last_price: dict[str, int] = {}
+        #: Per symbol the newest trade id published: a book's trade ids only grow, and
+        #: a re-created book resends its last ones (actors.host.RESEND_TRADES).
+        self._last_trade_id: dict[str, int] = {}
         self.port = 0
         #: channel → the connections subscribed to it (market fan-out without a
         #: scan of every connection per event).
@@ -971,6 +974,9 @@ class Gateway:
 
     def _market(self, ev: BookDelta | PublicTrade | TickerUpdate) -> None:
         if isinstance(ev, PublicTrade):
+            if ev.trade_id <= self._last_trade_id.get(ev.symbol, 0):
+                return  # a re-created book's resend of a trade published already
+            self._last_trade_id[ev.symbol] = ev.trade_id
             self.trades += 1
             self._last_price[ev.symbol] = ev.price
             channel = f"trades.{ev.symbol}"

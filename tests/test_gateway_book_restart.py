@@ -18,7 +18,7 @@ import trio
 from gateway_kit import Client, client, running_gateway
 
 from actors.host import HostFault
-from protocol import BookDelta
+from protocol import BookDelta, PublicTrade
 from simulations.harness import call_on_bridge
 
 SYMBOL = "BTC-PERP"
@@ -115,3 +115,59 @@ async def test_a_book_without_subscribers_is_not_asked_for_a_snapshot() -> None:
             while not any(e["kind"] == "order_accepted" for e in alice.private):
                 await alice.frame()
         assert "refresh" not in asked and gw.book_refreshes == 0
+
+
+async def test_a_trade_a_killed_book_never_delivered_is_published_after_its_restart(
+        tmp_path: Path) -> None:
+    # A public trade the dead incarnation sent and nobody received was missing from
+    # the trades channel for good (the multi-process simulation's fills_both_sides
+    # caught it). The re-created book sends its replayed trades again; the gateway
+    # publishes the one it lacks and drops the one it had.
+    trades = f"trades.{SYMBOL}"
+
+    def order(cid: str, side: str) -> dict[str, Any]:
+        return {"client_order_id": cid, "symbol": SYMBOL, "side": side, "type": "limit",
+                "price": "59000.0", "qty": "0.001"}
+
+    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice, \
+            client(gw, "json") as bob:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        assert (await alice.call("subscribe", channels=[trades]))["ok"]
+
+        async def tape(n: int) -> list[dict[str, Any]]:
+            with trio.fail_after(10):
+                while len([f for f in alice.market if f["channel"] == trades]) < n:
+                    await alice.frame()
+            return [f for f in alice.market if f["channel"] == trades]
+
+        assert (await bob.call("place", **order("s1", "sell")))["ok"]
+        assert (await alice.call("place", **order("b1", "buy")))["ok"]
+        first = (await tape(1))[0]
+
+        real = gw._from_engine_one
+        lost: list[PublicTrade] = []
+
+        def one(m: Any) -> None:
+            if isinstance(m, PublicTrade) and not lost:
+                lost.append(m)  # sent by the book, never received: it dies with it
+                return
+            real(m)
+
+        gw._from_engine_one = one  # type: ignore[method-assign]
+        assert (await bob.call("place", **order("s2", "sell")))["ok"]
+        assert (await alice.call("place", **order("b2", "buy")))["ok"]
+        with trio.fail_after(10):
+            while not lost:
+                await alice.frame()
+
+        def kill(link: Any) -> None:
+            link.asys.tell(link.directory.hosts[link.directory.books[SYMBOL]],
+                           HostFault(mode="exit"))
+
+        await call_on_bridge(gw.bridge, kill)
+        got = await tape(2)
+        assert [(f["seq"], f["data"]["trade_id"]) for f in got] == [
+            (1, first["data"]["trade_id"]), (2, lost[0].trade_id)]
+        assert (await alice.call("ping"))["type"] == "pong"  # nothing more came
+        assert len([f for f in alice.market if f["channel"] == trades]) == 2
