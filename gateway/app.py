@@ -13,6 +13,7 @@ the most connections seen, since every trader has disconnected by then.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -20,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -32,7 +34,7 @@ from actors.host import EngineConfig
 from actors.messages import AccountDeposit, Dest
 from gateway.bridge import BridgeOptions, EngineBridge
 from gateway.client import ClientError, MarketUpdate, PrivateUpdate, open_client
-from gateway.server import Gateway, GatewayConfig
+from gateway.server import Gateway, GatewayConfig, stop_on_signals
 from protocol import CASH_STEP, Instrument, parse_instruments
 
 FUNDING = int(1_000_000 / CASH_STEP)
@@ -212,66 +214,81 @@ async def run_exchange(options: RunOptions, instruments_toml: str,
     books: dict[str, tuple[str, str]] = {}
     demo = [f"demo{i}" for i in range(1, options.demo_users + 1)]
     bots = [f"bot{i}" for i in range(1, options.agents + 1)]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gw.serve)
-        url = f"ws://{options.host}:{gw.port}/v1"
-        funding = [(u, FUNDING) for u in demo + bots] + list(options.deposits)
-        for user, amount in funding:
-            # The waiting calls: thousands of users may outgrow the bridge's queue.
-            await bridge.open_accounts_waiting(user)
-            if amount > 0 and not _funded(options.data_dir, user):
-                await bridge.submit_waiting(Dest("account", user), AccountDeposit(
-                    reply_to=None, user=user, amount=amount, ts=time.time_ns()))
-        _mark_funded(options.data_dir, [u for u, _ in funding])
-        console.print(f"[bold]Emporion[/] listening on [cyan]{url}[/] — demo users "
-                      f"demo1…demo{options.demo_users} (password 'demo'), "
-                      f"{options.agents} simulated traders, data in {options.data_dir}")
-        syms = list(instruments.values())
-        for i, bot in enumerate(bots):
-            nursery.start_soon(agent, url, bot, "demo", syms, 1000 + i, stats,
-                               "maker" if i % 2 == 0 else "taker")
+    # The first SIGINT/SIGTERM (even during the start) shuts the gateway down once
+    # it is up; a second one stops everything at once (stop_on_signals).
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signals, signals, stop, nursery.cancel_scope)
+            await nursery.start(gw.serve)
+            url = f"ws://{options.host}:{gw.port}/v1"
+            funding = [(u, FUNDING) for u in demo + bots] + list(options.deposits)
+            for user, amount in funding:
+                # The waiting calls: thousands of users may outgrow the bridge's queue.
+                await bridge.open_accounts_waiting(user)
+                if amount > 0 and not _funded(options.data_dir, user):
+                    await bridge.submit_waiting(Dest("account", user), AccountDeposit(
+                        reply_to=None, user=user, amount=amount, ts=time.time_ns()))
+            _mark_funded(options.data_dir, [u for u, _ in funding])
+            console.print(f"[bold]Emporion[/] listening on [cyan]{url}[/] — demo users "
+                          f"demo1…demo{options.demo_users} (password 'demo'), "
+                          f"{options.agents} simulated traders, data in {options.data_dir}")
+            syms = list(instruments.values())
+            # The simulated traders and the market view are clients of this very
+            # gateway: they stop before it shuts down (its closes would fail them).
+            clients = await nursery.start(_client_nursery)
+            for i, bot in enumerate(bots):
+                clients.start_soon(agent, url, bot, "demo", syms, 1000 + i, stats,
+                                   "maker" if i % 2 == 0 else "taker")
 
-        async def watch_market() -> None:
-            async with open_client(url, "demo1", "demo") as c:
-                await c.subscribe([f"ticker.{s}" for s in instruments]
-                                  + [f"trades.{s}" for s in instruments])
-                async for ev in c.events():
-                    if isinstance(ev, MarketUpdate):
-                        sym = ev.channel.split(".", 1)[1]
-                        if ev.kind == "ticker":
-                            books[sym] = (ev.data.get("best_bid") or "-",
-                                          ev.data.get("best_ask") or "-")
-                        elif ev.kind == "trade":
-                            stats.trades_window.append(time.monotonic())
+            async def watch_market() -> None:
+                async with open_client(url, "demo1", "demo") as c:
+                    await c.subscribe([f"ticker.{s}" for s in instruments]
+                                      + [f"trades.{s}" for s in instruments])
+                    async for ev in c.events():
+                        if isinstance(ev, MarketUpdate):
+                            sym = ev.channel.split(".", 1)[1]
+                            if ev.kind == "ticker":
+                                books[sym] = (ev.data.get("best_bid") or "-",
+                                              ev.data.get("best_ask") or "-")
+                            elif ev.kind == "trade":
+                                stats.trades_window.append(time.monotonic())
 
-        if options.demo_users:
-            nursery.start_soon(watch_market)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-
-            async def stop_on_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
-            if options.seconds is not None:
-                nursery.cancel_scope.deadline = trio.current_time() + options.seconds
-            if options.live:
-                with Live(_view(gw, stats, instruments, books, url), console=console,
-                          refresh_per_second=4) as live:
-                    await _refresh(live, lambda: _view(gw, stats, instruments, books, url))
-            else:
-                while True:  # only the peak connection count; the view prints at the end
-                    stats.peak_connections = max(stats.peak_connections, len(gw.conns))
-                    await trio.sleep(0.25)
+            if options.demo_users:
+                clients.start_soon(watch_market)
+            with trio.move_on_after(math.inf if options.seconds is None else options.seconds):
+                if options.live:
+                    with Live(_view(gw, stats, instruments, books, url), console=console,
+                              refresh_per_second=4) as live:
+                        await _refresh(live, lambda: _view(gw, stats, instruments, books, url),
+                                       stop)
+                else:
+                    while not stop.is_set():  # only the peak connection count; the view
+                        # prints at the end
+                        stats.peak_connections = max(stats.peak_connections, len(gw.conns))
+                        with trio.move_on_after(0.25):
+                            await stop.wait()
+            clients.cancel_scope.cancel()
+            console.print("stopping: answering what was asked, then closing connections")
+            await gw.shutdown()
+            nursery.cancel_scope.cancel()
     console.print(_view(gw, stats, instruments, books, url, final=True))
     console.print("stopped cleanly; the journal is in " + str(options.data_dir))
     return 0
 
 
-async def _refresh(live: Live, make: Callable[[], Group]) -> None:
-    while True:
-        await trio.sleep(0.25)  # the view's refresh period
+async def _client_nursery(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A nursery for :func:`run_exchange`'s own clients, handed out by ``task_status``
+    and open until its cancel scope is cancelled."""
+    async with trio.open_nursery() as clients:
+        task_status.started(clients)
+        await trio.sleep_forever()
+
+
+async def _refresh(live: Live, make: Callable[[], Group], stop: trio.Event) -> None:
+    while not stop.is_set():
+        with trio.move_on_after(0.25):  # the view's refresh period
+            await stop.wait()
         live.update(make())
 
 

@@ -729,6 +729,12 @@ class EngineBridge:
         try:
             while not self._stop.is_set():
                 self._pass(link, token, deliver)
+            # What the gateway asked before it stopped the bridge (the connections'
+            # cancel_on_disconnect, as they closed) still reaches the engine and its
+            # journal: the stop may land between a pass's last look at the queue and
+            # the loop's test.
+            if not self._requests.empty():
+                self._pass(link, token, deliver)
         except trio.RunFinishedError:
             pass
         except Exception as exc:

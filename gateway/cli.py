@@ -93,7 +93,7 @@ def _gateway(args: argparse.Namespace) -> int:
     import trio
 
     from gateway.bridge import BridgeOptions, EngineBridge
-    from gateway.server import Gateway, GatewayConfig
+    from gateway.server import Gateway, GatewayConfig, stop_on_signals
     from gateway.users import UserStore, default_users_path
 
     host, _, port_text = args.engine.rpartition(":")
@@ -111,14 +111,18 @@ def _gateway(args: argparse.Namespace) -> int:
                  GatewayConfig(host=args.host, port=args.port))
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(gw.serve)
-            print(f"emporion gateway on ws://{args.host}:{port}/v1 attached to engine "
-                  f"127.0.0.1:{port_text}", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_signals, signals, stop, nursery.cancel_scope)
+                port = await nursery.start(gw.serve)
+                print(f"emporion gateway on ws://{args.host}:{port}/v1 attached to engine "
+                      f"127.0.0.1:{port_text}", flush=True)
+                await stop.wait()
+                print("stopping: answering what was asked, then closing connections",
+                      flush=True)
+                await gw.shutdown()
+                nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -112,6 +112,8 @@ class GatewayConfig:
 #: A writer that wakes takes up to this many queued frames, or about this many
 #: bytes, into one socket write (bounds the joined buffer).
 WRITE_FRAMES = 256
+#: The close reason (code 1001) of every connection when the gateway shuts down.
+SHUTDOWN_REASON = "server shutting down"
 WRITE_BYTES = 256 * 1024
 
 
@@ -306,6 +308,21 @@ class _Pending:
     deadline: float = 0.0  # time.monotonic() past which it is answered ``timeout``
 
 
+async def stop_on_signals(signals: AsyncIterator[int], stop: trio.Event,
+                          scope: trio.CancelScope) -> None:
+    """The first signal sets ``stop`` (the caller then runs :meth:`Gateway.shutdown`);
+    a second one, while that runs, cancels ``scope`` at once.
+
+    ``signals`` is an ``open_signal_receiver`` whose block encloses ``scope``: a
+    receiver closed while this task still iterates it raises ``RuntimeError``.
+    """
+    async for _ in signals:
+        if stop.is_set():
+            scope.cancel()
+            return
+        stop.set()
+
+
 class Gateway:
     """The WebSocket server; see the module docstring."""
 
@@ -346,6 +363,16 @@ class Gateway:
         self.book_refreshes = 0
         #: Books whose refresh could not be asked for yet (the bridge was busy).
         self._refresh_due: set[str] = set()
+        #: :meth:`shutdown` has begun: no new connections or requests.
+        self.stopping = False
+        self._serve_scope: trio.CancelScope | None = None
+        self._listener_scope: trio.CancelScope | None = None
+        #: Set when :meth:`shutdown` has decided every connection's close; until then a
+        #: connection whose reader it stopped waits for its requests' answers.
+        self._closing_all = trio.Event()
+        #: Made by :meth:`shutdown` while it waits: set on each engine pass and
+        #: connection close, so it looks again at what is still pending or open.
+        self._shutdown_wakeup: trio.Event | None = None
 
     # -- serving ----------------------------------------------------------------------
 
@@ -354,10 +381,8 @@ class Gateway:
         await self.bridge.start(self._from_engine)
         try:
             async with trio.open_nursery() as nursery:
-                server = await nursery.start(lambda task_status: serve_websocket(
-                    self._handle, self.config.host, self.config.port, ssl_context=None,
-                    handler_nursery=nursery, max_message_size=self.config.message_cap,
-                    task_status=task_status))
+                self._serve_scope = nursery.cancel_scope
+                server = await nursery.start(self._listen, nursery)
                 self.port = server.port
                 nursery.start_soon(self._expire_requests)
                 nursery.start_soon(self._watch_bridge, nursery.cancel_scope)
@@ -368,6 +393,58 @@ class Gateway:
         failure = self.bridge.failure
         if failure is not None:
             raise BridgeFailed(f"the engine bridge failed: {failure!r}") from failure
+
+    async def _listen(self, handlers: trio.Nursery, *,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections (their handlers run in ``handlers``) until
+        :meth:`shutdown` closes the listener."""
+        with trio.CancelScope() as scope:
+            self._listener_scope = scope
+            await serve_websocket(
+                self._handle, self.config.host, self.config.port, ssl_context=None,
+                handler_nursery=handlers, max_message_size=self.config.message_cap,
+                task_status=task_status)
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop serving without dropping what was already asked; then :meth:`serve` returns.
+
+        In order: the listener closes (no new connections); every connection stops
+        reading (no new requests); the engine's answers to the requests already
+        read are awaited, up to ``grace_s``, and queued to their connections; each
+        connection then gets its queued frames and a close with code 1001
+        (:data:`SHUTDOWN_REASON`), each bounded by ``close_drain_s`` as any close;
+        their ``cancel_on_disconnect`` and router detach go to the engine, which the
+        bridge sends before it stops. A second call does nothing.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._listener_scope is not None:
+            self._listener_scope.cancel()
+        for conn in list(self.conns.values()):
+            conn.reader_scope.cancel()
+        with trio.move_on_after(grace_s):
+            while any(p.conn in self.conns for p in self._pending.values()):
+                await self._wait_shutdown_wakeup()
+        self._closing_all.set()
+        for conn in list(self.conns.values()):
+            self._close(conn, 1001, SHUTDOWN_REASON)
+        with trio.move_on_after(2 * self.config.close_drain_s + 1.0):
+            while self.conns:
+                await self._wait_shutdown_wakeup()
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
+    async def _wait_shutdown_wakeup(self) -> None:
+        self._shutdown_wakeup = trio.Event()
+        try:
+            await self._shutdown_wakeup.wait()
+        finally:
+            self._shutdown_wakeup = None
+
+    def _wake_shutdown(self) -> None:
+        if self._shutdown_wakeup is not None:
+            self._shutdown_wakeup.set()
 
     async def _watch_bridge(self, scope: trio.CancelScope) -> None:
         """Stop serving (every connection closes) once the bridge thread has failed:
@@ -389,11 +466,15 @@ class Gateway:
         )
         self.conns[conn.id] = conn
         self.hub.open(conn.id)
+        if self.stopping:  # its handshake was under way when the shutdown began
+            self._close(conn, 1001, SHUTDOWN_REASON)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn)
                 with conn.reader_scope:
                     await self._reader(conn)
+                if self.stopping and conn.close_with is None and conn.reader_scope.cancelled_caught:
+                    await self._closing_all.wait()  # its answers come first (shutdown)
                 if conn.close_with is not None:
                     await self._drain_and_close(conn, *conn.close_with)
                 nursery.cancel_scope.cancel()
@@ -469,6 +550,7 @@ class Gateway:
     def _closed(self, conn: _Conn) -> None:
         conn.closed = True
         self.conns.pop(conn.id, None)
+        self._wake_shutdown()
         for ch in conn.subs:
             self._subscribers.get(ch, {}).pop(conn.id, None)
         user = conn.proto.user
@@ -743,6 +825,8 @@ class Gateway:
                 self._resumed(conn, None, [])
         for symbol in sorted(self._refresh_due):
             self._refresh_book(symbol)
+        if expired:
+            self._wake_shutdown()
 
     # -- from the engine -----------------------------------------------------------------
 
@@ -753,6 +837,7 @@ class Gateway:
                 self._from_engine_one(m)
             except Exception:
                 log.exception("gateway: engine message %s failed", type(m).__name__)
+        self._wake_shutdown()
 
     def _from_engine_one(self, m: Any) -> None:
         if isinstance(m, Reply):

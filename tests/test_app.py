@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import attrs
 import trio
+from gateway_kit import Client
 from rich.console import Console
+from test_gateway_errors import close_code
+from trio_websocket import open_websocket_url
 
+from actors.runtime import free_port
 from gateway.app import RunOptions, run_exchange
 from gateway.cli import instruments_toml
+from gateway.server import SHUTDOWN_REASON
 
 
 def _quoted(text: str, symbol: str) -> bool:
@@ -41,6 +50,33 @@ async def test_run_trades_and_stops_cleanly(tmp_path: Path) -> None:
     summary = text[text.index("— peak"):]
     assert "refused " in summary and "Ctrl-C" not in summary, text
     await trio.lowlevel.checkpoint()
+
+
+async def test_cli_run_shuts_down_on_sigint_closing_connections_with_1001(
+        tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--port", str(port), "--data-dir",
+         str(tmp_path), "--agents", "0", "--demo-users", "1", "--no-live"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(60):
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+        assert "listening on" in line, line
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/v1",
+                                      subprotocols=["emporion.v1.json"]) as ws:
+            demo = Client(ws, "json")
+            assert (await demo.call("login", user="demo1", password="demo"))["ok"]
+            proc.send_signal(signal.SIGINT)
+            assert await close_code(demo) == (1001, SHUTDOWN_REASON)
+        out, err = await trio.to_thread.run_sync(proc.communicate, None, 60)
+        assert proc.returncode == 0, err
+        assert "stopped cleanly" in out, out
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 _CUSTOM = """

@@ -1,0 +1,113 @@
+"""A gateway that shuts down answers what it already read, closes with 1001, and
+sends what its connections asked on the way out (cancel_on_disconnect) to the engine."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from engine_kit import config
+from gateway_kit import MILLION, client, running_gateway
+from test_gateway_errors import close_code, limit
+
+from actors.messages import AccountDeposit, Dest, Reply
+from gateway.bridge import BridgeOptions, EngineBridge
+from gateway.server import SHUTDOWN_REASON
+
+
+async def test_shutdown_answers_what_it_read_then_closes_every_connection_with_1001() -> None:
+    async with running_gateway() as gw, client(gw, "json") as alice, \
+            client(gw, "cbor") as bob:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        # The engine's answer to alice's place is held back until the shutdown waits.
+        real = gw._from_engine_one
+        held: list[Reply] = []
+        answered = trio.Event()
+
+        def one(m: Any) -> None:
+            if isinstance(m, Reply) and not held:
+                held.append(m)
+                answered.set()
+                return
+            real(m)
+
+        gw._from_engine_one = one  # type: ignore[method-assign]
+        await alice.send({"op": "place", "id": 99, **limit("p1", "59000.0", "0.001")})
+        with trio.fail_after(10):
+            await answered.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            # Waiting for the answer: nobody is closed yet, and nobody new gets in.
+            assert gw.stopping and len(gw.conns) == 2
+            assert alice.ws.closed is None and bob.ws.closed is None
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            except OSError:
+                pass
+            else:
+                await stream.aclose()
+                raise AssertionError("the listener still accepts connections")
+            gw._from_engine(held)  # the engine answers now
+
+        with trio.fail_after(10):
+            while (f := await alice.frame())["type"] != "response":
+                pass
+        assert f["id"] == 99 and f["ok"] and f["result"]["status"] == "open"
+        assert await close_code(alice) == (1001, SHUTDOWN_REASON)
+        assert await close_code(bob) == (1001, SHUTDOWN_REASON)
+        assert not gw.conns
+
+
+async def test_cancel_on_disconnect_of_a_shutdown_is_in_the_journal(tmp_path: Path) -> None:
+    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice:
+        assert (await alice.call("login", user="alice", password="pw",
+                                 cancel_on_disconnect=True))["ok"]
+        r = await alice.call("place", **limit("rest", "59000.0", "0.001"))
+        assert r["result"]["status"] == "open"
+        await gw.shutdown()
+        assert await close_code(alice) == (1001, SHUTDOWN_REASON)
+    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        orders = (await alice.call("query", what="orders"))["result"]["orders"]
+        assert orders == []
+
+
+async def test_the_bridge_sends_what_was_queued_when_it_was_stopped() -> None:
+    """A request queued while a pass is past its last look at the queue, just before
+    the stop, still goes to the engine (it used to stay in the queue)."""
+    bridge = EngineBridge(BridgeOptions(engine=config(None)))
+    await bridge.start(lambda msgs: None)
+    in_receive = threading.Event()
+    release = threading.Event()
+
+    def slow_receive(link: Any) -> None:
+        real = link.receive
+
+        def receive(timeout: float = 0.5) -> list[Any]:
+            link.receive = real
+            in_receive.set()
+            release.wait(10)
+            return real(timeout)
+
+        link.receive = receive
+
+    try:
+        bridge.call(slow_receive)
+        await trio.to_thread.run_sync(in_receive.wait, 10)
+        before = bridge.sent_items
+        bridge.submit(Dest("account", "alice"),
+                      AccountDeposit(reply_to=None, user="alice", amount=MILLION, ts=1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.stop)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    finally:
+        release.set()
+        await bridge.stop()
+    assert bridge.sent_items == before + 1
