@@ -65,6 +65,10 @@ _BOOK_ANSWERS = (OrderAccepted, OrderRejected, Fill, OrderCanceled, OrderExpired
 
 #: How many of a user's own trades ``query trades`` returns.
 TRADES_KEPT = 1000
+#: How many of its newest public trades a book keeps, in its state and so in its
+#: snapshots: a re-created book sends them to its gateways again (see
+#: ``actors.host.Host.receiveMsg_HostInit``).
+RECENT_TRADES = 256
 
 
 def _shared_dests(kind: str) -> Callable[[str], Dest]:
@@ -114,6 +118,14 @@ class BookDesk:
         self.book = OrderBook(instrument)
         self.symbol = instrument.symbol
         self._ts = 0  # the last command's time: the flush's
+        #: The newest public trades, oldest first (at most :data:`RECENT_TRADES`).
+        self.recent_trades: deque[PublicTrade] = deque(maxlen=RECENT_TRADES)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled desk; one pickled before ``recent_trades`` gets it empty."""
+        self.__dict__.update(state)
+        if "recent_trades" not in state:
+            self.recent_trades = deque(maxlen=RECENT_TRADES)
 
     def handle(self, msg: Any) -> list[Out]:
         if isinstance(msg, NewOrder):
@@ -128,7 +140,9 @@ class BookDesk:
         return self._route(events)
 
     def end_turn(self) -> list[Out]:
-        return self._route(self.book.flush_market(self._ts))
+        events = self.book.flush_market(self._ts)
+        self.recent_trades.extend([ev for ev in events if type(ev) is PublicTrade])
+        return self._route(events)
 
     def _route(self, events: list[BookEvent]) -> list[Out]:
         out: list[Out] = []

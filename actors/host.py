@@ -71,11 +71,11 @@ import attrs
 from thespian.actors import ActorSystemMessage
 
 from actors.cores.router import RouterTimer
-from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
+from actors.desks import RECENT_TRADES, AccountDesk, BookDesk, Out, RouterDesk
 from actors.journal import Journal, JournalError
 from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
 from actors.runtime import RuntimeActor, RuntimeWhoAreYou
-from protocol import ErrorCode, Instrument, PublicTrade, parse_instruments
+from protocol import ErrorCode, Instrument, parse_instruments
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,12 @@ SNAPSHOT_BYTES_FACTOR = 4
 #: reused). False keeps every record (the journal then grows for ever).
 COMPACT_JOURNAL = True
 
-#: A re-created book sends its gateways the public trades of the turns it replayed
-#: again, at most this many (the newest): those its killed incarnation sent and nobody
-#: received would otherwise be missing from the trades channels for good. Gateways
-#: drop the trade ids they have published already.
-RESEND_TRADES = 256
+#: A re-created book sends its gateways its newest public trades again, at most this
+#: many (``BookDesk.recent_trades``, kept in its state, so the trades of the turn a
+#: snapshot was taken in are among them): those its killed incarnation sent and
+#: nobody received would otherwise be missing from the trades channels for good.
+#: Gateways drop the trade ids they have published already.
+RESEND_TRADES = RECENT_TRADES
 
 #: A receiver acks a channel once this many of its batches are applied and not acked
 #: (or :data:`ACK_ITEMS` of their items), not after every turn: acks only trim the
@@ -389,9 +390,6 @@ class Host(RuntimeActor):
         #: id the address its numbering started for and the last seq sent.
         self._gw_origin = ""
         self._gw_seq: dict[str, tuple[Any, int]] = {}
-        #: The public trades of the turns a recovery replayed, newest last (see
-        #: :data:`RESEND_TRADES`); emptied once the init has sent them.
-        self._replayed_trades: deque[PublicTrade] = deque(maxlen=RESEND_TRADES)
         self.turns = 0
         self.items = 0
         self.restarted = False
@@ -447,11 +445,12 @@ class Host(RuntimeActor):
                 conflation_window_ns=msg.config.conflation_window_ns,
             )
         recovered, discarded = self._recover()
-        if msg.restarted and self._replayed_trades and self.directory.gateways:
+        desk = self.desks.get(self.key)
+        if msg.restarted and isinstance(desk, BookDesk) and desk.recent_trades \
+                and self.directory.gateways:
             # Before anything this incarnation sends: first on its gateway channels.
-            trades = list(self._replayed_trades)
+            trades = list(desk.recent_trades)
             self._deliver(_Sends(gateways={gw: trades for gw in self.directory.gateways}))
-        self._replayed_trades.clear()
         for desk in self.desks.values():
             wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
             if wakeup is not None:
@@ -501,10 +500,7 @@ class Host(RuntimeActor):
             group: Any = record
             batches: tuple[Any, ...] = (group,) if isinstance(group, EngineBatch) else tuple(group)
             assert all(isinstance(b, EngineBatch) for b in batches), record
-            outs = self._apply(batches)
-            self._replayed_trades.extend(
-                m for d, m in outs if d.kind == "market" and isinstance(m, PublicTrade))
-            self._route(outs)  # numbered and kept, not sent
+            self._route(self._apply(batches))  # numbered and kept, not sent
         self.turns = len(rec.records)
         if rec.discarded:
             log.warning("%s: discarded a torn journal tail at offsets %s", self.host_id,

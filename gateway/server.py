@@ -345,7 +345,7 @@ class Gateway:
         self._order_ids = OrderIds(time.time_ns())
         self._last_price: dict[str, int] = {}
         #: Per symbol the newest trade id published: a book's trade ids only grow, and
-        #: a re-created book resends its last ones (actors.host.RESEND_TRADES).
+        #: a re-created book resends its last ones (actors.desks.RECENT_TRADES).
         self._last_trade_id: dict[str, int] = {}
         self.port = 0
         #: channel → the connections subscribed to it (market fan-out without a

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
 
-from actors.desks import BookDesk
+from actors.desks import RECENT_TRADES, BookDesk
 from actors.local import LocalEngine
 from actors.messages import (
     AccountCancel,
@@ -19,7 +20,14 @@ from actors.messages import (
     ReplyTo,
     RouterReplay,
 )
-from protocol import CASH_STEP, CancelUserOrders, Instrument, NewOrder, RemoteProtocolError
+from protocol import (
+    CASH_STEP,
+    CancelUserOrders,
+    Instrument,
+    NewOrder,
+    PublicTrade,
+    RemoteProtocolError,
+)
 
 MS = 1_000_000
 
@@ -219,3 +227,26 @@ def test_replay_unavailable_once_the_log_moved_on(instruments: dict[str, Instrum
     assert (reply.ok, reply.code) == (False, "replay_unavailable")
     with pytest.raises(RemoteProtocolError):
         h.engine.router.router.replay("carol", 0)
+
+
+def test_a_book_desk_keeps_its_newest_public_trades_and_loads_without_them(
+        instruments: dict[str, Instrument]) -> None:
+    inst = instruments["BTC-PERP"]
+    desk = BookDesk(inst)
+    price = inst.ref_price
+    for i in range(RECENT_TRADES + 3):  # a maker and a taker per trade
+        for side, user in (("sell", "s"), ("buy", "b")):
+            desk.handle(NewOrder(order_id=2 * i + (side == "buy") + 1, user=user,
+                                 client_order_id=f"{side}{i}", symbol=inst.symbol, side=side,
+                                 order_type="limit", price=price, qty=1, tif="gtc", ts=i + 1))
+        desk.end_turn()
+    kept = list(desk.recent_trades)
+    assert [t.trade_id for t in kept] == list(range(4, RECENT_TRADES + 4))
+    assert all(type(t) is PublicTrade for t in kept)
+    assert list(pickle.loads(pickle.dumps(desk)).recent_trades) == kept
+    # A desk pickled before it kept trades loads with none.
+    old = BookDesk.__new__(BookDesk)
+    state = dict(desk.__dict__)
+    del state["recent_trades"]
+    old.__setstate__(state)
+    assert list(old.recent_trades) == [] and old.recent_trades.maxlen == RECENT_TRADES

@@ -14,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from gateway_kit import Client, client, running_gateway
 
-from actors.host import HostFault
+from actors.host import Host, HostFault
 from protocol import BookDelta, PublicTrade
 from simulations.harness import call_on_bridge
 
@@ -117,12 +118,17 @@ async def test_a_book_without_subscribers_is_not_asked_for_a_snapshot() -> None:
         assert "refresh" not in asked and gw.book_refreshes == 0
 
 
+@pytest.mark.parametrize("snapshot_every_turn", [False, True])
 async def test_a_trade_a_killed_book_never_delivered_is_published_after_its_restart(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot_every_turn: bool) -> None:
     # A public trade the dead incarnation sent and nobody received was missing from
     # the trades channel for good (the multi-process simulation's fills_both_sides
-    # caught it). The re-created book sends its replayed trades again; the gateway
-    # publishes the one it lacks and drops the one it had.
+    # caught it). The re-created book sends its newest trades again; the gateway
+    # publishes the one it lacks and drops the one it had. With a snapshot taken in
+    # every turn, the trade's turn is not replayed: the trades were only resent from
+    # the replayed turns, and this one was lost.
+    if snapshot_every_turn:
+        monkeypatch.setattr(Host, "_snapshot_due", lambda self: True)
     trades = f"trades.{SYMBOL}"
 
     def order(cid: str, side: str) -> dict[str, Any]:
