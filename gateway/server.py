@@ -299,6 +299,43 @@ class _Conn:
     writer_done: trio.Event | None = None
 
 
+class _TradeIds:
+    """Which of one symbol's trade ids the gateway has published.
+
+    A book numbers its trades 1, 2, 3, … and sends them in order, so an id above
+    the highest published means the ids between were lost: a killed book's sends
+    die with it, and when its next incarnation speaks the link lets go of what
+    the old one left waiting behind the hole (``EngineLink._in_order``). The
+    re-created book resends its newest trades; those below the highest that were
+    never published are published then (after later ones), the rest are
+    duplicates. Only holes seen after the first trade count, and at most
+    :data:`MAX_HOLES` of them are remembered (the oldest are forgotten).
+    """
+
+    MAX_HOLES = 4096
+
+    __slots__ = ("high", "holes")
+
+    def __init__(self) -> None:
+        self.high = 0
+        self.holes: set[int] = set()
+
+    def publish(self, trade_id: int) -> bool:
+        """Whether ``trade_id`` is to be published now (it is then recorded)."""
+        high = self.high
+        if trade_id > high:
+            if high and trade_id > high + 1:
+                self.holes.update(range(max(high + 1, trade_id - self.MAX_HOLES), trade_id))
+                if len(self.holes) > self.MAX_HOLES:
+                    self.holes = set(sorted(self.holes)[-self.MAX_HOLES:])
+            self.high = trade_id
+            return True
+        if trade_id in self.holes:
+            self.holes.discard(trade_id)
+            return True
+        return False
+
+
 @attrs.frozen
 class _Pending:
     conn: int
@@ -344,9 +381,9 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         self._order_ids = OrderIds(time.time_ns())
         self._last_price: dict[str, int] = {}
-        #: Per symbol the newest trade id published: a book's trade ids only grow, and
-        #: a re-created book resends its last ones (actors.desks.RECENT_TRADES).
-        self._last_trade_id: dict[str, int] = {}
+        #: Per symbol the trade ids published (see :class:`_TradeIds`): a re-created
+        #: book resends its last ones (actors.desks.RECENT_TRADES).
+        self._trade_ids: dict[str, _TradeIds] = {}
         self.port = 0
         #: channel → the connections subscribed to it (market fan-out without a
         #: scan of every connection per event).
@@ -1059,9 +1096,11 @@ class Gateway:
 
     def _market(self, ev: BookDelta | PublicTrade | TickerUpdate) -> None:
         if isinstance(ev, PublicTrade):
-            if ev.trade_id <= self._last_trade_id.get(ev.symbol, 0):
+            ids = self._trade_ids.get(ev.symbol)
+            if ids is None:
+                ids = self._trade_ids[ev.symbol] = _TradeIds()
+            if not ids.publish(ev.trade_id):
                 return  # a re-created book's resend of a trade published already
-            self._last_trade_id[ev.symbol] = ev.trade_id
             self.trades += 1
             self._last_price[ev.symbol] = ev.price
             channel = f"trades.{ev.symbol}"
