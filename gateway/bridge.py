@@ -5,8 +5,14 @@ thread-safe) and its :class:`~actors.boot.EngineLink`. Trio never calls
 Thespian: it puts requests on a bounded queue; the bridge thread drains
 everything that arrived since its last pass and sends it **in batches** (one
 ``EngineBatch`` per host), then listens for the engine's ``GatewayBatch``es
-and hands each pass's messages to trio in one call
-(``trio.from_thread.run_sync``), where they are fanned out to connections.
+and hands each pass's messages to trio in one call, where they are fanned out to
+connections. The embedded bridge waits for that call
+(``trio.from_thread.run_sync``): its thread runs the engine, and the wait is the
+engine's back-pressure. The attached one does not (``run_sync_soon``, at most
+:data:`DELIVERIES_AHEAD` calls ahead of trio): while it waited, its handle read
+nothing from the engine's processes, whose sends to the gateway then held
+Thespian's 20 transmits in flight per process, and everything else those
+processes sent queued behind them.
 
 Embedded deployment: the bridge thread creates a ``simpleSystemBase`` system
 and boots the engine, so every actor runs on the bridge thread. Multi-process:
@@ -74,6 +80,10 @@ from actors.runtime import SystemConfig, start_system, stop_system
 from protocol import PublicTrade
 
 log = logging.getLogger(__name__)
+
+#: How many passes' messages an attached bridge hands to trio before trio has taken
+#: the first of them (see the module docstring); past it the bridge thread waits.
+DELIVERIES_AHEAD = 8
 
 
 class BridgeBusy(Exception):  # noqa: N818 - a normal, reportable condition
@@ -553,6 +563,8 @@ class EngineBridge:
         #: once it stopped cleanly); ``failed`` is set on the trio side when it does.
         self.failure: BaseException | None = None
         self.failed = trio.Event()
+        #: Free places for deliveries handed to trio and not yet run (attached only).
+        self._ahead = threading.Semaphore(DELIVERIES_AHEAD)
 
     # -- trio side -------------------------------------------------------------------
 
@@ -822,4 +834,29 @@ class EngineBridge:
             self._recorder.end_pass()
         if got:
             self.received += len(got)
-            trio.from_thread.run_sync(deliver, got, trio_token=token)
+            if self.options.base == "simpleSystemBase":
+                trio.from_thread.run_sync(deliver, got, trio_token=token)
+            else:
+                self._deliver_soon(token, deliver, got)
+
+    def _deliver_soon(self, token: trio.lowlevel.TrioToken,
+                      deliver: Callable[[list[Any]], None], got: list[Any]) -> None:
+        """Hand ``got`` to trio without waiting for it to run (see the module
+        docstring), in order; wait while :data:`DELIVERIES_AHEAD` are pending."""
+        while not self._ahead.acquire(timeout=0.1):
+            if self._stop.is_set() and self._requests.empty():
+                return  # trio is gone or going: nobody takes deliveries any more
+
+        def run() -> None:
+            try:
+                deliver(got)
+            except Exception:  # raised in a run_sync_soon callback, it would end trio.run
+                log.exception("the gateway failed on a delivery from the engine")
+            finally:
+                self._ahead.release()
+
+        try:
+            token.run_sync_soon(run)
+        except BaseException:
+            self._ahead.release()
+            raise

@@ -1,5 +1,7 @@
-"""A gateway that shuts down answers what it already read, closes with 1001, and
-sends what its connections asked on the way out (cancel_on_disconnect) to the engine."""
+"""Stopping, and the bridge's hand-over to trio: a gateway that shuts down answers
+what it already read, closes with 1001 and sends what its connections asked on the
+way out (cancel_on_disconnect) to the engine; the bridge sends what was queued when
+it stopped, and an attached bridge hands its passes to trio without waiting."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from engine_kit import config
@@ -14,7 +17,7 @@ from gateway_kit import MILLION, client, running_gateway
 from test_gateway_errors import close_code, limit
 
 from actors.messages import AccountDeposit, Dest, Reply
-from gateway.bridge import BridgeOptions, EngineBridge
+from gateway.bridge import DELIVERIES_AHEAD, BridgeOptions, EngineBridge
 from gateway.server import SHUTDOWN_REASON
 
 
@@ -111,3 +114,35 @@ async def test_the_bridge_sends_what_was_queued_when_it_was_stopped() -> None:
         release.set()
         await bridge.stop()
     assert bridge.sent_items == before + 1
+
+
+async def test_an_attached_bridge_hands_deliveries_to_trio_in_order_and_survives_a_failing_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The attached bridge thread does not wait for trio to take each pass (it once
+    stopped reading the engine meanwhile); a delivery that raises is logged, not
+    allowed to end trio's run (an exception from a run_sync_soon callback would)."""
+    bridge = EngineBridge(BridgeOptions(base="multiprocTCPBase", admin_port=1))
+    token = trio.lowlevel.current_trio_token()
+    got: list[list[Any]] = []
+    done = trio.Event()
+
+    def deliver(msgs: list[Any]) -> None:
+        if msgs == ["boom"]:
+            raise RuntimeError("boom")
+        got.append(msgs)
+        if msgs == ["last"]:
+            done.set()
+
+    def bridge_thread() -> None:  # more passes than DELIVERIES_AHEAD, one failing
+        for i in range(DELIVERIES_AHEAD):
+            bridge._deliver_soon(token, deliver, [i])
+        bridge._deliver_soon(token, deliver, ["boom"])
+        for i in range(DELIVERIES_AHEAD, 3 * DELIVERIES_AHEAD):
+            bridge._deliver_soon(token, deliver, [i])
+        bridge._deliver_soon(token, deliver, ["last"])
+
+    await trio.to_thread.run_sync(bridge_thread)
+    with trio.fail_after(10):
+        await done.wait()
+    assert got == [[i] for i in range(3 * DELIVERIES_AHEAD)] + [["last"]]
+    assert "the gateway failed on a delivery from the engine" in caplog.text
