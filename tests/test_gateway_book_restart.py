@@ -11,6 +11,8 @@ incarnation recovered it, as the next frame of its channel.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import trio
 from gateway_kit import Client, client, running_gateway
 
 from actors.host import Host, HostFault
-from gateway.server import _TradeIds
+from gateway.server import Gateway, _TradeIds
 from protocol import BookDelta, PublicTrade
 from simulations.harness import call_on_bridge
 
@@ -119,6 +121,57 @@ async def test_a_book_without_subscribers_is_not_asked_for_a_snapshot() -> None:
         assert "refresh" not in asked and gw.book_refreshes == 0
 
 
+TRADES = f"trades.{SYMBOL}"
+
+
+def _order(cid: str, side: str) -> dict[str, Any]:
+    return {"client_order_id": cid, "symbol": SYMBOL, "side": side, "type": "limit",
+            "price": "59000.0", "qty": "0.001"}
+
+
+@contextlib.asynccontextmanager
+async def _traders(data_dir: Path) -> AsyncIterator[tuple[Gateway, Client, Client]]:
+    """A gateway with a journal, alice subscribed to the trades channel, and bob."""
+    async with running_gateway(data_dir=data_dir) as gw, client(gw, "json") as alice, \
+            client(gw, "json") as bob:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        assert (await alice.call("subscribe", channels=[TRADES]))["ok"]
+        yield gw, alice, bob
+
+
+async def _tape(c: Client, n: int) -> list[dict[str, Any]]:
+    """The trades frames ``c`` has, once it has ``n``."""
+    with trio.fail_after(10):
+        while len([f for f in c.market if f["channel"] == TRADES]) < n:
+            await c.frame()
+    return [f for f in c.market if f["channel"] == TRADES]
+
+
+def _lose_first_trade(gw: Gateway, trade_id: int | None = None) -> list[PublicTrade]:
+    """Make the gateway never receive the first public trade (of ``trade_id``): sent
+    by the book and lost, as a killed book's last sends are; returns what was lost."""
+    real = gw._from_engine_one
+    lost: list[PublicTrade] = []
+
+    def one(m: Any) -> None:
+        if isinstance(m, PublicTrade) and not lost and trade_id in (None, m.trade_id):
+            lost.append(m)
+            return
+        real(m)
+
+    gw._from_engine_one = one  # type: ignore[method-assign]
+    return lost
+
+
+async def _kill_book(gw: Gateway) -> None:
+    def kill(link: Any) -> None:
+        link.asys.tell(link.directory.hosts[link.directory.books[SYMBOL]],
+                       HostFault(mode="exit"))
+
+    await call_on_bridge(gw.bridge, kill)
+
+
 @pytest.mark.parametrize("snapshot_every_turn", [False, True])
 async def test_a_trade_a_killed_book_never_delivered_is_published_after_its_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot_every_turn: bool) -> None:
@@ -130,54 +183,22 @@ async def test_a_trade_a_killed_book_never_delivered_is_published_after_its_rest
     # the replayed turns, and this one was lost.
     if snapshot_every_turn:
         monkeypatch.setattr(Host, "_snapshot_due", lambda self: True)
-    trades = f"trades.{SYMBOL}"
-
-    def order(cid: str, side: str) -> dict[str, Any]:
-        return {"client_order_id": cid, "symbol": SYMBOL, "side": side, "type": "limit",
-                "price": "59000.0", "qty": "0.001"}
-
-    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
-        assert (await alice.call("subscribe", channels=[trades]))["ok"]
-
-        async def tape(n: int) -> list[dict[str, Any]]:
-            with trio.fail_after(10):
-                while len([f for f in alice.market if f["channel"] == trades]) < n:
-                    await alice.frame()
-            return [f for f in alice.market if f["channel"] == trades]
-
-        assert (await bob.call("place", **order("s1", "sell")))["ok"]
-        assert (await alice.call("place", **order("b1", "buy")))["ok"]
-        first = (await tape(1))[0]
-
-        real = gw._from_engine_one
-        lost: list[PublicTrade] = []
-
-        def one(m: Any) -> None:
-            if isinstance(m, PublicTrade) and not lost:
-                lost.append(m)  # sent by the book, never received: it dies with it
-                return
-            real(m)
-
-        gw._from_engine_one = one  # type: ignore[method-assign]
-        assert (await bob.call("place", **order("s2", "sell")))["ok"]
-        assert (await alice.call("place", **order("b2", "buy")))["ok"]
+    async with _traders(tmp_path) as (gw, alice, bob):
+        assert (await bob.call("place", **_order("s1", "sell")))["ok"]
+        assert (await alice.call("place", **_order("b1", "buy")))["ok"]
+        first = (await _tape(alice, 1))[0]
+        lost = _lose_first_trade(gw)
+        assert (await bob.call("place", **_order("s2", "sell")))["ok"]
+        assert (await alice.call("place", **_order("b2", "buy")))["ok"]
         with trio.fail_after(10):
             while not lost:
                 await alice.frame()
-
-        def kill(link: Any) -> None:
-            link.asys.tell(link.directory.hosts[link.directory.books[SYMBOL]],
-                           HostFault(mode="exit"))
-
-        await call_on_bridge(gw.bridge, kill)
-        got = await tape(2)
+        await _kill_book(gw)
+        got = await _tape(alice, 2)
         assert [(f["seq"], f["data"]["trade_id"]) for f in got] == [
             (1, first["data"]["trade_id"]), (2, lost[0].trade_id)]
         assert (await alice.call("ping"))["type"] == "pong"  # nothing more came
-        assert len([f for f in alice.market if f["channel"] == trades]) == 2
+        assert len([f for f in alice.market if f["channel"] == TRADES]) == 2
 
 
 async def test_a_lost_trade_behind_a_later_one_is_published_after_the_restart(
@@ -186,47 +207,17 @@ async def test_a_lost_trade_behind_a_later_one_is_published_after_the_restart(
     # killed book's trade was lost but a later one got through (the link lets go of
     # what the dead incarnation left waiting behind the hole), and the resend of the
     # lost one was then dropped as a duplicate (the gateway kept only the highest id).
-    trades = f"trades.{SYMBOL}"
-
-    def order(cid: str, side: str) -> dict[str, Any]:
-        return {"client_order_id": cid, "symbol": SYMBOL, "side": side, "type": "limit",
-                "price": "59000.0", "qty": "0.001"}
-
-    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
-        assert (await alice.call("subscribe", channels=[trades]))["ok"]
-
-        async def tape(n: int) -> list[int]:
-            with trio.fail_after(10):
-                while len([f for f in alice.market if f["channel"] == trades]) < n:
-                    await alice.frame()
-            return [f["data"]["trade_id"] for f in alice.market if f["channel"] == trades]
-
-        real = gw._from_engine_one
-        lost: list[PublicTrade] = []
-
-        def one(m: Any) -> None:
-            if isinstance(m, PublicTrade) and m.trade_id == 2 and not lost:
-                lost.append(m)
-                return
-            real(m)
-
-        gw._from_engine_one = one  # type: ignore[method-assign]
+    async with _traders(tmp_path) as (gw, alice, bob):
+        lost = _lose_first_trade(gw, trade_id=2)
         for i in range(3):
-            assert (await bob.call("place", **order(f"s{i}", "sell")))["ok"]
-            assert (await alice.call("place", **order(f"b{i}", "buy")))["ok"]
-        assert await tape(2) == [1, 3] and [t.trade_id for t in lost] == [2]
-
-        def kill(link: Any) -> None:
-            link.asys.tell(link.directory.hosts[link.directory.books[SYMBOL]],
-                           HostFault(mode="exit"))
-
-        await call_on_bridge(gw.bridge, kill)
-        assert await tape(3) == [1, 3, 2]
+            assert (await bob.call("place", **_order(f"s{i}", "sell")))["ok"]
+            assert (await alice.call("place", **_order(f"b{i}", "buy")))["ok"]
+        ids = [f["data"]["trade_id"] for f in await _tape(alice, 2)]
+        assert ids == [1, 3] and [t.trade_id for t in lost] == [2]
+        await _kill_book(gw)
+        assert [f["data"]["trade_id"] for f in await _tape(alice, 3)] == [1, 3, 2]
         assert (await alice.call("ping"))["type"] == "pong"  # nothing more came
-        assert len([f for f in alice.market if f["channel"] == trades]) == 3
+        assert len([f for f in alice.market if f["channel"] == TRADES]) == 3
 
 
 def test_trade_ids_publish_each_once_and_holes_late() -> None:
