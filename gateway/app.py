@@ -262,9 +262,8 @@ async def run_exchange(options: RunOptions, instruments_toml: str,
                               refresh_per_second=4) as live:
                         await _refresh(live, lambda: _view(gw, stats, instruments, books, url),
                                        stop)
-                else:
-                    while not stop.is_set():  # only the peak connection count; the view
-                        # prints at the end
+                else:  # only the peak connection count; the view prints at the end
+                    while not stop.is_set():
                         stats.peak_connections = max(stats.peak_connections, len(gw.conns))
                         with trio.move_on_after(0.25):
                             await stop.wait()

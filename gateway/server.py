@@ -112,9 +112,9 @@ class GatewayConfig:
 #: A writer that wakes takes up to this many queued frames, or about this many
 #: bytes, into one socket write (bounds the joined buffer).
 WRITE_FRAMES = 256
+WRITE_BYTES = 256 * 1024
 #: The close reason (code 1001) of every connection when the gateway shuts down.
 SHUTDOWN_REASON = "server shutting down"
-WRITE_BYTES = 256 * 1024
 
 
 def can_coalesce(ws: WebSocketConnection) -> bool:
