@@ -373,6 +373,9 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
         if seen:
             spans[symbol].append((epoch, min(seen), max(seen)))
 
+    # The monitor resubscribes every trades channel at once: the last epoch of any.
+    last_epoch = max((epoch for channel, epoch in _streams(history.monitor)
+                      if _symbol_of(channel, "trades") is not None), default=0)
     non_agents = _non_agent_users(history)
     one_sided = between_epochs = 0
     for (symbol, tid), fs in sorted(fills.items()):
@@ -394,10 +397,12 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
                 violations.append(f"{label}: both fills belong to {m.user}")
         pub = public.get((symbol, tid))
         if pub is None:
-            if _between_epochs(spans.get(symbol, []), tid):
+            if _between_epochs(spans.get(symbol, []), tid, last_epoch):
                 between_epochs += 1
             else:
-                violations.append(f"{label} has fills but never appeared on the public tape")
+                saw = ", ".join(f"epoch {e} #{lo}-#{hi}" for e, lo, hi in spans.get(symbol, []))
+                violations.append(f"{label} has fills but never appeared on the public tape "
+                                  f"(the monitor's {symbol} trades: {saw or 'none'})")
             continue
         price, qty, taker_side = pub
         for f in fs:
@@ -424,20 +429,30 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
         "between_epochs": between_epochs})
 
 
-def _between_epochs(spans: Sequence[tuple[int, int, int]], trade_id: int) -> bool:
+def _between_epochs(spans: Sequence[tuple[int, int, int]], trade_id: int,
+                    last_epoch: int) -> bool:
     """Whether ``trade_id`` falls where the monitor was not subscribed.
 
     ``spans`` are ``(epoch, lowest, highest trade id seen)`` in epoch order, for
-    the epochs that saw trades. Trade ids grow per symbol, so an id above one
+    the epochs that saw trades; ``last_epoch`` is the monitor's last subscription
+    epoch of any trades channel. Trade ids grow per symbol, so an id above one
     epoch's highest and below the next epoch's lowest happened between the two
     subscriptions (or, if the first epoch with trades is not epoch 1, before it).
-    An id inside an epoch's span, or after the last, was missed while subscribed.
+    An id above the last span's highest happened between subscriptions too when
+    the monitor subscribed again after that span and saw no trade of the symbol
+    since (a trade just before an engine restart, the symbol's last: the ids
+    alone cannot tell it from one missed at the end of the span's epoch). An id
+    inside an epoch's span, or after the last span of the last epoch, was missed
+    while subscribed.
     """
     if not spans:
         return False
     first_epoch, first_lo, _ = spans[0]
     if trade_id < first_lo:
         return first_epoch > 1
+    last, _, last_hi = spans[-1]
+    if trade_id > last_hi:
+        return last < last_epoch
     return any(hi < trade_id < lo for (_, _, hi), (_, lo, _) in itertools.pairwise(spans))
 
 

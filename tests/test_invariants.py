@@ -529,19 +529,22 @@ def test_a_lost_tail_fails_against_the_engines_last_seq() -> None:
     assert check_private_seqs_gapless(h, INSTRUMENTS).passed
 
 
-@pytest.mark.parametrize(("spans", "trade_id", "excused"), [
-    ([], 1, False),
-    ([(1, 1, 10)], 5, False),  # inside the span: missed while subscribed
-    ([(1, 1, 10)], 11, False),  # after the last trade seen: missed while subscribed
-    ([(1, 3, 10)], 2, False),  # before the first, in epoch 1: the monitor was there
-    ([(2, 3, 10)], 2, True),  # before the first, which came after a resubscription
-    ([(1, 1, 10), (2, 14, 20)], 12, True),  # between two subscriptions
-    ([(1, 1, 10), (2, 14, 20)], 14, False),
-    ([(1, 1, 10), (3, 14, 20)], 10, False),
+@pytest.mark.parametrize(("spans", "trade_id", "last_epoch", "excused"), [
+    ([], 1, 1, False),
+    ([(1, 1, 10)], 5, 1, False),  # inside the span: missed while subscribed
+    ([(1, 1, 10)], 11, 1, False),  # after the last trade seen: missed while subscribed
+    ([(1, 1, 10)], 11, 2, True),  # after it, then a resubscription saw none of the symbol
+    ([(1, 1, 10)], 5, 2, False),  # inside the span, whatever came after
+    ([(1, 3, 10)], 2, 1, False),  # before the first, in epoch 1: the monitor was there
+    ([(2, 3, 10)], 2, 2, True),  # before the first, which came after a resubscription
+    ([(1, 1, 10), (2, 14, 20)], 12, 2, True),  # between two subscriptions
+    ([(1, 1, 10), (2, 14, 20)], 14, 2, False),
+    ([(1, 1, 10), (2, 14, 20)], 21, 2, False),  # after the last span of the last epoch
+    ([(1, 1, 10), (3, 14, 20)], 10, 3, False),
 ])
 def test_trades_between_monitor_epochs(spans: list[tuple[int, int, int]], trade_id: int,
-                                       excused: bool) -> None:
-    assert _between_epochs(spans, trade_id) is excused
+                                       last_epoch: int, excused: bool) -> None:
+    assert _between_epochs(spans, trade_id, last_epoch) is excused
 
 
 def _three_trades(tape: list[tuple[int, int]]) -> History:
