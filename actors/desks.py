@@ -66,7 +66,9 @@ _BOOK_ANSWERS = (OrderAccepted, OrderRejected, Fill, OrderCanceled, OrderExpired
 #: How many of a user's own trades ``query trades`` returns.
 TRADES_KEPT = 1000
 #: How many of its newest public trades a book keeps, in its state and so in its
-#: snapshots: a re-created book sends them to its gateways again (see
+#: snapshots (the trades of a snapshot's own turn among them): a re-created book
+#: sends them to its gateways again, since those its killed incarnation sent and
+#: nobody received would otherwise never reach the trades channels (see
 #: ``actors.host.Host.receiveMsg_HostInit``).
 RECENT_TRADES = 256
 

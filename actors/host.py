@@ -71,7 +71,7 @@ import attrs
 from thespian.actors import ActorSystemMessage
 
 from actors.cores.router import RouterTimer
-from actors.desks import RECENT_TRADES, AccountDesk, BookDesk, Out, RouterDesk
+from actors.desks import AccountDesk, BookDesk, Out, RouterDesk
 from actors.journal import Journal, JournalError
 from actors.messages import BookSnapshotRequest, Dest, Reply, ReplyTo, RouterTick, UserEvent
 from actors.runtime import RuntimeActor, RuntimeWhoAreYou
@@ -96,13 +96,6 @@ SNAPSHOT_BYTES_FACTOR = 4
 #: damaged, and the journal stops growing with the traffic (freed SQLite pages are
 #: reused). False keeps every record (the journal then grows for ever).
 COMPACT_JOURNAL = True
-
-#: A re-created book sends its gateways its newest public trades again, at most this
-#: many (``BookDesk.recent_trades``, kept in its state, so the trades of the turn a
-#: snapshot was taken in are among them): those its killed incarnation sent and
-#: nobody received would otherwise be missing from the trades channels for good.
-#: Gateways drop the trade ids they have published already.
-RESEND_TRADES = RECENT_TRADES
 
 #: A receiver acks a channel once this many of its batches are applied and not acked
 #: (or :data:`ACK_ITEMS` of their items), not after every turn: acks only trim the
@@ -445,11 +438,13 @@ class Host(RuntimeActor):
                 conflation_window_ns=msg.config.conflation_window_ns,
             )
         recovered, discarded = self._recover()
-        desk = self.desks.get(self.key)
-        if msg.restarted and isinstance(desk, BookDesk) and desk.recent_trades \
+        book = self.desks.get(self.key)
+        if msg.restarted and isinstance(book, BookDesk) and book.recent_trades \
                 and self.directory.gateways:
-            # Before anything this incarnation sends: first on its gateway channels.
-            trades = list(desk.recent_trades)
+            # Before anything this incarnation sends, first on its gateway channels: the
+            # newest public trades, those its killed incarnation sent and nobody got
+            # among them (gateways drop the trade ids they published already).
+            trades = list(book.recent_trades)
             self._deliver(_Sends(gateways={gw: trades for gw in self.directory.gateways}))
         for desk in self.desks.values():
             wakeup = desk.wakeup_ns() if isinstance(desk, RouterDesk) else None
