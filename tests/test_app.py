@@ -13,15 +13,12 @@ from pathlib import Path
 
 import attrs
 import trio
-from gateway_kit import Client
 from rich.console import Console
-from test_gateway_errors import close_code
-from trio_websocket import open_websocket_url
+from test_gateway_stop import a_signal_closes_with_1001
 
 from actors.runtime import free_port
 from gateway.app import RunOptions, run_exchange
 from gateway.cli import instruments_toml
-from gateway.server import SHUTDOWN_REASON
 
 
 def _quoted(text: str, symbol: str) -> bool:
@@ -64,12 +61,7 @@ async def test_cli_run_shuts_down_on_sigint_closing_connections_with_1001(
         with trio.fail_after(60):
             line = await trio.to_thread.run_sync(proc.stdout.readline)
         assert "listening on" in line, line
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/v1",
-                                      subprotocols=["emporion.v1.json"]) as ws:
-            demo = Client(ws, "json")
-            assert (await demo.call("login", user="demo1", password="demo"))["ok"]
-            proc.send_signal(signal.SIGINT)
-            assert await close_code(demo) == (1001, SHUTDOWN_REASON)
+        await a_signal_closes_with_1001(proc, signal.SIGINT, port, "demo1", "demo")
         out, err = await trio.to_thread.run_sync(proc.communicate, None, 60)
         assert proc.returncode == 0, err
         assert "stopped cleanly" in out, out

@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 
 import trio
-from gateway_kit import Client
-from test_gateway_errors import close_code
-from trio_websocket import open_websocket_url
+from test_gateway_stop import a_signal_closes_with_1001
 
 from actors.runtime import free_port
 from gateway.client import ClientError, open_client
-from gateway.server import SHUTDOWN_REASON
 
 CLI = [sys.executable, "-m", "gateway.cli"]
 
@@ -48,12 +45,7 @@ async def test_gateway_attached_to_a_booted_engine(tmp_path: Path) -> None:
             else:
                 raise AssertionError("an unfunded order was accepted")
         # SIGTERM shuts it down: a connected client gets 1001, the process exits 0.
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/v1",
-                                      subprotocols=["emporion.v1.json"]) as ws:
-            raw = Client(ws, "json")
-            assert (await raw.call("login", user="erin", password="pw"))["ok"]
-            gateway.send_signal(signal.SIGTERM)
-            assert await close_code(raw) == (1001, SHUTDOWN_REASON)
+        await a_signal_closes_with_1001(gateway, signal.SIGTERM, port, "erin", "pw")
         assert await trio.to_thread.run_sync(lambda: gateway.wait(timeout=30)) == 0
     finally:
         if gateway is not None:

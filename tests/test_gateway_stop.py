@@ -5,6 +5,7 @@ it stopped, and an attached bridge hands its passes to trio without waiting."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,25 @@ import pytest
 import trio
 import trio.testing
 from engine_kit import config
-from gateway_kit import MILLION, client, running_gateway
+from gateway_kit import MILLION, Client, client, running_gateway
 from test_gateway_errors import close_code, limit
+from trio_websocket import open_websocket_url
 
 from actors.messages import AccountDeposit, Dest, Reply
 from gateway.bridge import DELIVERIES_AHEAD, BridgeOptions, EngineBridge
 from gateway.server import SHUTDOWN_REASON
+
+
+async def a_signal_closes_with_1001(proc: subprocess.Popen[str], sig: int, port: int,
+                                    user: str, password: str) -> None:
+    """Log in to the gateway process ``proc`` serving ``port``, send it ``sig``: the
+    connection is closed with 1001 :data:`SHUTDOWN_REASON` (a graceful shutdown)."""
+    async with open_websocket_url(f"ws://127.0.0.1:{port}/v1",
+                                  subprotocols=["emporion.v1.json"]) as ws:
+        c = Client(ws, "json")
+        assert (await c.call("login", user=user, password=password))["ok"]
+        proc.send_signal(sig)
+        assert await close_code(c) == (1001, SHUTDOWN_REASON)
 
 
 async def test_shutdown_answers_what_it_read_then_closes_every_connection_with_1001() -> None:
