@@ -129,6 +129,20 @@ class BookDesk:
         if "recent_trades" not in state:
             self.recent_trades = deque(maxlen=RECENT_TRADES)
 
+    def snapshot(self, ts: int) -> dict[str, Any]:
+        """The answer to a :class:`~actors.messages.BookSnapshotRequest` asked at ``ts``.
+
+        ``{"symbol", "bids", "asks", "trades", "ts"}``: the levels as integer
+        ``(price, qty)`` pairs best first, and the newest public trades (at most
+        :data:`RECENT_TRADES`, oldest first) as ``(trade_id, price, qty,
+        taker_side, ts)``. Taken between two commands, it holds what the market
+        data sent before it holds: the deltas and trades the gateway receives
+        after it apply on top.
+        """
+        bids, asks = self.book.depth()
+        trades = [(t.trade_id, t.price, t.qty, t.taker_side, t.ts) for t in self.recent_trades]
+        return {"symbol": self.symbol, "bids": bids, "asks": asks, "trades": trades, "ts": ts}
+
     def handle(self, msg: Any) -> list[Out]:
         if isinstance(msg, NewOrder):
             events = self.book.submit(msg)

@@ -568,10 +568,8 @@ class Host(RuntimeActor):
             if isinstance(item, BookSnapshotRequest) and self.kind == "book":
                 snap = self.desks[self.key]
                 assert isinstance(snap, BookDesk)
-                bids, asks = snap.book.depth()
                 out.append((Dest("gateway", item.reply_to.gateway), Reply(
-                    reply_to=item.reply_to, ok=True,
-                    result={"symbol": self.key, "bids": bids, "asks": asks, "ts": item.ts})))
+                    reply_to=item.reply_to, ok=True, result=snap.snapshot(item.ts))))
                 continue
             if dest.kind == self.kind == "account" and isinstance(item, AccountResync):
                 desk = self._desk_for(dest)

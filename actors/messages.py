@@ -202,9 +202,10 @@ class RouterTick:
 
 @attrs.frozen(kw_only=True)
 class BookSnapshotRequest:
-    """A ``book.SYM`` subscription: answered with ``{"symbol", "bids", "asks", "ts"}``
-    (integer ``[price, qty]`` levels, best first) in the book's own order, so every
-    delta the gateway receives after the answer applies on top of it."""
+    """A ``book.SYM`` or ``trades.SYM`` subscription: answered with
+    :meth:`actors.desks.BookDesk.snapshot` (the levels and the newest trades) in the
+    book's own order, so every delta and trade the gateway receives after the answer
+    applies on top of it."""
 
     reply_to: ReplyTo
     symbol: str

@@ -126,8 +126,9 @@ class Client:
         #: Connections dropped because a request went unanswered (``answer_timeout_s``).
         self.dead_connections = 0
         self._gap = trio.Event()  # set while events are held behind a missing seq
-        #: Book channels resubscribed because a market seq was skipped (the gateway
-        #: dropped frames: the book the frames describe is no longer whole).
+        #: Book and trades channels resubscribed because a market seq was skipped (the
+        #: gateway dropped frames: the book the frames describe is no longer whole, a
+        #: trade is missing; the new subscription's snapshot has both).
         self.market_resubscribes = 0
         self._market_seq: dict[str, int] = {}  # channel → the last market seq seen
         self._resubscribing: set[str] = set()
@@ -424,8 +425,9 @@ class Client:
             self._market_seq.pop(channel, None)
 
     async def _resubscribe(self, ws: WebSocketConnection, channel: str) -> None:
-        """A book channel skipped a seq: unsubscribe, then subscribe again for a fresh
-        snapshot (a new epoch), as the protocol asks of a client that sees a gap."""
+        """A book or trades channel skipped a seq: unsubscribe, then subscribe again for
+        a fresh snapshot (a new epoch), as the protocol asks of a client that sees a
+        gap."""
         self.market_resubscribes += 1
         try:
             await self._request_on(ws, "unsubscribe", channels=[channel])
@@ -490,12 +492,15 @@ class Client:
                 data=frame["data"], epoch=self._epochs.get(channel, 1)))
             last = self._market_seq.get(channel)
             self._market_seq[channel] = seq
-            if (last is not None and seq != last + 1 and channel.startswith("book.")
+            if (last is not None and seq != last + 1
+                    and channel.startswith(("book.", "trades."))
                     and channel in self._subscriptions and channel not in self._resubscribing
                     and self._conn_nursery is not None):
                 # Frames were dropped (the gateway's queue for us was full): the deltas
-                # no longer add up to the book. Trades and tickers are not resubscribed:
-                # no snapshot brings a lost trade back, and a ticker is its latest value.
+                # no longer add up to the book, a trade is missing. The new
+                # subscription's snapshot has the book and the newest trades (the
+                # caller tells the trades it has by trade_id). A ticker is not
+                # resubscribed: each one is the latest value.
                 self._resubscribing.add(channel)
                 self._conn_nursery.start_soon(self._resubscribe, ws, channel)
         elif kind == "notice":

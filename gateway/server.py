@@ -282,6 +282,11 @@ class _Conn:
     #: Per-channel seq of the market frames of this connection (a dropped frame
     #: still takes its seq, so the client sees the gap and resubscribes).
     chan_seq: dict[str, int] = attrs.field(factory=dict)
+    #: Per ``trades`` channel the newest trade id of its snapshot: a trade up to it
+    #: that arrives later (a re-created book's late trade) is history the snapshot
+    #: covered. ``None`` until the first trades snapshot (an idle connection keeps
+    #: no dict).
+    trades_upto: dict[str, int] | None = None
     login_pending: bool = False
     #: ``resume`` requests sent to the router and not answered yet; meanwhile the
     #: user's live events wait in ``stash`` (not in the session), so a refused
@@ -384,6 +389,9 @@ class Gateway:
         #: Per symbol the trade ids published (see :class:`_TradeIds`): a re-created
         #: book resends its last ones (actors.desks.RECENT_TRADES).
         self._trade_ids: dict[str, _TradeIds] = {}
+        #: Per ``trades`` channel the newest trade id any of its snapshots held: a
+        #: trade up to it is checked against each subscriber's ``trades_upto``.
+        self._trades_snapshot_upto: dict[str, int] = {}
         self.port = 0
         #: channel → the connections subscribed to it (market fan-out without a
         #: scan of every connection per event).
@@ -714,6 +722,9 @@ class Gateway:
             for ch in removed:
                 self._subscribers.get(ch, {}).pop(conn.id, None)
             conn.waiting_snapshot.difference_update(removed)
+            if conn.trades_upto:
+                for ch in removed:
+                    conn.trades_upto.pop(ch, None)
             self._push(conn, Response(id=req.id, result={"channels": list(removed)}))
         elif isinstance(req, Query) and req.what == "instruments":
             self._push(conn, Response(id=req.id, result={"instruments": [
@@ -793,7 +804,7 @@ class Gateway:
         self._push(conn, Response(id=req.id, result={"channels": list(req.channels)}))
         for ch in added:
             kind = ch.split(".", 1)[0]
-            if kind == "book":
+            if kind in ("book", "trades"):
                 conn.waiting_snapshot.add(ch)
                 self._ask_snapshot(conn, ch)
             else:
@@ -1047,7 +1058,25 @@ class Gateway:
         conn.subs.add(channel)
         self._subscribers.setdefault(channel, {})[conn.id] = conn
         conn.chan_seq[channel] = 0  # a (re)subscription starts the channel afresh
-        self._push_market(conn, channel, "snapshot", result["ts"], self._book_data(result))
+        if channel.startswith("trades."):
+            data = self._trades_data(result)
+            upto = result["trades"][-1][0] if result["trades"] else 0
+            if conn.trades_upto is None:
+                conn.trades_upto = {}
+            conn.trades_upto[channel] = upto
+            if upto > self._trades_snapshot_upto.get(channel, 0):
+                self._trades_snapshot_upto[channel] = upto
+        else:
+            data = self._book_data(result)
+        self._push_market(conn, channel, "snapshot", result["ts"], data)
+
+    def _trades_data(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """A book snapshot's newest trades as the wire's ``trades`` snapshot data."""
+        inst = self.instruments[snapshot["symbol"]]
+        return {"trades": [
+            {"trade_id": trade_id, "price": inst.price_str(price), "qty": inst.qty_str(qty),
+             "taker_side": taker_side, "ts": ts}
+            for trade_id, price, qty, taker_side, ts in snapshot["trades"]]}
 
     def _book_data(self, snapshot: dict[str, Any]) -> dict[str, Any]:
         """A book snapshot's reply as the wire's ``snapshot`` frame data."""
@@ -1109,6 +1138,14 @@ class Gateway:
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
+        if isinstance(ev, PublicTrade) and ev.trade_id <= self._trades_snapshot_upto.get(
+                channel, 0):
+            # A late trade (see _TradeIds): not to those whose snapshot held it.
+            subscribers = {cid: c for cid, c in subscribers.items()
+                           if c.trades_upto is None
+                           or c.trades_upto.get(channel, 0) < ev.trade_id}
+            if not subscribers:
+                return
         inst = self.instruments[ev.symbol]
         if isinstance(ev, BookDelta):
             kind = "delta"

@@ -206,10 +206,9 @@ class _Replayer:
 
     def _snapshot(self, req: BookSnapshotRequest) -> None:
         # What a book host answers itself (actors.host: Host._apply).
-        bids, asks = self.engine.books[req.symbol].book.depth()
         self._gateway(req.reply_to.gateway, Reply(
             reply_to=req.reply_to, ok=True,
-            result={"symbol": req.symbol, "bids": bids, "asks": asks, "ts": req.ts}))
+            result=self.engine.books[req.symbol].snapshot(req.ts)))
 
     def call(self, call: OpenAccounts | OpaqueCall) -> None:
         if isinstance(call, OpenAccounts):

@@ -172,3 +172,55 @@ async def test_the_sdk_resubscribes_a_book_whose_frames_were_dropped(
             (1, 1, "snapshot"), (1, 3, "delta"), (2, 1, "snapshot")]
         bids = {p for p, _ in got[-1].data["bids"]}
         assert {"58000.0", "58001.0"} <= bids  # the fresh snapshot has both orders
+
+
+async def test_the_sdk_resubscribes_trades_whose_frame_was_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped seq on a trades channel: the SDK subscribes again, and the new
+    subscription's snapshot holds the trade whose frame was dropped."""
+    import json
+
+    from gateway.client import MarketUpdate, open_client
+    from gateway.server import Outbox
+
+    dropped: list[Any] = []
+    real = Outbox.send_nowait
+
+    def send_nowait(self: Outbox, data: bytes | str) -> None:
+        frame = json.loads(data) if isinstance(data, str) else {}
+        if not dropped and (frame.get("channel"), frame.get("kind")) == ("trades.BTC-PERP",
+                                                                          "trade"):
+            dropped.append(frame)
+            raise trio.WouldBlock  # as from a full queue: the frame is dropped
+        real(self, data)
+
+    async with running_gateway() as gw:
+        url = f"ws://127.0.0.1:{gw.port}/v1"
+        async with open_client(url, "alice", "pw", encoding="json") as alice, \
+                open_client(url, "bob", "pw", encoding="json") as bob:
+            await alice.subscribe(["trades.BTC-PERP"])
+            got: list[MarketUpdate] = []
+            events = alice.events()
+            with trio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, MarketUpdate):
+                        got.append(ev)
+                        break  # the (empty) snapshot
+            monkeypatch.setattr(Outbox, "send_nowait", send_nowait)
+            for i in range(2):  # two trades: the first one's frame is dropped
+                await bob.place("BTC-PERP", "sell", "limit", qty="0.001", price="59000.0",
+                                client_order_id=f"s{i}")
+                await alice.place("BTC-PERP", "buy", "limit", qty="0.001", price="59000.0",
+                                  client_order_id=f"b{i}")
+            with trio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, MarketUpdate):
+                        got.append(ev)
+                        if ev.epoch == 2:
+                            break
+        assert dropped and dropped[0]["data"]["trade_id"] == 1
+        assert alice.market_resubscribes == 1
+        assert [(g.epoch, g.seq, g.kind) for g in got] == [
+            (1, 1, "snapshot"), (1, 3, "trade"), (2, 1, "snapshot")]
+        assert got[1].data["trade_id"] == 2
+        assert [t["trade_id"] for t in got[2].data["trades"]] == [1, 2]
