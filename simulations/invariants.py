@@ -12,7 +12,8 @@ checker that met it, never an exception.
 
 What the history cannot show, no checker can prove: a private event lost after
 the last one an agent received (the history has no engine-side last seq per
-user), or a public trade the monitor missed before it subscribed.
+user), or a public trade older than the newest trades the snapshot of the monitor's
+next subscription held.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Final
 
 import attrs
 
+from actors.desks import RECENT_TRADES
 from protocol import (
     CASH_STEP,
     PPM,
@@ -52,6 +54,9 @@ __all__ = [
 
 #: How many violations a detail sentence quotes before "+N more".
 SHOWN: Final = 3
+#: How many trades a ``trades`` snapshot holds at most (the book's newest; see
+#: docs/protocol.md, *Market frames*): a full one may lack older trades.
+SNAPSHOT_TRADES: Final = RECENT_TRADES
 
 ORDER_KINDS: Final = frozenset({
     "order_accepted", "order_partially_filled", "order_filled",
@@ -311,11 +316,12 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
     opposite sides, at the same price and qty — a trade with one fill is only
     excused (reported ``one-sided (non-agent counterparty)``) when the final
     state lists a user with no agent. The monitor's ``trades.SYMBOL`` channel
-    shows each such trade exactly once per subscription epoch, with the same
-    price, qty and taker side; and every public trade has its fills. Assumes the
-    monitor was subscribed for the whole run, except between its subscription
-    epochs: a trade whose id falls between two epochs' trade ids (or before the
-    first, when that is not epoch 1) is counted, not failed.
+    shows each such trade (live, or in the snapshot that starts each epoch) at
+    most once per subscription epoch and in at least one epoch, with the same
+    price, qty and taker side; and every public trade has its fills. A trade is
+    missing only when it fell while the monitor was not subscribed and is older
+    than the trades its next subscription's snapshot held (a full snapshot of
+    :data:`SNAPSHOT_TRADES`): such trades are counted, not failed.
     """
     name = "fills_both_sides"
     violations: list[str] = []
@@ -339,45 +345,62 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
             n_fills += 1
             fills[(inst.symbol, tid)].append(fill)
 
-    # The public tape: per epoch, each trade once.
+    # The public tape: per epoch (its snapshot, then live frames), each trade once.
     public: dict[tuple[str, int], tuple[int, int, str]] = {}
-    spans: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # (epoch, lo id, hi id)
-    public_frames = 0
+    tapes: dict[str, list[_EpochTape]] = defaultdict(list)
+    public_frames = snapshot_trades = 0
     for (channel, epoch), recs in sorted(_streams(history.monitor).items()):
         symbol = _symbol_of(channel, "trades")
         if symbol is None:
             continue
         seen: set[int] = set()
+        snapshot: list[int] | None = None
         for rec in recs:
-            if rec.kind != "trade":
+            if rec.kind == "snapshot":
+                rows = rec.data.get("trades")
+                if not isinstance(rows, list):
+                    violations.append(f"public {channel} seq {rec.seq}: a snapshot "
+                                      "without a trades list")
+                    continue
+                if snapshot is not None or seen:
+                    violations.append(f"public {channel} seq {rec.seq}: a snapshot "
+                                      "after the first frame of its epoch")
+                    continue
+                snapshot = []
+                snapshot_trades += len(rows)
+            elif rec.kind == "trade":
+                public_frames += 1
+                rows = [rec.data]
+            else:
                 continue
-            public_frames += 1
-            d = rec.data
-            tid = d.get("trade_id")
-            try:
-                inst = _instrument(instruments, symbol)
-                if not isinstance(tid, int):
-                    raise _BadDataError(f"trade_id {tid!r}")
-                row = (_ticks(inst, d.get("price")), _lots(inst, d.get("qty")),
-                       str(d.get("taker_side")))
-            except _BadDataError as exc:
-                violations.append(f"public {channel} seq {rec.seq}: {exc}")
-                continue
-            if tid in seen:
-                violations.append(f"public trade {symbol}#{tid} appears twice in epoch {epoch}")
-                continue
-            seen.add(tid)
-            before = public.setdefault((symbol, tid), row)
-            if before != row:
-                violations.append(f"public trade {symbol}#{tid} differs between epochs")
-        if seen:
-            spans[symbol].append((epoch, min(seen), max(seen)))
+            for d in rows:
+                tid = d.get("trade_id") if isinstance(d, dict) else None
+                try:
+                    inst = _instrument(instruments, symbol)
+                    if not isinstance(tid, int):
+                        raise _BadDataError(f"trade_id {tid!r}")
+                    row = (_ticks(inst, d.get("price")), _lots(inst, d.get("qty")),
+                           str(d.get("taker_side")))
+                except _BadDataError as exc:
+                    violations.append(f"public {channel} seq {rec.seq}: {exc}")
+                    continue
+                if tid in seen:
+                    violations.append(
+                        f"public trade {symbol}#{tid} appears twice in epoch {epoch}")
+                    continue
+                seen.add(tid)
+                if rec.kind == "snapshot" and snapshot is not None:
+                    snapshot.append(tid)
+                before = public.setdefault((symbol, tid), row)
+                if before != row:
+                    violations.append(f"public trade {symbol}#{tid} differs between epochs")
+        tapes[symbol].append(_EpochTape(
+            epoch=epoch, high=max(seen, default=0),
+            window_low=min(snapshot) if snapshot and len(snapshot) >= SNAPSHOT_TRADES
+            else None))
 
-    # The monitor resubscribes every trades channel at once: the last epoch of any.
-    last_epoch = max((epoch for channel, epoch in _streams(history.monitor)
-                      if _symbol_of(channel, "trades") is not None), default=0)
     non_agents = _non_agent_users(history)
-    one_sided = between_epochs = 0
+    one_sided = before_window = 0
     for (symbol, tid), fs in sorted(fills.items()):
         label = f"trade {symbol}#{tid}"
         makers = [f for f in fs if f.liquidity == "maker"]
@@ -397,10 +420,11 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
                 violations.append(f"{label}: both fills belong to {m.user}")
         pub = public.get((symbol, tid))
         if pub is None:
-            if _between_epochs(spans.get(symbol, []), tid, last_epoch):
-                between_epochs += 1
+            if _before_window(tapes.get(symbol, []), tid):
+                before_window += 1
             else:
-                saw = ", ".join(f"epoch {e} #{lo}-#{hi}" for e, lo, hi in spans.get(symbol, []))
+                saw = ", ".join(f"epoch {t.epoch} up to #{t.high}"
+                                for t in tapes.get(symbol, []))
                 violations.append(f"{label} has fills but never appeared on the public tape "
                                   f"(the monitor's {symbol} trades: {saw or 'none'})")
             continue
@@ -415,45 +439,51 @@ def check_fills_both_sides(history: History, instruments: Mapping[str, Instrumen
     if orphans and not non_agents:
         violations.extend(f"public trade {s}#{t} has no fills" for s, t in orphans)
     summary = (f"{len(fills)} trades from {n_fills} fills, {len(public)} public trades "
-               f"in {public_frames} frames")
+               f"in {public_frames} frames and {snapshot_trades} snapshot rows")
     if one_sided:
         summary += f"; {one_sided} one-sided (non-agent counterparty)"
     if orphans and non_agents:
         summary += f"; {len(orphans)} public trades between non-agents"
-    if between_epochs:
-        summary += (f"; {between_epochs} trades fell while the monitor resubscribed "
-                    "(not on its tape, not failed)")
+    if before_window:
+        summary += (f"; {before_window} trades fell while the monitor was not subscribed, "
+                    "older than its next snapshot's trades (not on its tape, not failed)")
     return _verdict(name, violations, summary, {
         "trades": len(fills), "fills": n_fills, "public_trades": len(public),
-        "public_frames": public_frames, "one_sided": one_sided,
-        "between_epochs": between_epochs})
+        "public_frames": public_frames, "snapshot_trades": snapshot_trades,
+        "one_sided": one_sided, "before_window": before_window})
 
 
-def _between_epochs(spans: Sequence[tuple[int, int, int]], trade_id: int,
-                    last_epoch: int) -> bool:
-    """Whether ``trade_id`` falls where the monitor was not subscribed.
+@attrs.frozen
+class _EpochTape:
+    """What one subscription epoch of a trades channel showed the monitor.
 
-    ``spans`` are ``(epoch, lowest, highest trade id seen)`` in epoch order, for
-    the epochs that saw trades; ``last_epoch`` is the monitor's last subscription
-    epoch of any trades channel. Trade ids grow per symbol, so an id above one
-    epoch's highest and below the next epoch's lowest happened between the two
-    subscriptions (or, if the first epoch with trades is not epoch 1, before it).
-    An id above the last span's highest happened between subscriptions too when
-    the monitor subscribed again after that span and saw no trade of the symbol
-    since (a trade just before an engine restart, the symbol's last: the ids
-    alone cannot tell it from one missed at the end of the span's epoch). An id
-    inside an epoch's span, or after the last span of the last epoch, was missed
-    while subscribed.
+    ``high``: the highest trade id it saw (snapshot or live; 0 for none).
+    ``window_low``: the lowest trade id of its snapshot when the snapshot was full
+    (:data:`SNAPSHOT_TRADES` rows: older trades did not fit), else ``None``.
     """
-    if not spans:
-        return False
-    first_epoch, first_lo, _ = spans[0]
-    if trade_id < first_lo:
-        return first_epoch > 1
-    last, _, last_hi = spans[-1]
-    if trade_id > last_hi:
-        return last < last_epoch
-    return any(hi < trade_id < lo for (_, _, hi), (_, lo, _) in itertools.pairwise(spans))
+
+    epoch: int
+    high: int
+    window_low: int | None
+
+
+def _before_window(tapes: Sequence[_EpochTape], trade_id: int) -> bool:
+    """Whether ``trade_id`` fell while the monitor was not subscribed, too long before
+    its next subscription for that subscription's snapshot to hold it.
+
+    ``tapes`` are one symbol's epochs in order. Trade ids grow per symbol, so a trade
+    above everything the epochs before one saw and below the lowest of that epoch's
+    full snapshot happened between the subscriptions and is older than the book's
+    newest trades. Any other missing trade should be on the tape: a trade between
+    two subscriptions within the window is in the second one's snapshot, a trade
+    before an engine restart in the snapshot of the subscription after it.
+    """
+    seen = 0
+    for tape in tapes:
+        if tape.window_low is not None and seen < trade_id < tape.window_low:
+            return True
+        seen = max(seen, tape.high)
+    return False
 
 
 # -- 4. cash conserved ---------------------------------------------------------------------

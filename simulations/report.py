@@ -161,16 +161,25 @@ def duration_s(history: History) -> float:
 
 
 def public_trade_ids(history: History) -> set[tuple[str, int]]:
-    """(symbol, trade_id) of every public trade the monitor or an agent saw.
+    """(symbol, trade_id) of every public trade the monitor or an agent saw, live or
+    in a trades snapshot.
 
     Trade ids are per book, hence the symbol.
     """
     out: set[tuple[str, int]] = set()
     for r in _market_records(history):
-        if r.kind == "trade" and r.channel.startswith("trades."):
-            tid = r.data.get("trade_id")
-            if tid is not None:
-                out.add((_symbol(r.channel), int(tid)))
+        if not r.channel.startswith("trades."):
+            continue
+        if r.kind == "trade":
+            rows = [r.data]
+        elif r.kind == "snapshot" and isinstance(r.data.get("trades"), list):
+            rows = r.data["trades"]
+        else:
+            continue
+        for row in rows:
+            tid = row.get("trade_id") if isinstance(row, dict) else None
+            if isinstance(tid, int):
+                out.add((_symbol(r.channel), tid))
     return out
 
 

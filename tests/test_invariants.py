@@ -26,7 +26,8 @@ from simulations.history import (
 from simulations.invariants import (
     CHECKERS,
     Check,
-    _between_epochs,
+    _before_window,
+    _EpochTape,
     check_all,
     check_books_not_crossed,
     check_cash_conserved,
@@ -529,26 +530,37 @@ def test_a_lost_tail_fails_against_the_engines_last_seq() -> None:
     assert check_private_seqs_gapless(h, INSTRUMENTS).passed
 
 
-@pytest.mark.parametrize(("spans", "trade_id", "last_epoch", "excused"), [
-    ([], 1, 1, False),
-    ([(1, 1, 10)], 5, 1, False),  # inside the span: missed while subscribed
-    ([(1, 1, 10)], 11, 1, False),  # after the last trade seen: missed while subscribed
-    ([(1, 1, 10)], 11, 2, True),  # after it, then a resubscription saw none of the symbol
-    ([(1, 1, 10)], 5, 2, False),  # inside the span, whatever came after
-    ([(1, 3, 10)], 2, 1, False),  # before the first, in epoch 1: the monitor was there
-    ([(2, 3, 10)], 2, 2, True),  # before the first, which came after a resubscription
-    ([(1, 1, 10), (2, 14, 20)], 12, 2, True),  # between two subscriptions
-    ([(1, 1, 10), (2, 14, 20)], 14, 2, False),
-    ([(1, 1, 10), (2, 14, 20)], 21, 2, False),  # after the last span of the last epoch
-    ([(1, 1, 10), (3, 14, 20)], 10, 3, False),
+def _tape(epoch: int, high: int, window_low: int | None = None) -> _EpochTape:
+    return _EpochTape(epoch=epoch, high=high, window_low=window_low)
+
+
+@pytest.mark.parametrize(("tapes", "trade_id", "excused"), [
+    ([], 1, False),
+    ([_tape(1, 10)], 5, False),  # seen up to 10: missed while subscribed
+    ([_tape(1, 10)], 11, False),  # after the last seen: missed while subscribed
+    ([_tape(1, 10), _tape(2, 20, 14)], 12, True),  # between, older than the full window
+    ([_tape(1, 10), _tape(2, 20)], 12, False),  # the snapshot was not full: it had room
+    ([_tape(1, 10), _tape(2, 20, 14)], 9, False),  # inside what epoch 1 saw
+    ([_tape(1, 10), _tape(2, 20, 14)], 14, False),  # in the window: should be there
+    ([_tape(1, 20, 14)], 3, True),  # before the first subscription, older than its window
+    ([_tape(1, 20, 14)], 15, False),
+    ([_tape(1, 10), _tape(2, 0), _tape(3, 20, 14)], 12, True),  # an epoch with no trades
 ])
-def test_trades_between_monitor_epochs(spans: list[tuple[int, int, int]], trade_id: int,
-                                       last_epoch: int, excused: bool) -> None:
-    assert _between_epochs(spans, trade_id, last_epoch) is excused
+def test_trades_older_than_the_next_snapshot(tapes: list[_EpochTape], trade_id: int,
+                                             excused: bool) -> None:
+    assert _before_window(tapes, trade_id) is excused
 
 
-def _three_trades(tape: list[tuple[int, int]]) -> History:
-    """Trades 1-3 between maker m and taker t; the monitor saw ``tape`` (trade id, epoch)."""
+def _snap(seq: int, tids: list[int], epoch: int, qty: str = "0.004") -> MarketRecord:
+    return _mkt("trades.BTC-PERP", seq, "snapshot", {"trades": [
+        {"trade_id": tid, "price": "60000.0", "qty": qty, "taker_side": "buy", "ts": tid}
+        for tid in tids]}, epoch)
+
+
+def _three_trades(tape: list[tuple[int, int]],
+                  snapshots: dict[int, list[int]] | None = None) -> History:
+    """Trades 1-3 between maker m and taker t; the monitor saw ``tape`` (trade id, epoch),
+    each epoch starting with its snapshot's trade ids from ``snapshots`` (if any)."""
     m, t = AgentLog(user="m", role="maker"), AgentLog(user="t", role="noise")
     for tid in (1, 2, 3):
         m.private.append(PrivateRecord(seq=tid, kind="trade_executed", received_ns=tid,
@@ -557,6 +569,9 @@ def _three_trades(tape: list[tuple[int, int]]) -> History:
                                        data=_fill(tid, 2, "b-1", "buy", "0.1200", "taker")))
     seqs: dict[int, int] = {}
     monitor = []
+    for epoch, tids in sorted((snapshots or {}).items()):
+        seqs[epoch] = 1
+        monitor.append(_snap(1, tids, epoch))
     for tid, epoch in tape:
         seqs[epoch] = seqs.get(epoch, 0) + 1
         monitor.append(_trade(seqs[epoch], tid=tid, epoch=epoch))
@@ -564,15 +579,49 @@ def _three_trades(tape: list[tuple[int, int]]) -> History:
                    monitor=monitor)
 
 
-def test_trade_missed_between_monitor_epochs_is_counted_not_failed() -> None:
-    check = check_fills_both_sides(_three_trades([(1, 1), (3, 2)]), INSTRUMENTS)
+def test_a_trade_missed_between_epochs_must_be_in_the_next_snapshot() -> None:
+    # Trade 2 fell while the monitor resubscribed: the new epoch's snapshot has it.
+    check = check_fills_both_sides(_three_trades([(1, 1), (3, 2)], {2: [1, 2]}),
+                                   INSTRUMENTS)
     assert check.passed, check.detail
-    assert check.figures["between_epochs"] == 1
-    assert "1 trades fell while the monitor resubscribed (not on its tape" in check.detail
+    assert check.figures["public_trades"] == 3 and check.figures["snapshot_trades"] == 2
     assert check_fills_both_sides(_three_trades([(1, 1), (2, 1), (3, 1)]), INSTRUMENTS).passed
-    check = check_fills_both_sides(_three_trades([(1, 1), (3, 1)]), INSTRUMENTS)
-    assert not check.passed
-    assert "trade BTC-PERP#2 has fills but never appeared on the public tape" in check.detail
+    # Missing from the snapshot too (or no snapshot): lost.
+    for snapshots in ({2: [1]}, {}):
+        check = check_fills_both_sides(_three_trades([(1, 1), (3, 2)], snapshots),
+                                       INSTRUMENTS)
+        assert not check.passed
+        assert "trade BTC-PERP#2 has fills but never appeared on the public tape" in \
+            check.detail
+    # A trade before the first subscription is in its snapshot.
+    assert check_fills_both_sides(_three_trades([(2, 1), (3, 1)], {1: [1]}),
+                                  INSTRUMENTS).passed
+    assert not check_fills_both_sides(_three_trades([(2, 1), (3, 1)]), INSTRUMENTS).passed
+
+
+def test_a_trade_older_than_a_full_snapshot_is_counted_not_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("simulations.invariants.SNAPSHOT_TRADES", 1)
+    check = check_fills_both_sides(_three_trades([(1, 1)], {2: [3]}), INSTRUMENTS)
+    assert check.passed, check.detail
+    assert check.figures["before_window"] == 1
+    assert "1 trades fell while the monitor was not subscribed, older than its next " \
+        "snapshot's trades" in check.detail
+    monkeypatch.setattr("simulations.invariants.SNAPSHOT_TRADES", 2)  # then it had room
+    assert not check_fills_both_sides(_three_trades([(1, 1)], {2: [3]}), INSTRUMENTS).passed
+
+
+def test_a_trade_twice_in_one_epoch_or_told_differently_fails() -> None:
+    check = check_fills_both_sides(_three_trades([(1, 1), (2, 2), (3, 2)], {2: [1, 2]}),
+                                   INSTRUMENTS)
+    assert "public trade BTC-PERP#2 appears twice in epoch 2" in check.detail
+    h = _three_trades([(1, 1), (3, 2)], {2: [1, 2]})
+    h.monitor[0] = _snap(1, [1, 2], 2, qty="0.005")
+    assert "public trade BTC-PERP#1 differs between epochs" in \
+        check_fills_both_sides(h, INSTRUMENTS).detail
+    h.monitor.append(_snap(4, [3], 2))
+    assert "a snapshot after the first frame of its epoch" in \
+        check_fills_both_sides(h, INSTRUMENTS).detail
 
 
 def test_detail_quotes_three_violations_then_counts() -> None:

@@ -19,6 +19,7 @@ from simulations.report import (
     build_report,
     latency_summary,
     mid_series,
+    public_trade_ids,
     render_markdown,
     render_table,
     throughput_series,
@@ -310,3 +311,14 @@ def test_the_load_section_renders_in_both_summaries() -> None:
     text = out.getvalue()
     assert "0.80 CPU cores, loop lag p99 51.000 ms" in text and "saturated: the event" in text
     assert "## Load" not in render_markdown(build_report(make_history(), CHECKS))
+
+
+def test_trades_in_a_snapshot_count_once_with_the_live_ones() -> None:
+    h = make_history()
+    live = public_trade_ids(h)
+    rows = [{"trade_id": tid, "price": "60000.0", "qty": "0.001", "taker_side": "buy",
+             "ts": 1} for tid in (1, 99)]
+    h.monitor.append(market("trades.BTC-PERP", "snapshot", 1, at_ms=5, latency_ms=1,
+                            data={"trades": rows}))
+    assert ("BTC-PERP", 1) in live
+    assert public_trade_ids(h) == live | {("BTC-PERP", 99)}
