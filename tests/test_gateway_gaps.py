@@ -9,7 +9,7 @@ losses are made by hand, over real sockets, on the embedded engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ import trio
 from gateway_kit import Client, client, lose, running_gateway
 
 from actors.messages import Delivery, RouterReplay
+from gateway.client import MarketUpdate
 from gateway.server import Gateway, GatewayConfig
 
 
@@ -126,25 +127,44 @@ async def test_the_sdk_resumes_over_a_gap_the_gateway_did_not_repair(
         assert alice.gap_resumes == 1 and gw.gap_repairs == 0
 
 
-async def test_the_sdk_resubscribes_a_book_whose_frames_were_dropped(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A skipped market seq means the gateway dropped frames (its queue for the client
-    was full): the deltas no longer add up to the book, so the SDK asks again."""
+def _drop_first_frame(monkeypatch: pytest.MonkeyPatch, channel: str,
+                      kind: str) -> list[dict[str, Any]]:
+    """From now on, the first JSON market frame of ``channel`` and ``kind`` any
+    connection is sent is dropped, as from a full queue; returns it once dropped."""
     import json
 
-    from gateway.client import MarketUpdate, open_client
     from gateway.server import Outbox
 
-    dropped: list[Any] = []
+    dropped: list[dict[str, Any]] = []
     real = Outbox.send_nowait
 
     def send_nowait(self: Outbox, data: bytes | str) -> None:
         frame = json.loads(data) if isinstance(data, str) else {}
-        if not dropped and (frame.get("channel"), frame.get("kind")) == ("book.BTC-PERP",
-                                                                          "delta"):
+        if not dropped and (frame.get("channel"), frame.get("kind")) == (channel, kind):
             dropped.append(frame)
             raise trio.WouldBlock  # as from a full queue: the frame is dropped
         real(self, data)
+
+    monkeypatch.setattr(Outbox, "send_nowait", send_nowait)
+    return dropped
+
+
+async def _collect(events: AsyncIterator[Any], got: list[MarketUpdate],
+                   last: Callable[[MarketUpdate], bool]) -> None:
+    """Append the market updates of ``events`` to ``got`` up to the ``last`` one."""
+    with trio.fail_after(10):
+        async for ev in events:
+            if isinstance(ev, MarketUpdate):
+                got.append(ev)
+                if last(ev):
+                    return
+
+
+async def test_the_sdk_resubscribes_a_book_whose_frames_were_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped market seq means the gateway dropped frames (its queue for the client
+    was full): the deltas no longer add up to the book, so the SDK asks again."""
+    from gateway.client import open_client
 
     async with running_gateway() as gw:
         url = f"ws://127.0.0.1:{gw.port}/v1"
@@ -152,21 +172,12 @@ async def test_the_sdk_resubscribes_a_book_whose_frames_were_dropped(
             await alice.subscribe(["book.BTC-PERP"])
             got: list[MarketUpdate] = []
             events = alice.events()
-            with trio.fail_after(10):
-                async for ev in events:
-                    if isinstance(ev, MarketUpdate):
-                        got.append(ev)
-                        break  # the snapshot
-            monkeypatch.setattr(Outbox, "send_nowait", send_nowait)
+            await _collect(events, got, lambda ev: True)  # the snapshot
+            dropped = _drop_first_frame(monkeypatch, "book.BTC-PERP", "delta")
             for i, price in enumerate(("58000.0", "58001.0")):  # a delta each
                 await alice.place("BTC-PERP", "buy", "limit", qty="0.001", price=price,
                                   client_order_id=f"d{i}")
-            with trio.fail_after(10):
-                async for ev in events:
-                    if isinstance(ev, MarketUpdate):
-                        got.append(ev)
-                        if ev.epoch == 2:
-                            break
+            await _collect(events, got, lambda ev: ev.epoch == 2)
         assert dropped and alice.market_resubscribes == 1
         assert [(g.epoch, g.seq, g.kind) for g in got] == [
             (1, 1, "snapshot"), (1, 3, "delta"), (2, 1, "snapshot")]
@@ -178,21 +189,7 @@ async def test_the_sdk_resubscribes_trades_whose_frame_was_dropped(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A skipped seq on a trades channel: the SDK subscribes again, and the new
     subscription's snapshot holds the trade whose frame was dropped."""
-    import json
-
-    from gateway.client import MarketUpdate, open_client
-    from gateway.server import Outbox
-
-    dropped: list[Any] = []
-    real = Outbox.send_nowait
-
-    def send_nowait(self: Outbox, data: bytes | str) -> None:
-        frame = json.loads(data) if isinstance(data, str) else {}
-        if not dropped and (frame.get("channel"), frame.get("kind")) == ("trades.BTC-PERP",
-                                                                          "trade"):
-            dropped.append(frame)
-            raise trio.WouldBlock  # as from a full queue: the frame is dropped
-        real(self, data)
+    from gateway.client import open_client
 
     async with running_gateway() as gw:
         url = f"ws://127.0.0.1:{gw.port}/v1"
@@ -201,23 +198,14 @@ async def test_the_sdk_resubscribes_trades_whose_frame_was_dropped(
             await alice.subscribe(["trades.BTC-PERP"])
             got: list[MarketUpdate] = []
             events = alice.events()
-            with trio.fail_after(10):
-                async for ev in events:
-                    if isinstance(ev, MarketUpdate):
-                        got.append(ev)
-                        break  # the (empty) snapshot
-            monkeypatch.setattr(Outbox, "send_nowait", send_nowait)
+            await _collect(events, got, lambda ev: True)  # the (empty) snapshot
+            dropped = _drop_first_frame(monkeypatch, "trades.BTC-PERP", "trade")
             for i in range(2):  # two trades: the first one's frame is dropped
                 await bob.place("BTC-PERP", "sell", "limit", qty="0.001", price="59000.0",
                                 client_order_id=f"s{i}")
                 await alice.place("BTC-PERP", "buy", "limit", qty="0.001", price="59000.0",
                                   client_order_id=f"b{i}")
-            with trio.fail_after(10):
-                async for ev in events:
-                    if isinstance(ev, MarketUpdate):
-                        got.append(ev)
-                        if ev.epoch == 2:
-                            break
+            await _collect(events, got, lambda ev: ev.epoch == 2)
         assert dropped and dropped[0]["data"]["trade_id"] == 1
         assert alice.market_resubscribes == 1
         assert [(g.epoch, g.seq, g.kind) for g in got] == [
