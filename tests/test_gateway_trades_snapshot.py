@@ -20,7 +20,7 @@ from test_gateway_book_restart import TRADES, _kill_book, _lose_first_trade, _or
 
 from actors.cores.session import SessionConfig
 from actors.desks import RECENT_TRADES
-from gateway.server import Gateway, GatewayConfig
+from gateway.server import GatewayConfig
 
 
 async def _trade(bob: Client, alice: Client, i: int) -> None:
@@ -39,23 +39,23 @@ async def _snapshot(c: Client) -> dict[str, Any]:
             await c.frame()
 
 
-async def _trades_done(gw: Gateway, n: int) -> None:
-    """Wait until the gateway has taken in ``n`` public trades."""
+async def _fills(c: Client, n: int) -> None:
+    """Read ``c``'s frames until it holds ``n`` ``trade_executed`` events: the book's
+    turns that made those trades are over, so its newest trades include them."""
     with trio.fail_after(10):
-        while gw.trades < n:
-            await trio.sleep(0.01)  # polls the gateway's counter; nothing to wait on
+        while sum(e["kind"] == "trade_executed" for e in c.private) < n:
+            await c.frame()
 
 
 @pytest.mark.parametrize("enc", ["json", "cbor"])
-async def test_a_trades_subscription_starts_with_the_newest_trades(
-        tmp_path: Path, enc: str) -> None:
+async def test_a_trades_subscription_starts_with_the_newest_trades(enc: str) -> None:
     async with running_gateway() as gw, client(gw, "json") as alice, \
             client(gw, "json") as bob, client(gw, enc) as carol:
         assert (await alice.call("login", user="alice", password="pw"))["ok"]
         assert (await bob.call("login", user="bob", password="pw"))["ok"]
         for i in range(2):
             await _trade(bob, alice, i)
-        await _trades_done(gw, 2)
+        await _fills(alice, 2)
         assert (await carol.call("subscribe", channels=[TRADES]))["ok"]
         snap = await _snapshot(carol)
         assert snap["seq"] == 1
@@ -69,7 +69,7 @@ async def test_a_trades_subscription_starts_with_the_newest_trades(
         assert [(f["seq"], f["data"]["trade_id"]) for f in live] == [(2, 3)]
 
 
-async def test_a_resubscription_brings_back_a_trade_the_client_missed(tmp_path: Path) -> None:
+async def test_a_resubscription_brings_back_a_trade_the_client_missed() -> None:
     async with running_gateway() as gw, client(gw, "json") as alice, \
             client(gw, "json") as bob, client(gw, "json") as carol:
         assert (await alice.call("login", user="alice", password="pw"))["ok"]
@@ -77,14 +77,14 @@ async def test_a_resubscription_brings_back_a_trade_the_client_missed(tmp_path: 
         assert (await carol.call("subscribe", channels=[TRADES]))["ok"]
         assert (await carol.call("unsubscribe", channels=[TRADES]))["ok"]
         await _trade(bob, alice, 0)  # while carol is away
-        await _trades_done(gw, 1)
+        await _fills(alice, 1)
         carol.market.clear()
         assert (await carol.call("subscribe", channels=[TRADES]))["ok"]
         snap = await _snapshot(carol)
         assert snap["seq"] == 1 and [r["trade_id"] for r in snap["data"]["trades"]] == [1]
 
 
-async def test_the_snapshot_holds_at_most_the_books_recent_trades(tmp_path: Path) -> None:
+async def test_the_snapshot_holds_at_most_the_books_recent_trades() -> None:
     # One taker order sweeping RECENT_TRADES + 5 resting orders: that many trades.
     n = RECENT_TRADES + 5
     unlimited = GatewayConfig(session=SessionConfig(rate_per_s=1_000_000, burst=1_000_000))
@@ -97,7 +97,7 @@ async def test_the_snapshot_holds_at_most_the_books_recent_trades(tmp_path: Path
             assert r["ok"], r
         big = dict(_order("sweep", "buy"), qty=f"{n / 1000:.3f}", tif="ioc")
         assert (await alice.call("place", **big))["ok"]
-        await _trades_done(gw, n)
+        await _fills(alice, n)
         assert (await carol.call("subscribe", channels=[TRADES]))["ok"]
         ids = [r["trade_id"] for r in (await _snapshot(carol))["data"]["trades"]]
         assert ids == list(range(n - RECENT_TRADES + 1, n + 1))
