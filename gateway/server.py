@@ -270,6 +270,14 @@ def _levels_data(inst: Instrument, bids: Iterable[tuple[int, int]],
             "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in asks]}
 
 
+def _trade_data(inst: Instrument, trade_id: int, price: int, qty: int,
+                taker_side: str) -> dict[str, Any]:
+    """A public trade as the wire's ``trade`` frame data (a trades snapshot's row adds
+    its ``ts``)."""
+    return {"trade_id": trade_id, "price": inst.price_str(price), "qty": inst.qty_str(qty),
+            "taker_side": taker_side}
+
+
 @attrs.define
 class _Conn:
     id: int
@@ -1074,8 +1082,7 @@ class Gateway:
         """A book snapshot's newest trades as the wire's ``trades`` snapshot data."""
         inst = self.instruments[snapshot["symbol"]]
         return {"trades": [
-            {"trade_id": trade_id, "price": inst.price_str(price), "qty": inst.qty_str(qty),
-             "taker_side": taker_side, "ts": ts}
+            {**_trade_data(inst, trade_id, price, qty, taker_side), "ts": ts}
             for trade_id, price, qty, taker_side, ts in snapshot["trades"]]}
 
     def _book_data(self, snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -1152,8 +1159,7 @@ class Gateway:
             data: dict[str, Any] = _levels_data(inst, ev.bids, ev.asks)
         elif isinstance(ev, PublicTrade):
             kind = "trade"
-            data = {"trade_id": ev.trade_id, "price": inst.price_str(ev.price),
-                    "qty": inst.qty_str(ev.qty), "taker_side": ev.taker_side}
+            data = _trade_data(inst, ev.trade_id, ev.price, ev.qty, ev.taker_side)
         else:
             kind = "ticker"
 
