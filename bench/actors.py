@@ -37,6 +37,11 @@ Figures:
    to a :class:`~actors.runtime.RuntimeEcho` (lower is better).
 4. ``actors.simple.journal_<policy>.orders_per_s``: orders/s under
    simpleSystemBase with fsync ``always`` / ``batch`` / ``off``.
+5. ``actors.desks_only.orders_per_s``: the same orders through the same desks
+   on :class:`~actors.local.LocalEngine`, with no actor runtime and no journal,
+   a batch of 100 per round (the outcome is the actor runs': the same
+   ``filled``). The engine's own work: the floor under the figures above, and
+   what the 15,000 target would need before any runtime or journal cost.
 
 Every actor system is started and stopped by :func:`actors.runtime.running_system`.
 
@@ -83,6 +88,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from actors.boot import EngineLink, boot_engine
 from actors.host import EngineConfig
 from actors.journal import flush_shared
+from actors.local import LocalEngine
 from actors.messages import (
     AccountDeposit,
     AccountPlace,
@@ -101,7 +107,7 @@ from actors.runtime import (
     SystemConfig,
     running_system,
 )
-from protocol import NewOrder
+from protocol import NewOrder, parse_instruments
 
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOL = "BTC-PERP"
@@ -397,6 +403,52 @@ def engine(
             eng.link.close()
 
 
+def desks_only(population: Sequence[str], batches: list[list[Item]]) -> dict[str, Any]:
+    """The same orders through the same desks with no actor runtime and no journal.
+
+    :class:`~actors.local.LocalEngine` runs the desks the hosts run, FIFO per
+    destination in rounds (each round one turn per desk), in this thread. Every
+    batch of 100 goes in at once and runs to quiescence (one account turn per user,
+    one book turn and one router turn per round), as the actor runs group it: the
+    outcome is theirs (the same ``filled``). It is the engine's own work per order,
+    the floor under ``actors.simple.*.orders_per_s``.
+    """
+    tally = Tally()
+    instruments = parse_instruments((ROOT / "protocol" / "instruments.toml").read_text())
+    local = LocalEngine(instruments, on_gateway=lambda _gw, m: tally.take([m]))
+    rid = itertools.count(10**9)
+    for user in population:
+        local.attach(user, GATEWAY)
+        local.send(Dest("account", user), AccountDeposit(
+            reply_to=ReplyTo(gateway=GATEWAY, conn=1, request_id=next(rid)), user=user,
+            amount=DEPOSIT, ts=time.time_ns()))
+    local.run(time.time_ns())
+    if len(tally.replies) != len(population) or not all(r.ok for r in tally.replies.values()):
+        raise RuntimeError(f"desks only: deposits refused: {list(tally.replies.values())[:3]!r}")
+    before = len(tally.replies)
+    started = time.perf_counter()
+    for batch in batches:
+        for dest, item in batch:
+            local.send(dest, item)
+        local.run(time.time_ns())
+    elapsed = time.perf_counter() - started
+    got = list(tally.replies.values())[before:]
+    total = sum(len(b) for b in batches)
+    if len(got) != total:
+        raise RuntimeError(f"desks only: {total - len(got)} replies missing")
+    return {
+        "orders": total,
+        "answered": len(got),
+        "seconds": round(elapsed, 4),
+        "ok": sum(r.ok for r in got),
+        "refused": sum(not r.ok for r in got),
+        "filled": sum(
+            bool(r.ok and r.result and r.result.get("status") == "filled") for r in got
+        ),
+        "private_events": tally.events,
+    }
+
+
 # -- bare Thespian ---------------------------------------------------------------------------
 
 
@@ -569,6 +621,18 @@ def run_simple(
             "orders/s",
             detail=per_policy[policy],
         )
+    # The floor: the same orders through the same desks with no runtime and no journal.
+    floor = desks_only(population, batches)
+    emit(
+        "actors.desks_only.orders_per_s",
+        orders_per_s(floor),
+        "orders/s",
+        target=15_000,
+        detail=floor,
+        note="the same orders through the same desks (actors.local.LocalEngine: no actor "
+        "runtime, no journal), a batch per round: the engine's own work, the floor under "
+        "actors.simple.*.orders_per_s",
+    )
     if args.simple_shards == 0:
         # Diagnostic: the same orders with every account on one shard host, i.e. one
         # account turn per send call instead of one per user: isolates per-turn costs.
