@@ -133,27 +133,18 @@ def main() -> None:
                 times, book = bb.run_bare(bare_blocks)
             else:
                 times, book = run_variant(mods[name])
-            ended[name] = bb._ending(book) if name == "bare" else _core_ending(book)
+            ended[name] = bb._ending(book)
             del book
             old = fastest.get(name, times)
             fastest[name] = [min(a, b) for a, b in zip(old, times, strict=True)]
     bare_rate = args.ops / sum(fastest["bare"])
     for name in mods:
-        rate = args.ops / sum(fastest[name])
-        print(json.dumps({
-            "name": f"book_events.{name}.ops_per_s", "value": round(rate, 1), "unit": "ops/s",
-            "ceiling": round(bare_rate, 1), "ratio": round(rate / bare_rate, 3),
-        }), flush=True)
+        bb._line(f"book_events.{name}.ops_per_s", args.ops / sum(fastest[name]), "ops/s",
+                 bare_rate)
     match = all(ended[name] == ended["bare"] for name in mods)
     print(json.dumps({"name": "book_events.sanity", "value": int(match), "unit": "match",
                       "detail": {name: list(ended[name]) for name in [*mods, "bare"]}}),
           flush=True)
-
-
-def _core_ending(book: Any) -> tuple[int, int, int]:
-    """bench/book.py's ``_ending`` for a core of any variant (it checks the class)."""
-    bids, asks = book.depth()
-    return book.next_trade_id - 1, sum(q for _, q in bids) + sum(q for _, q in asks), len(book)
 
 
 if __name__ == "__main__":
