@@ -730,6 +730,8 @@ class Gateway:
             for ch in removed:
                 self._subscribers.get(ch, {}).pop(conn.id, None)
             conn.waiting_snapshot.difference_update(removed)
+            for ch in removed:
+                conn.chan_seq.pop(ch, None)  # a later subscription counts from 1 again
             if conn.trades_upto:
                 for ch in removed:
                     conn.trades_upto.pop(ch, None)
@@ -817,6 +819,7 @@ class Gateway:
                 self._ask_snapshot(conn, ch)
             else:
                 conn.subs.add(ch)
+                conn.chan_seq[ch] = 0  # no snapshot opens a ticker: its count starts here
                 self._subscribers.setdefault(ch, {})[conn.id] = conn
 
     def _ask_snapshot(self, conn: _Conn, channel: str) -> None:
