@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser(
         "replay",
-        help="re-feed a recording (simulate/run --record FILE) into a fresh in-process "
+        help="re-feed a recording (simulate --record FILE) into a fresh in-process "
              "engine on a virtual clock and compare the trades, balances and events digests")
     rep.add_argument("file", help="the record file")
     rep.set_defaults(func=_replay)

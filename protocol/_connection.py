@@ -27,7 +27,6 @@ from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._frames import ErrorResponse, ServerFrame
 from ._instruments import Instrument
 from ._requests import (
-    Ack,
     Login,
     Ping,
     Place,
@@ -180,8 +179,6 @@ class ServerConnection:
             return
         if isinstance(request, Query) and request.what == "instruments":
             return
-        if isinstance(request, Ack):
-            raise _StateError(ErrorCode.NOT_LOGGED_IN, "log in first", None)
         raise _StateError(ErrorCode.NOT_LOGGED_IN, "log in first", request.id)
 
     # -- data out ------------------------------------------------------------------

@@ -359,6 +359,7 @@ async def test_not_logged_in_for_every_private_op(gateway: Gateway) -> None:
         await c.send({"op": "ack", "id": 5, "seq": 0})
         f = await answer(c)
         assert code(f) == "not_logged_in"
+        assert f["id"] == 5  # an ack has no answer, but its error echoes its id
         # Public ops work before login.
         assert (await c.call("query", what="instruments"))["ok"]
         assert (await c.call("subscribe", channels=["ticker.BTC-PERP"]))["ok"]
