@@ -143,8 +143,25 @@ class SimResult:
     files: Any = None
 
     @property
+    def stuck(self) -> dict[str, str]:
+        """The agents the run gave up on (user → the phase they were stuck in)."""
+        return dict(self.report.get("stuck_agents") or {})
+
+    @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """Every check passed and no agent was given up on (report.json's ``passed``)."""
+        return all(c.passed for c in self.checks) and not self.stuck
+
+    def verdict(self) -> str:
+        """One line for the console: passed, or what failed."""
+        if self.passed:
+            return "[green]all invariants passed[/]"
+        failed = [c.name for c in self.checks if not c.passed]
+        parts = [f"[red]invariant failures[/]: {', '.join(failed)}"] if failed else []
+        if self.stuck:
+            parts.append(f"[red]{len(self.stuck)} agent(s) stuck[/]: " + ", ".join(
+                f"{user} ({phase})" for user, phase in sorted(self.stuck.items())))
+        return "; ".join(parts)
 
 
 def agent_users(options: SimOptions) -> list[str]:
@@ -1190,7 +1207,7 @@ def _logging_to(path: Path) -> Any:
 
 def run_simulation(options: SimOptions, console: Console | None = None) -> int:
     """Run, print the summary, write the report; the exit code is 1 if any invariant
-    failed (2 for a scenario error)."""
+    failed or an agent was given up on as stuck (2 for a scenario error)."""
     from simulations.report import render_table
 
     console = console or Console()
@@ -1207,9 +1224,7 @@ def run_simulation(options: SimOptions, console: Console | None = None) -> int:
     console.print(render_table(result.report))
     if result.files is not None:
         console.print(f"report written to {options.report_dir}")
-    verdict = "[green]all invariants passed[/]" if result.passed else \
-        "[red]invariant failures[/]: " + ", ".join(c.name for c in result.checks if not c.passed)
-    console.print(verdict)
+    console.print(result.verdict())
     return 0 if result.passed else 1
 
 

@@ -15,6 +15,7 @@ from gateway.cli import instruments_toml
 from protocol import parse_instruments
 from simulations import harness
 from simulations.harness import SimOptions, simulate
+from simulations.invariants import Check
 from simulations.scenario import (
     ENGINE_FAULTS,
     FAULT_KINDS,
@@ -245,3 +246,28 @@ async def test_an_agent_that_never_finishes_fails_the_run_instead_of_hanging_it(
     assert stuck[stuck_user[0]] == "trading (the group gave up trading)"
     assert set(stuck.values()) == {"trading (the group gave up trading)"}
     assert f"{stuck_user[0]}: stuck in trading" in result.report["agent_errors"]
+
+
+@pytest.mark.parametrize("stuck", [{}, {"sim0007": "trading (the group gave up finishing)"}])
+def test_a_stuck_agent_fails_the_exit_code_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stuck: dict[str, str]
+) -> None:
+    # report.json's ``passed`` counted stuck agents; the exit code looked only at the
+    # checks, so a CI job reading it passed a run that had given up on an agent.
+    checks = [Check(name="seqs_gapless", passed=True, detail="ok")]
+    report = {"scenario": "basic", "seed": 1, "stuck_agents": stuck,
+              "passed": not stuck}
+
+    async def fake_simulate(options: SimOptions, console: Console) -> harness.SimResult:
+        return harness.SimResult(history=None, checks=checks, report=report)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness, "simulate", fake_simulate)
+    out = Console(record=True, width=200)
+    code = harness.run_simulation(SimOptions(scenario=load_scenario("basic"),
+                                             report_dir=tmp_path), out)
+    text = out.export_text()
+    assert code == (1 if stuck else 0)
+    if stuck:
+        assert "1 agent(s) stuck: sim0007 (trading" in text
+    else:
+        assert "all invariants passed" in text
