@@ -265,9 +265,10 @@ class OrderIds:
 def _levels_data(inst: Instrument, bids: Iterable[tuple[int, int]],
                  asks: Iterable[tuple[int, int]]) -> dict[str, Any]:
     """A book's levels (``(price, qty)`` in ticks and lots) as the wire's ``bids`` and
-    ``asks`` of a snapshot or a delta: ``[price, qty]`` decimal strings."""
-    return {"bids": [[inst.price_str(p), inst.qty_str(q)] for p, q in bids],
-            "asks": [[inst.price_str(p), inst.qty_str(q)] for p, q in asks]}
+    ``asks`` of a snapshot or a delta: ``[price, qty]`` decimal strings. A delta's
+    removed level is qty ``"0"`` exactly (PROTOCOL.md), not the lot's ``"0.000"``."""
+    return {"bids": [[inst.price_str(p), inst.qty_str(q) if q else "0"] for p, q in bids],
+            "asks": [[inst.price_str(p), inst.qty_str(q) if q else "0"] for p, q in asks]}
 
 
 def _trade_data(inst: Instrument, trade_id: int, price: int, qty: int,
