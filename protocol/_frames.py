@@ -208,6 +208,7 @@ class OrderEventData:
     filled_qty: str = attrs.field(validator=_str)
     remaining_qty: str = attrs.field(validator=_str)
     status: str = attrs.field(validator=_str)
+    tif: str | None = attrs.field(default=None, validator=_opt_str)
     code: str | None = attrs.field(default=None, validator=_opt_str)
     reason: str | None = attrs.field(default=None, validator=_opt_str)
 
@@ -225,6 +226,7 @@ class TradeData:
     qty: str = attrs.field(validator=_str)
     fee: str = attrs.field(validator=_str)
     liquidity: str = attrs.field(validator=attrs.validators.in_(("maker", "taker")))
+    realized_pnl: str | None = attrs.field(default=None, validator=_opt_str)
 
 
 @attrs.frozen(kw_only=True)
@@ -238,6 +240,7 @@ class AccountData:
     position_pnl: str = attrs.field(validator=_str)
     realized_pnl: str = attrs.field(validator=_str)
     risk_ratio: str = attrs.field(validator=_str)
+    fees_paid: str | None = attrs.field(default=None, validator=_opt_str)
 
 
 @attrs.frozen(kw_only=True)
@@ -251,6 +254,7 @@ class PositionData:
     short_avg_price: str | None = attrs.field(validator=_opt_str)
     unrealized_pnl: str = attrs.field(validator=_str)
     realized_pnl: str | None = attrs.field(default=None, validator=_opt_str)
+    margin: str | None = attrs.field(default=None, validator=_opt_str)
 
 
 @attrs.frozen(kw_only=True)

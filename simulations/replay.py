@@ -40,7 +40,11 @@ that clock passes it (``LocalEngine.run``).
   views: queried from the live engine by the bridge at stop, through the same
   ``AccountQuery`` on the replayed one;
 * ``events`` — per user and symbol, the P0/P1 private events as ``(kind,
-  data)`` in seq order.
+  data)`` in seq order. A ``risk_alert``/``margin_call`` (P0, no symbol) is
+  checked at the end of an account's turn, so a replay that groups the turns
+  differently could report one the live run did not (a ratio that crossed 0.8
+  and fell back inside one turn); the simulations fund their agents far from
+  that band.
 
 **What may legitimately differ, and is therefore left out:** P2/P3 events
 (``account_update``, ``position_update``, ``system_notice``) are conflated by

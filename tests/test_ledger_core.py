@@ -47,6 +47,7 @@ from protocol import (
     OrderRejected,
     RemoteProtocolError,
     UserEvent,
+    event_data,
     from_units,
     parse_instruments,
     ratio_to_str,
@@ -1468,3 +1469,84 @@ def test_integer_risk_ratio_is_the_decimal_one(numerator: int, denominator: int)
             _ratio_str(numerator, denominator)
         return
     assert _ratio_str(numerator, denominator) == want
+
+
+# -- risk -----------------------------------------------------------------------------------
+
+
+def _risk(events: list[UserEvent]) -> list[tuple[str, str]]:
+    return [(e.kind, str(e.data["risk_ratio"])) for e in events
+            if e.kind in ("risk_alert", "margin_call")]
+
+
+def _fill_both(maker_ledger: Ledger, taker_ledger: Ledger, maker: NewOrder,
+               taker: NewOrder, price: int, trade_id: int) -> list[UserEvent]:
+    """Place, accept and fully fill ``maker`` against ``taker``; the taker's events."""
+    for ledger, o in ((maker_ledger, maker), (taker_ledger, taker)):
+        ledger.place(o, ref_price=price)
+        ledger.on_book_event(accepted(o))
+    ev = fill(maker, taker, price, maker.qty, 0, 0, trade_id=trade_id)
+    maker_ledger.on_book_event(ev)
+    return taker_ledger.on_book_event(ev)
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_risk_alert_then_margin_call_once_each_and_again_after_falling_below(
+    coalesce: bool
+) -> None:
+    alice = funded(amount=3_700 * USDT, coalesce_updates=coalesce)
+    bob = funded("bob", amount=100_000 * USDT)
+
+    def turn(events: list[UserEvent]) -> list[UserEvent]:
+        return events + alice.flush_updates() if coalesce else events
+
+    # Alice buys 1 BTC at 60000: margin 3000 against equity 3700 - 30 (fee) = 3670.
+    events = turn(_fill_both(bob, alice, order(1, "sell", ONE_BTC, user="bob"),
+                             order(2, "buy", ONE_BTC), BTC_60K, 1))
+    assert _risk(events) == [("risk_alert", "0.81743869")]
+    assert events[-1].kind == "risk_alert" and events[-1].priority == 0
+    assert "reached 0.8" in str(events[-1].data["message"])
+    # Another trade in the same band reports nothing new.
+    events = turn(_fill_both(bob, alice, order(3, "buy", 1, user="bob"),
+                             order(4, "sell", 1), BTC_60K, 2))
+    assert _risk(events) == []
+    # Alice sells 0.001 at 59000: her mark, and her equity with it, fall below the margin.
+    events = turn(_fill_both(bob, alice, order(5, "buy", 1, user="bob"),
+                             order(6, "sell", 1), 590_000, 3))
+    [(kind, ratio)] = _risk(events)
+    assert kind == "margin_call" and Decimal(ratio) > 1
+    assert events[-1].kind == "margin_call"
+    # A deposit brings the ratio down: nothing to report, and the band is forgotten.
+    assert _risk(turn(alice.deposit(100_000 * USDT, ts=30))) == []
+    # Withdrawing all that is available leaves equity at the margin: a call again.
+    assert [k for k, _ in _risk(turn(alice.withdraw(alice.available, ts=31)))] == [
+        "margin_call"]
+
+
+def test_a_ledger_pickled_before_risk_events_loads_with_nothing_reported() -> None:
+    alice = funded()
+    state = alice.__getstate__()
+    del state["_risk_level"]
+    restored = Ledger.__new__(Ledger)
+    restored.__setstate__(state)
+    assert restored._risk_level == 0
+    assert _risk(restored.deposit(USDT, ts=5)) == []
+
+
+def test_the_sdk_typed_data_keeps_every_field_the_ledger_sends() -> None:
+    # protocol.event_data ignores unknown fields (forward compatibility), so a field the
+    # ledger added and the typed data lacked was silently dropped for SDK users.
+    alice = funded(amount=3_700 * USDT)
+    bob = funded("bob", amount=100_000 * USDT)
+    events = _fill_both(bob, alice, order(1, "sell", ONE_BTC, user="bob"),
+                        order(2, "buy", ONE_BTC), BTC_60K, 1)
+    gone = order(3, "buy", 1, tif="ioc")
+    alice.place(gone, ref_price=BTC_60K)
+    events += alice.on_book_event(expired(gone, 1))
+    events += alice.system_notice("resync", "rebuilt", ts=40)
+    assert {"trade_executed", "order_filled", "position_update", "account_update",
+            "risk_alert", "order_expired", "system_notice"} <= set(kinds(events))
+    for e in events:
+        typed = event_data(e.kind, e.data)
+        assert set(e.data) <= set(attrs.fields_dict(type(typed))), e.kind
+        assert {k: getattr(typed, k) for k in e.data} == dict(e.data), e.kind

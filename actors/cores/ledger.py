@@ -65,6 +65,16 @@ Decisions (the contract of this module):
   conflated to the latest value per key), and it is most of the ledger's
   work: two maps of ~15 decimal strings per fill and side, which the router's
   conflation would mostly drop anyway.
+* **Risk** (P0 ``risk_alert`` and ``margin_call``): the risk ratio is position
+  margin over equity (cash plus unrealized PnL at the ledger's marks, the
+  prices of the account's own last trades). When it rises to
+  :data:`RISK_ALERT_RATIO_PPM` (0.8) the ledger emits one ``risk_alert``; when
+  equity no longer covers the margin (ratio 1 or more, or equity not positive)
+  one ``margin_call``. Each once per rise into its band: the ledger remembers
+  the band it reported and reports again only after the ratio fell below it.
+  Checked after the state changed: at the end of a turn (after
+  :meth:`Ledger.flush_updates`' updates) when coalescing, else after each fill
+  and cash move.
 """
 
 from __future__ import annotations
@@ -100,6 +110,7 @@ from protocol import (
 
 __all__ = [
     "ORDER_TRANSITIONS",
+    "RISK_ALERT_RATIO_PPM",
     "DuplicateOrder",
     "IllegalTransition",
     "Ledger",
@@ -471,6 +482,11 @@ class DuplicateOrder(Exception):  # noqa: N818 - a normal outcome, not an error
 #: snapshot stop growing by a record per order (see :meth:`Ledger.forget_closed`).
 CLOSED_KEPT = 1_000
 
+#: The risk ratio (position margin / equity, in parts per million) at which the
+#: ledger emits a ``risk_alert``; at 1,000,000 (equity no longer covers the
+#: margin) it emits a ``margin_call``.
+RISK_ALERT_RATIO_PPM: Final = 800_000
+
 #: The book events a ledger handles.
 LedgerBookEvent = (
     OrderAccepted | OrderRejected | Fill | OrderCanceled | OrderExpired | CancelRejected
@@ -683,6 +699,8 @@ class Ledger:
         self._dirty_positions: dict[str, None] = {}
         self._dirty_account = False
         self._dirty_ts = 0
+        #: The risk band last reported: 0 none, 1 risk_alert, 2 margin_call.
+        self._risk_level = 0
         self._instruments: dict[str, Instrument] = dict(instruments)
         self._bal = _Balances()
         self._positions: dict[str, _Position] = {}
@@ -710,7 +728,7 @@ class Ledger:
         # Snapshots from before coalescing existed get its defaults (off, nothing dirty).
         vars(self).update(
             {"coalesce_updates": False, "_dirty_positions": {}, "_dirty_account": False,
-             "_dirty_ts": 0, "_forgotten": {}, **state}
+             "_dirty_ts": 0, "_forgotten": {}, "_risk_level": 0, **state}
         )
         if "_closed" not in state:
             # Pickled before closed orders were forgotten: every closed order is still
@@ -870,6 +888,37 @@ class Ledger:
         self._dirty_positions = {}
         self._dirty_account = False
         self._next_event_id = em.next_id
+        return em.events + self._risk_events(self._dirty_ts)
+
+    def _risk_events(self, ts: int) -> list[UserEvent]:
+        """A ``risk_alert`` or ``margin_call`` if the risk ratio rose into a band not
+        reported yet (see the module docstring, *Risk*); forgets a band it fell below."""
+        margin, unrealized = self._totals(self._positions, self._marks)
+        equity = self._bal.cash + unrealized
+        if not margin:
+            level = 0
+        elif equity <= margin:
+            level = 2
+        elif margin * 1_000_000 >= equity * RISK_ALERT_RATIO_PPM:
+            level = 1
+        else:
+            level = 0
+        reported = self._risk_level
+        self._risk_level = level
+        if level <= reported:
+            return []
+        ratio = _ratio_str(margin, max(equity, 1))
+        if level == 2:
+            kind = "margin_call"
+            message = (f"equity {cash_str(equity)} no longer covers the position margin "
+                       f"{cash_str(margin)} (risk ratio {ratio}): deposit or reduce positions")
+        else:
+            kind = "risk_alert"
+            message = (f"risk ratio {ratio} reached {RISK_ALERT_RATIO_PPM / 1_000_000:g}: "
+                       f"position margin {cash_str(margin)} against equity {cash_str(equity)}")
+        em = _Emitter(self.user, self._next_event_id, ts)
+        em.add(kind, {"risk_ratio": ratio, "message": message})
+        self._next_event_id = em.next_id
         return em.events
 
     def _mark_dirty(self, ts: int, symbol: str | None = None) -> None:
@@ -936,7 +985,7 @@ class Ledger:
         em.add("account_update", self._account_data(bal, self._positions, self._marks), "account")
         self._bal = bal
         self._next_event_id = em.next_id
-        return em.events
+        return em.events + self._risk_events(ts)
 
     # -- pre-trade check -----------------------------------------------------------------
 
@@ -1248,7 +1297,8 @@ class Ledger:
             self._dirty_account = True
             self._dirty_ts = ts
             self._dirty_positions[symbol] = None
-        return events
+            return events
+        return events + self._risk_events(ts)
 
     # -- internals -----------------------------------------------------------------------
 
