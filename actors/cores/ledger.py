@@ -884,16 +884,19 @@ class Ledger:
         for symbol in self._dirty_positions:
             pos = self._positions.get(symbol, _FLAT)
             em.add("position_update", self._position_data(symbol, pos, self._marks), key=symbol)
-        em.add("account_update", self.account_view(), key="account")
+        totals = self._totals(self._positions, self._marks)
+        em.add("account_update", self._account_data(self._bal, self._positions, self._marks,
+                                                    totals), key="account")
         self._dirty_positions = {}
         self._dirty_account = False
         self._next_event_id = em.next_id
-        return em.events + self._risk_events(self._dirty_ts)
+        return em.events + self._risk_events(self._dirty_ts, totals)
 
-    def _risk_events(self, ts: int) -> list[UserEvent]:
+    def _risk_events(self, ts: int, totals: tuple[int, int] | None = None) -> list[UserEvent]:
         """A ``risk_alert`` or ``margin_call`` if the risk ratio rose into a band not
-        reported yet (see the module docstring, *Risk*); forgets a band it fell below."""
-        margin, unrealized = self._totals(self._positions, self._marks)
+        reported yet (see the module docstring, *Risk*); forgets a band it fell below.
+        ``totals``: :meth:`_totals` of the current state, when the caller has them."""
+        margin, unrealized = totals or self._totals(self._positions, self._marks)
         equity = self._bal.cash + unrealized
         if not margin:
             level = 0
@@ -1369,9 +1372,13 @@ class Ledger:
         return bal.cash - bal.frozen - margin + min(0, unrealized)
 
     def _account_data(
-        self, bal: _Balances, positions: Mapping[str, _Position], marks: Mapping[str, int]
+        self,
+        bal: _Balances,
+        positions: Mapping[str, _Position],
+        marks: Mapping[str, int],
+        totals: tuple[int, int] | None = None,
     ) -> dict[str, object]:
-        margin, unrealized = self._totals(positions, marks)
+        margin, unrealized = totals or self._totals(positions, marks)
         available = bal.cash - bal.frozen - margin + min(0, unrealized)
         equity = bal.cash + unrealized
         return {
