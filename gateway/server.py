@@ -728,13 +728,11 @@ class Gateway:
         elif isinstance(req, Unsubscribe):
             removed = self.hub.sessions[conn.id].unsubscribe(req.channels)
             conn.subs.difference_update(removed)
-            for ch in removed:
-                self._subscribers.get(ch, {}).pop(conn.id, None)
             conn.waiting_snapshot.difference_update(removed)
             for ch in removed:
+                self._subscribers.get(ch, {}).pop(conn.id, None)
                 conn.chan_seq.pop(ch, None)  # a later subscription counts from 1 again
-            if conn.trades_upto:
-                for ch in removed:
+                if conn.trades_upto:
                     conn.trades_upto.pop(ch, None)
             self._push(conn, Response(id=req.id, result={"channels": list(removed)}))
         elif isinstance(req, Query) and req.what == "instruments":
@@ -820,7 +818,6 @@ class Gateway:
                 self._ask_snapshot(conn, ch)
             else:
                 conn.subs.add(ch)
-                conn.chan_seq[ch] = 0  # no snapshot opens a ticker: its count starts here
                 self._subscribers.setdefault(ch, {})[conn.id] = conn
 
     def _ask_snapshot(self, conn: _Conn, channel: str) -> None:
