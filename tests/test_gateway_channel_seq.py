@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import trio
-from gateway_kit import Client, client, running_gateway
+from gateway_kit import Client
 from test_gateway_book_restart import SYMBOL
-from test_gateway_trades_snapshot import _fills, _trade
+from test_gateway_trades_snapshot import _fills, _trade, _with_watcher
 
 TICKER = f"ticker.{SYMBOL}"
 
@@ -29,10 +29,7 @@ async def _tickers(c: Client, n: int) -> list[dict[str, Any]]:
 
 
 async def test_a_ticker_resubscription_counts_from_one_again() -> None:
-    async with running_gateway() as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob, client(gw, "json") as carol:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+    async with _with_watcher() as (_gw, alice, bob, carol):
         assert (await carol.call("subscribe", channels=[TICKER]))["ok"]
         await _trade(bob, alice, 0)
         await _fills(alice, 1)

@@ -10,6 +10,8 @@ by trade id.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,20 @@ from test_gateway_book_restart import TRADES, _kill_book, _lose_first_trade, _or
 
 from actors.cores.session import SessionConfig
 from actors.desks import RECENT_TRADES
-from gateway.server import GatewayConfig
+from gateway.server import Gateway, GatewayConfig
+
+
+@contextlib.asynccontextmanager
+async def _with_watcher(
+    gw_config: GatewayConfig | None = None, *, data_dir: Path | None = None, enc: str = "json"
+) -> AsyncIterator[tuple[Gateway, Client, Client, Client]]:
+    """A gateway, alice and bob logged in to trade, and carol (``enc``, anonymous) to
+    watch the market."""
+    async with running_gateway(gw_config, data_dir=data_dir) as gw, \
+            client(gw, "json") as alice, client(gw, "json") as bob, client(gw, enc) as carol:
+        assert (await alice.call("login", user="alice", password="pw"))["ok"]
+        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+        yield gw, alice, bob, carol
 
 
 async def _trade(bob: Client, alice: Client, i: int) -> None:
@@ -49,10 +64,7 @@ async def _fills(c: Client, n: int) -> None:
 
 @pytest.mark.parametrize("enc", ["json", "cbor"])
 async def test_a_trades_subscription_starts_with_the_newest_trades(enc: str) -> None:
-    async with running_gateway() as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob, client(gw, enc) as carol:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+    async with _with_watcher(enc=enc) as (_gw, alice, bob, carol):
         for i in range(2):
             await _trade(bob, alice, i)
         await _fills(alice, 2)
@@ -70,10 +82,7 @@ async def test_a_trades_subscription_starts_with_the_newest_trades(enc: str) -> 
 
 
 async def test_a_resubscription_brings_back_a_trade_the_client_missed() -> None:
-    async with running_gateway() as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob, client(gw, "json") as carol:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+    async with _with_watcher() as (_gw, alice, bob, carol):
         assert (await carol.call("subscribe", channels=[TRADES]))["ok"]
         assert (await carol.call("unsubscribe", channels=[TRADES]))["ok"]
         await _trade(bob, alice, 0)  # while carol is away
@@ -88,10 +97,7 @@ async def test_the_snapshot_holds_at_most_the_books_recent_trades() -> None:
     # One taker order sweeping RECENT_TRADES + 5 resting orders: that many trades.
     n = RECENT_TRADES + 5
     unlimited = GatewayConfig(session=SessionConfig(rate_per_s=1_000_000, burst=1_000_000))
-    async with running_gateway(unlimited) as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob, client(gw, "json") as carol:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+    async with _with_watcher(unlimited) as (_gw, alice, bob, carol):
         for i in range(n):
             r = await bob.call("place", **_order(f"s{i}", "sell"))
             assert r["ok"], r
@@ -108,10 +114,7 @@ async def test_a_late_trade_is_not_sent_to_a_subscriber_whose_snapshot_held_it(
     # Trade 2 never reaches the gateway (a killed book's last send); carol subscribes
     # after it, so her snapshot has it; the book's restart resends it: alice, who
     # subscribed before, gets it late, carol not a second time.
-    async with running_gateway(data_dir=tmp_path) as gw, client(gw, "json") as alice, \
-            client(gw, "json") as bob, client(gw, "json") as carol:
-        assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await bob.call("login", user="bob", password="pw"))["ok"]
+    async with _with_watcher(data_dir=tmp_path) as (gw, alice, bob, carol):
         assert (await alice.call("subscribe", channels=[TRADES]))["ok"]
         lost = _lose_first_trade(gw, trade_id=2)
         for i in range(3):
