@@ -7,35 +7,20 @@ removed the level.
 
 from __future__ import annotations
 
-from typing import Any
-
-import trio
-from gateway_kit import Client, client, running_gateway
-from test_gateway_book_restart import SYMBOL, _order
-
-BOOK = f"book.{SYMBOL}"
-
-
-async def _book_frame(c: Client, kind: str, after: int) -> dict[str, Any]:
-    """``c``'s first ``kind`` frame of the book channel with a seq above ``after``."""
-    with trio.fail_after(10):
-        while True:
-            for f in c.market:
-                if f["channel"] == BOOK and f["kind"] == kind and f["seq"] > after:
-                    return f
-            await c.frame()
+from gateway_kit import client, running_gateway
+from test_gateway_book_restart import CHANNEL, _market_frame, _order
 
 
 async def test_a_removed_level_is_qty_zero() -> None:
     async with running_gateway() as gw, client(gw, "json") as alice, \
             client(gw, "json") as carol:
         assert (await alice.call("login", user="alice", password="pw"))["ok"]
-        assert (await carol.call("subscribe", channels=[BOOK]))["ok"]
-        snap = await _book_frame(carol, "snapshot", 0)
+        assert (await carol.call("subscribe", channels=[CHANNEL]))["ok"]
+        snap = await _market_frame(carol, "snapshot", 0)
         placed = await alice.call("place", **_order("q1", "buy"))
         assert placed["ok"]
-        added = await _book_frame(carol, "delta", snap["seq"])
+        added = await _market_frame(carol, "delta", snap["seq"])
         assert added["data"]["bids"] == [["59000.0", "0.001"]]
         assert (await alice.call("cancel", order_id=placed["result"]["order_id"]))["ok"]
-        removed = await _book_frame(carol, "delta", added["seq"])
+        removed = await _market_frame(carol, "delta", added["seq"])
         assert removed["data"]["bids"] == [["59000.0", "0"]]
